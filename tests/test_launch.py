@@ -1,0 +1,108 @@
+"""The launcher end to end: real torchrun jobs on Gloo, real wandb offline files, real files."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dgc.wire import allreduce_bytes
+from launch.checkpoint import load
+from tests.launch_helpers import REPO, read_run, train
+from tests.wandb_offline import read_offline_run
+
+QUICK = ["train.max_steps=30", "train.log_every=5", "wandb.mode=offline"]
+SYNTHETIC = ["data.name=synthetic", "data.synthetic_train_size=512",
+             "data.synthetic_test_size=128", "train.batch_size=32", "train.epochs=3",
+             "wandb.mode=disabled", "train.log_every=4"]
+
+
+def lenet300_gradient_bytes() -> int:
+    return (784 * 300 + 300 + 300 * 100 + 100 + 100 * 10 + 10) * 4
+
+
+def test_two_process_mnist_run_writes_summary_and_metrics(tmp_path):
+    out = tmp_path / "run"
+    train(REPO / "configs/quickstart.yaml", *QUICK, f"out_dir={out}", "train.epochs=1", nproc=2)
+    summary, metrics = read_run(out)
+    assert summary["world_size"] == 2
+    assert summary["steps"] == 30
+    assert 0.5 < summary["test_accuracy"] <= 1.0  # 30 steps of SGD already learn MNIST
+    for key in ("test_loss", "train_loss", "epochs", "wall_time_s", "weight_density"):
+        assert math.isfinite(summary[key]), key
+    assert summary["weight_density"] == pytest.approx(1.0)
+    # Dense DDP: one allreduce of every gradient byte per step, 2(p-1)/p of it on the wire.
+    expected = 30 * allreduce_bytes(lenet300_gradient_bytes(), 2)
+    assert summary["comm_bytes_sent"] == pytest.approx(expected)
+    assert summary["comm_bytes_dense"] == pytest.approx(expected)
+    steps = [m for m in metrics if "train/loss" in m]
+    assert [m["train/step"] for m in steps] == [5, 10, 15, 20, 25, 30]
+    assert steps[-1]["comm/bytes_sent_cum"] == pytest.approx(expected)
+    epochs = [m for m in metrics if "test/accuracy" in m]
+    assert epochs and epochs[-1]["test/accuracy"] == pytest.approx(summary["test_accuracy"])
+    assert (out / "config.yaml").is_file() and (out / "checkpoint.pt").is_file()
+
+
+def test_wandb_offline_run_records_config_history_and_summary(tmp_path):
+    out = tmp_path / "run"
+    train(REPO / "configs/quickstart.yaml", *QUICK, f"out_dir={out}", "train.epochs=1",
+          "wandb.project=readback")
+    summary, _ = read_run(out)
+    recorded = read_offline_run(out / "wandb")
+    assert recorded["config"]["train"]["max_steps"] == 30
+    losses = [row["train/loss"] for row in recorded["history"] if "train/loss" in row]
+    assert len(losses) == 6
+    accuracy_rows = [row for row in recorded["history"] if "test/accuracy" in row]
+    assert accuracy_rows[-1]["comm/bytes_sent_cum"] == pytest.approx(summary["comm_bytes_sent"])
+    assert recorded["summary"]["test_accuracy"] == pytest.approx(summary["test_accuracy"])
+    assert recorded["summary"]["comm_bytes_sent"] == pytest.approx(summary["comm_bytes_sent"])
+    # Accuracy is charted against cumulative bytes.
+    assert recorded["metrics"].get("test/*") == "comm/bytes_sent_cum"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lrr=0.1", "config key 'train.lrr': unknown key"),
+    ("train.epochs=ten", "config key 'train.epochs': must be int"),
+    ("train.lr=-1", "config key 'train.lr': must be > 0"),
+    ("wandb.mode=sometimes", "config key 'wandb.mode': must be one of"),
+    ("model.name=vgg", "config key 'model.name': must be one of"),
+    ("train.batch_size=0", "config key 'train.batch_size': must be >= 1"),
+    ("trainlr", "--set expects key=value"),
+])
+def test_config_errors_are_one_line_with_exit_2(tmp_path, override, message):
+    out = tmp_path / "run"
+    proc = train(REPO / "configs/quickstart.yaml", override, f"out_dir={out}", check=False,
+                 timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()  # stopped before any training
+
+
+def test_missing_config_file_and_bad_cli_argument_exit_2(tmp_path):
+    proc = train(tmp_path / "nope.yaml", check=False, timeout=120)
+    assert proc.returncode == 2 and "config file not found" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    proc = train(REPO / "configs/quickstart.yaml", extra_args=["--frobnicate"], check=False,
+                 timeout=120)
+    assert proc.returncode == 2 and "unrecognized arguments: --frobnicate" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    config = REPO / "configs/quickstart.yaml"
+    train(config, *SYNTHETIC, f"out_dir={full}", nproc=2)
+    # Stop mid-epoch 2 (8 steps per epoch), then continue to the end from the checkpoint.
+    train(config, *SYNTHETIC, f"out_dir={part}", "train.max_steps=13", "train.checkpoint_every=5",
+          nproc=2)
+    assert load(part / "checkpoint.pt")["progress"]["step"] == 13
+    train(None, "train.max_steps=null", nproc=2, extra_args=["--resume", str(part)])
+    a, b = load(full / "checkpoint.pt"), load(part / "checkpoint.pt")
+    assert b["progress"]["step"] == a["progress"]["step"] == 24
+    for name, tensor in a["model"].items():
+        torch.testing.assert_close(b["model"][name], tensor, rtol=0, atol=0, msg=name)
+    summary_full, _ = read_run(full)
+    summary_part, _ = read_run(part)
+    assert summary_part["comm_bytes_sent"] == summary_full["comm_bytes_sent"]
