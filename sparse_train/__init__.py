@@ -1,0 +1,51 @@
+"""In-training weight sparsity for plain or DDP models, exported for sparse kernels.
+
+    sparsifier = sparse_train.attach(model, optimizer, method="gmp", target=0.9)
+    ...train as usual...
+    sparsifier.report()                       # density, N:M compliance, bytes per format
+    sparse_train.export(sparsifier, format="csr")
+
+Methods: ``magnitude`` (one-shot), ``gmp`` (gradual, Zhu & Gupta), ``dns`` (dynamic
+network surgery), ``iht`` (iterative hard thresholding), ``dsd`` (dense-sparse-dense),
+``nm`` (N:M structured, 2:4 by default) and ``block``. Options: :class:`SparsityOptions`.
+
+For a gradient-compression hook, ``Sparsifier.fixed_masks()`` gives the masks by
+parameter name when they are settled and identical on every rank, else None, and
+``Sparsifier.grad_mask_policy`` says whether gradients at masked positions must be
+kept (``"keep"``: DNS while it revises masks) or may be dropped (``"drop"``). See
+``sparse_train.sparsifier`` for how masks are applied around optimizer steps.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from launch.schema import build
+
+from .export import export
+from .formats import NMCompressed, compress_nm, storage_bytes
+from .options import SparsityOptions
+from .sparsifier import Sparsifier
+
+
+def attach(model: nn.Module, optimizer: torch.optim.Optimizer,
+           options: SparsityOptions | Mapping[str, Any] | None = None,
+           **fields: Any) -> Sparsifier:
+    """Sparsify ``model`` (plain or DDP-wrapped) as ``optimizer`` steps.
+
+    Options come from ``options`` (a SparsityOptions or a mapping, e.g. the launcher's
+    ``sparsity:`` section) overridden by keyword ``fields``; mistakes raise
+    ``launch.schema.ConfigError`` naming the key. The first masks are applied at once.
+    """
+    merged = dataclasses.asdict(options) if dataclasses.is_dataclass(options) \
+        else dict(options or {})
+    merged.update(fields)
+    return Sparsifier(model, optimizer, build(SparsityOptions, merged))
+
+
+__all__ = ["attach", "export", "storage_bytes", "compress_nm", "NMCompressed",
+           "Sparsifier", "SparsityOptions"]

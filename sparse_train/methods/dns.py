@@ -1,0 +1,80 @@
+"""Dynamic network surgery (Guo, Yao & Chen, NIPS 2016).
+
+Each layer has a threshold t = max(mu + c * sigma, 0), where mu and sigma are the mean and
+(population) standard deviation of |W| over the layer's weights. Like the authors' Caffe
+layers, we compute mu and sigma once, from the dense weights at the first update (at
+attach), and keep them for the whole run; unlike those layers we leave biases out of both
+the statistics and the masks. An update prunes where |w| < 0.9 t (the Caffe code uses <=,
+which differs only on exact ties) and splices back where |w| > 1.1 t; in between the
+mask is unchanged, a hysteresis band that stops weights near the threshold flickering.
+
+Updates happen with probability (1 + gamma * step) ** -power, drawn once per layer per
+step, until ``iter_stop``. The draws come from a private ``torch.Generator`` seeded with
+``dns_seed`` and advanced the same way on every rank, so masks agree across a DDP job
+without touching the global RNG.
+
+The method is *soft*: the forward uses W * T but the optimizer updates the dense W with
+the gradient taken at W * T (straight-through), so pruned weights keep training and can be
+spliced back. After ``iter_stop`` the masks no longer change, and the sparsifier treats
+them as hard masks.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..options import SparsityOptions
+from .base import Method
+
+
+def dns_threshold(weight: Tensor, c: float) -> float:
+    """t = max(mu + c * sigma, 0) for mu, sigma the mean and std of |weight|."""
+    magnitude = weight.detach().abs().double()
+    mu, sigma = magnitude.mean(), magnitude.std(unbiased=False)
+    return max(float(mu + c * sigma), 0.0)
+
+
+def surgery(weight: Tensor, mask: Tensor, threshold: float) -> Tensor:
+    """Prune below 0.9 * threshold, splice back above 1.1 * threshold, keep the rest."""
+    magnitude = weight.detach().abs()
+    new = mask.clone()
+    new[magnitude < 0.9 * threshold] = False
+    new[magnitude > 1.1 * threshold] = True
+    return new
+
+
+def update_probability(step: int, gamma: float, power: float) -> float:
+    return (1.0 + gamma * step) ** -power
+
+
+class DNS(Method):
+    def __init__(self, options: SparsityOptions):
+        self.c, self.gamma, self.power = options.dns_c, options.dns_gamma, options.dns_power
+        self.iter_stop = options.dns_iter_stop
+        self.generator = torch.Generator().manual_seed(options.dns_seed)
+        self.thresholds: dict[str, float] = {}
+
+    def update(self, step: int, weights: dict[str, Tensor], masks: dict[str, Tensor]):
+        if not self.thresholds:
+            self.thresholds = {name: dns_threshold(w, self.c) for name, w in weights.items()}
+        if step >= self.iter_stop:
+            return None
+        chance = update_probability(step, self.gamma, self.power)
+        new = {}
+        for name, w in weights.items():
+            if torch.rand((), generator=self.generator).item() < chance:
+                new[name] = surgery(w, masks[name], self.thresholds[name])
+        return new or None
+
+    def soft(self, step: int) -> bool:
+        return step < self.iter_stop
+
+    def fixed(self, step: int) -> bool:
+        return step >= self.iter_stop
+
+    def state_dict(self) -> dict:
+        return {"thresholds": dict(self.thresholds), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.thresholds = dict(state["thresholds"])
+        self.generator.set_state(state["generator"])
