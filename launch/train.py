@@ -127,6 +127,17 @@ def attach_plugins(cfg: Config, model: DDP, optimizer) -> dict:
     return plugins
 
 
+def plugin_rows(plugins: dict) -> dict:
+    """Per-layer densities: weights kept by the sparsifier, gradient entries sent by DGC."""
+    row = {}
+    if "sparsity" in plugins:
+        for name, layer in plugins["sparsity"].report()["layers"].items():
+            row[f"sparsity/{name}"] = layer["density"]
+    for name, density in getattr(plugins["comm"].stats, "density", {}).items():
+        row[f"dgc_density/{name}"] = density
+    return row
+
+
 class RunWriter:
     """Rank 0's records: metrics.jsonl, summary.json and the wandb mirror of both."""
 
@@ -273,7 +284,8 @@ def run(cfg: Config, env: distenv.DistEnv, resume_from: Path | None, device) -> 
         writer.record({tracking.STEP_AXIS: step, "epoch/index": epoch + 1,
                        "epoch/train_loss": train_loss, "test/accuracy": test_acc,
                        "test/loss": test_loss, "epoch/weight_density": prunable_density(model),
-                       "epoch/wall_time_s": progress["wall_time_s"], **comm_row()})
+                       "epoch/wall_time_s": progress["wall_time_s"], **comm_row(),
+                       **plugin_rows(plugins)})
         if rank0:
             log.info("epoch %d: train loss %.4f, test accuracy %.4f, %.1f MB sent",
                      epoch + 1, train_loss, test_acc, comm.stats.bytes_sent / 1e6)

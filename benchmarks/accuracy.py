@@ -1,0 +1,99 @@
+"""Train a set of configs side by side and tabulate accuracy against communication.
+
+    python benchmarks/accuracy.py --suite dgc --out-dir results/dgc      # the DGC bars
+    python benchmarks/accuracy.py --suite dgc --quick                    # a few steps each (CI)
+
+Each entry runs ``torchrun --standalone --nproc-per-node=P -m launch.train`` with its config
+and overrides; then ``launch.compare`` draws the accuracy-versus-bytes chart, and a markdown
+table (with the steady-state compression ratio read from each run's metrics) is printed and
+written to ``OUT_DIR/results.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# (name, config, processes, overrides)
+SUITES = {
+    "dense": [
+        ("dense-p2", "configs/mnist_lenet300_dense.yaml", 2, []),
+    ],
+    "dgc": [
+        ("dense-p2", "configs/mnist_lenet300_dense.yaml", 2, []),
+        ("dgc-p2", "configs/mnist_lenet300_dgc.yaml", 2, []),
+        ("dense-p4", "configs/mnist_lenet300_dense.yaml", 4, []),
+        ("dgc-p4", "configs/mnist_lenet300_dgc.yaml", 4, []),
+    ],
+}
+QUICK = ["train.max_steps=6", "train.log_every=2", "train.epochs=1"]
+
+
+def run_one(name: str, config: str, nproc: int, overrides: list[str], out_dir: Path,
+            quick: bool) -> Path:
+    run_dir = out_dir / name
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", "-m", "launch.train", "--config", config,
+           "--set", f"out_dir={run_dir}", "--set", f"run_name={name}"]
+    for o in overrides + (QUICK if quick else []):
+        cmd += ["--set", o]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(cmd[2:])}", flush=True)
+    subprocess.run(cmd, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
+    return run_dir
+
+
+def steady_ratio(run_dir: Path) -> float | None:
+    """bytes_dense / bytes_sent over the last logged epoch (after any warm-up)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in rows if "test/accuracy" in r]
+    if len(epochs) < 2:
+        return None
+    (a, b) = epochs[-2:]
+    sent = b["comm/bytes_sent_cum"] - a["comm/bytes_sent_cum"]
+    dense = b["comm/bytes_dense_cum"] - a["comm/bytes_dense_cum"]
+    return dense / sent if sent else None
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--suite", choices=sorted(SUITES), default="dgc")
+    p.add_argument("--out-dir", type=Path, default=REPO / "results")
+    p.add_argument("--quick", action="store_true", help="a few steps per run (smoke test)")
+    p.add_argument("--only", nargs="*", help="run only these entries of the suite")
+    args = p.parse_args(argv)
+    out_dir = args.out_dir.resolve()
+    entries = [e for e in SUITES[args.suite] if not args.only or e[0] in args.only]
+    runs = [run_one(name, cfg, nproc, list(ov), out_dir, args.quick)
+            for name, cfg, nproc, ov in entries]
+    chart = out_dir / f"{args.suite}_accuracy_vs_bytes.png"
+    subprocess.run([sys.executable, "-m", "launch.compare", *map(str, runs), "--out", str(chart),
+                    "--wandb-mode", "offline"], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    lines = [f"Suite `{args.suite}`, {time.strftime('%Y-%m-%d')}, {platform.machine()} "
+             f"{os.cpu_count()} cores, command: `python benchmarks/accuracy.py --suite "
+             f"{args.suite}{' --quick' if args.quick else ''}`", "",
+             "| run | processes | test acc (%) | weight density | bytes sent / rank | "
+             "whole-run ratio | last-epoch ratio | wall time (s) |", "|---|---|---|---|---|---|---|---|"]
+    for (name, _, nproc, _), run_dir in zip(entries, runs):
+        s = json.loads((run_dir / "summary.json").read_text())
+        whole = s["comm_bytes_dense"] / s["comm_bytes_sent"] if s["comm_bytes_sent"] else float("nan")
+        steady = steady_ratio(run_dir)
+        lines.append(f"| {name} | {nproc} | {100 * s['test_accuracy']:.2f} | "
+                     f"{s['weight_density']:.4f} | {s['comm_bytes_sent']:.4g} | {whole:.1f}x | "
+                     f"{'n/a' if steady is None else f'{steady:.1f}x'} | {s['wall_time_s']:.0f} |")
+    lines += ["", f"Chart: `{chart.relative_to(REPO) if chart.is_relative_to(REPO) else chart}`"]
+    text = "\n".join(lines)
+    (out_dir / "results.md").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,12 @@
+"""Deep Gradient Compression (Lin et al., ICLR 2018) as a DDP communication hook.
+
+    state = dgc.attach(ddp_model, sgd_optimizer, density=0.001)   # or, by hand:
+    ddp_model.register_comm_hook(dgc.DGCState(model=ddp_model, momentum=0.9), dgc.dgc_hook)
+    ...
+    state.set_epoch(epoch)        # drives the warm-up density schedule
+"""
+from dgc.attach import attach
+from dgc.hook import DGCState, DGCStats, dgc_hook
+from dgc.options import DGCOptions
+
+__all__ = ["attach", "DGCOptions", "DGCState", "DGCStats", "dgc_hook"]

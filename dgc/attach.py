@@ -1,0 +1,88 @@
+"""``dgc.attach``: put DGC on a DDP model and take momentum and weight decay over from SGD.
+
+DGC's momentum correction needs the momentum inside the hook, before sparsification, and
+the reference DGC SGD keeps weight decay out of compression with a momentum of its own. Both
+therefore move from the optimizer into ``DGCState``; the optimizer is left running plain SGD
+(momentum 0, weight decay 0) on the update the hook returns, and still owns the learning
+rate, so LR schedulers work unchanged.
+"""
+from __future__ import annotations
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from dgc.hook import DGCState, dgc_hook
+from dgc.options import DGCOptions
+from launch.schema import build
+
+# Stored in each param group, so a later attach (e.g. after optimizer.load_state_dict of a
+# checkpoint saved with DGC attached) finds the settings the group's zeros replaced.
+_TAKEN_OVER = "dgc_taken_over"
+
+
+def attach(ddp_model: DistributedDataParallel, optimizer: torch.optim.Optimizer,
+           **options) -> DGCState:
+    """Register ``dgc_hook`` on ``ddp_model`` and return its state.
+
+    ``optimizer`` must be a ``torch.optim.SGD`` with dampening 0, not maximizing, and one
+    momentum and Nesterov setting across its groups (weight decay may differ per group).
+    ``options`` are the fields of ``DGCOptions``; a bad one raises ``ConfigError``.
+    """
+    build(DGCOptions, options)  # report option mistakes before anything else
+    momentum, nesterov = _sgd_momentum(optimizer)
+    if not isinstance(ddp_model, DistributedDataParallel):
+        raise TypeError(f"dgc.attach: expected a DistributedDataParallel model, "
+                        f"got {type(ddp_model).__name__}")
+    state = DGCState(ddp_model.process_group, model=ddp_model, momentum=momentum,
+                     nesterov=nesterov, weight_decay=_weight_decay_by_name(ddp_model, optimizer),
+                     **options)
+    ddp_model.register_comm_hook(state, dgc_hook)
+    for group in optimizer.param_groups:
+        group[_TAKEN_OVER] = {"momentum": momentum, "nesterov": nesterov,
+                              "weight_decay": _settings(group)["weight_decay"]}
+        group.update(momentum=0.0, nesterov=False, weight_decay=0.0)
+    optimizer.register_step_pre_hook(_check_still_plain_sgd)
+    return state
+
+
+def _settings(group: dict) -> dict:
+    """The group's own SGD settings, or those an earlier attach took over from it."""
+    return group.get(_TAKEN_OVER, group)
+
+
+def _sgd_momentum(optimizer) -> tuple[float, bool]:
+    """The one (momentum, nesterov) of an SGD optimizer, or a one-line error saying why not."""
+    if not isinstance(optimizer, torch.optim.SGD):
+        raise TypeError(f"dgc.attach: DGC takes momentum over from torch.optim.SGD only, "
+                        f"got {type(optimizer).__name__}")
+    settings = set()
+    for i, group in enumerate(optimizer.param_groups):
+        if group["dampening"] != 0:
+            raise ValueError(f"dgc.attach: param group {i} has dampening="
+                             f"{group['dampening']}; DGC's momentum correction needs 0")
+        if group.get("maximize", False):
+            raise ValueError(f"dgc.attach: param group {i} has maximize=True, unsupported")
+        if any(optimizer.state.get(p, {}).get("momentum_buffer") is not None
+               for p in group["params"]):
+            raise ValueError("dgc.attach: the optimizer already holds momentum buffers; "
+                             "attach before the first step")
+        settings.add((float(_settings(group)["momentum"]), bool(_settings(group)["nesterov"])))
+    if len(settings) > 1:
+        raise ValueError(f"dgc.attach: param groups differ in (momentum, nesterov) "
+                         f"{sorted(settings)}; the DGC hook applies one momentum")
+    return settings.pop()
+
+
+def _weight_decay_by_name(ddp_model, optimizer) -> dict[str, float]:
+    names = {id(p): n for n, p in ddp_model.module.named_parameters()}
+    return {names[id(p)]: float(_settings(group)["weight_decay"])
+            for group in optimizer.param_groups for p in group["params"]
+            if id(p) in names and _settings(group)["weight_decay"]}
+
+
+def _check_still_plain_sgd(optimizer, args, kwargs) -> None:
+    for group in optimizer.param_groups:
+        if group["momentum"] or group["weight_decay"]:
+            raise RuntimeError(
+                "optimizer momentum/weight_decay is non-zero after dgc.attach (was a non-DGC "
+                "optimizer state loaded?); DGC applies them in the hook, so they would count twice")

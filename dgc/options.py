@@ -1,0 +1,85 @@
+"""The knobs of Deep Gradient Compression, one dataclass shared by attach, DGCState and configs.
+
+The field names are the option names everywhere: ``dgc.attach(model, opt, density=0.01)``,
+``dgc.DGCState(model=model, density=0.01)`` and the launcher's ``dgc:`` section all go through
+``launch.schema.build(DGCOptions, ...)``, so a mistake is reported the same way (a one-line
+``ConfigError`` naming the key) wherever it is made.
+
+Momentum, Nesterov and weight decay are not options here: they belong to the optimizer and
+``attach`` takes them over from it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from launch.schema import require
+
+
+@dataclass
+class DGCOptions:
+    density: float = 0.001
+    """Fraction of each compressed tensor's entries sent per step after warm-up. The paper
+    sends 0.1% of the gradient ("99.9% of the gradient exchange ... is redundant")."""
+
+    warmup_epochs: float = 4
+    """Epochs over which the density falls exponentially from about 25% to ``density``. The
+    paper's warm-up runs 4 epochs at 25%, 6.25%, 1.5625%, 0.4% before 0.1%; ``0`` disables it."""
+
+    warmup_densities: list[float] | None = None
+    """Explicit density per warm-up epoch (epoch e uses entry e, later epochs use ``density``);
+    overrides ``warmup_epochs`` when given."""
+
+    momentum_masking: bool = True
+    """Zero the momentum at the positions just sent, so a stale momentum does not keep pushing
+    an update that has already been applied (paper, Sec. 3.2, "momentum factor masking")."""
+
+    clip_norm: float | None = None
+    """Per-tensor L2 clipping of each rank's own gradient before accumulation, at
+    ``clip_norm / sqrt(world_size)`` (paper, Sec. 3.2, "local gradient clipping"). ``None``
+    disables it; set it to the global clip norm you would use without DGC."""
+
+    sample_ratio: float = 0.01
+    """Fraction of entries sampled to estimate the top-k threshold (paper, Sec. 5: sampling
+    0.1% to 1% of the gradient keeps selection cheap)."""
+
+    value_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    """Dtype of the values on the wire. Rounding error stays in the local residual, so a
+    narrower dtype delays information rather than losing it."""
+
+    index_dtype: Literal["int32", "int64"] = "int32"
+    """Dtype of the indices on the wire; indices count positions within one DDP bucket, so
+    int32 is enough for any bucket under 2**31 elements (8 GiB of fp32)."""
+
+    min_numel: int = 1024
+    """Tensors with fewer elements go dense (allreduce). Below about a thousand elements the
+    default density leaves a single entry to send, the dense message is at most 4 KiB, and
+    a top-k kernel launch costs more time than the bytes it saves. 1-D tensors (biases,
+    norm scales) always go dense, as in the paper."""
+
+    dense_fallback: bool = True
+    """Send a bucket by dense allreduce whenever that moves fewer bytes than the sparse
+    allgather (break-even density 2*b_v / (p*(b_v + b_i)) for p ranks), e.g. early in warm-up
+    or on many ranks. The arithmetic is the same; only the transport changes."""
+
+    check_finite: bool = False
+    """Before compressing, agree across ranks whether every gradient in the bucket is finite;
+    if not, pass the raw gradients through a plain averaging allreduce and leave the residuals
+    untouched, so a GradScaler skips the step without corrupting them. Costs one host sync and
+    one 4-byte allreduce per bucket, so it is off unless you train with a loss scaler."""
+
+    seed: int = 0
+    """Seed of the generator that samples the top-k threshold (offset by rank); kept apart
+    from the global generator so DGC does not perturb dropout or data order."""
+
+    def check(self) -> None:
+        require(0.0 < self.density <= 1.0, "density", f"must be in (0, 1], got {self.density}")
+        require(self.warmup_epochs >= 0, "warmup_epochs",
+                f"must be >= 0, got {self.warmup_epochs}")
+        for i, d in enumerate(self.warmup_densities or []):
+            require(0.0 < d <= 1.0, f"warmup_densities[{i}]", f"must be in (0, 1], got {d}")
+        require(self.clip_norm is None or self.clip_norm > 0, "clip_norm",
+                f"must be > 0 or null, got {self.clip_norm}")
+        require(0.0 < self.sample_ratio <= 1.0, "sample_ratio",
+                f"must be in (0, 1], got {self.sample_ratio}")
+        require(self.min_numel >= 1, "min_numel", f"must be >= 1, got {self.min_numel}")

@@ -1,0 +1,170 @@
+"""DGC's pure parts without processes: memory, codec, schedule, bucket plans, option errors."""
+import itertools
+
+import pytest
+import torch
+import torch.nn as nn
+
+import dgc
+from dgc import codec, memory
+from dgc.hook import make_plan
+from dgc.options import DGCOptions
+from dgc.schedule import topk_count, warmup_density
+from launch.schema import ConfigError, build
+
+# -- memory ---------------------------------------------------------------------------------
+
+
+def test_clip_scales_down_only_above_the_threshold():
+    g = torch.tensor([3.0, 4.0])
+    torch.testing.assert_close(memory.clip_(g.clone(), 1.0), torch.tensor([0.6, 0.8]))
+    torch.testing.assert_close(memory.clip_(g.clone(), 10.0), g)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_momentum_matches_torch_sgd(nesterov):
+    """With nothing dropped, the accumulated update of each step is torch.optim.SGD's step."""
+    torch.manual_seed(0)
+    p = torch.zeros(5, requires_grad=True)
+    opt = torch.optim.SGD([p], lr=1.0, momentum=0.9, nesterov=nesterov)
+    u, v = torch.zeros(5), torch.zeros(5)
+    for _ in range(4):
+        g = torch.randn(5)
+        before = p.detach().clone()
+        p.grad = g.clone()
+        opt.step()
+        memory.accumulate_(u, v, g, 0.9, nesterov)
+        torch.testing.assert_close(v, before - p.detach(), rtol=0, atol=1e-6)
+        v.zero_()  # everything sent
+
+
+def test_mask_zeroes_sent_positions_of_v_and_only_with_masking_u():
+    u, v = torch.arange(1.0, 6.0), torch.arange(10.0, 15.0)
+    idx = torch.tensor([1, 3])
+    for masking, u_expected in [(True, [1.0, 0, 3, 0, 5]), (False, [1.0, 2, 3, 4, 5])]:
+        uu, vv = u.clone(), v.clone()
+        memory.mask_(uu, vv, idx, vv[idx], masking)
+        assert vv.tolist() == [10.0, 0, 12, 0, 14]
+        assert uu.tolist() == u_expected
+
+
+def test_mask_keeps_the_rounding_error_of_narrow_values():
+    v = torch.tensor([1.0 + 2**-12, 2.0])
+    sent = v[:1].to(torch.float16)  # rounds to 1.0
+    memory.mask_(torch.zeros(2), v, torch.tensor([0]), sent, True)
+    assert v.tolist() == [2**-12, 2.0]
+
+
+# -- codec ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value,index", itertools.product(codec.VALUE_DTYPES, codec.INDEX_DTYPES))
+@pytest.mark.parametrize("count", [1, 3, 8])
+def test_pack_unpack_round_trip_all_dtypes(value, index, count):
+    layout = codec.Layout(count, codec.VALUE_DTYPES[value], codec.INDEX_DTYPES[index])
+    assert layout.nbytes % 8 == 0
+    ranks = []
+    for r in range(3):
+        idx = torch.randperm(1000)[:count] + r
+        vals = torch.randn(count).to(layout.value_dtype)
+        packed = codec.pack(idx, vals, layout)
+        assert packed.dtype == torch.uint8 and packed.numel() == layout.nbytes
+        ranks.append((idx, vals, packed))
+    indices, values = codec.unpack(torch.cat([p for *_, p in ranks]), layout, 3)
+    for r, (idx, vals, _) in enumerate(ranks):
+        assert torch.equal(indices[r].long(), idx)
+        assert torch.equal(values[r], vals)
+
+
+def test_scatter_sum_adds_every_rank():
+    out = torch.zeros(4)
+    codec.scatter_sum_(out, torch.tensor([[0, 2], [2, 3]]), torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    assert out.tolist() == [1.0, 0.0, 5.0, 4.0]
+
+
+# -- schedule -------------------------------------------------------------------------------
+
+
+def test_warmup_follows_the_papers_exponential_schedule():
+    got = [warmup_density(e, 0.001, 4) for e in range(6)]
+    for density, paper in zip(got, [0.25, 0.0625, 0.015625, 0.004, 0.001, 0.001]):
+        assert density == pytest.approx(paper, rel=0.05)
+    assert warmup_density(3, 0.01, 0) == 0.01
+
+
+def test_explicit_warmup_densities_override():
+    assert [warmup_density(e, 0.01, 4, [0.5, 0.1]) for e in range(3)] == [0.5, 0.1, 0.01]
+
+
+def test_topk_count_is_at_least_one_and_at_most_all():
+    assert topk_count(100, 1e-6) == 1
+    assert topk_count(100, 1.0) == 100
+    assert topk_count(5000, 0.001) == 5
+
+
+# -- bucket plan ----------------------------------------------------------------------------
+
+
+def _plan(density, world_size, **options):
+    shapes = [torch.Size([64, 32]), torch.Size([64]), torch.Size([4, 4])]
+    return make_plan(["w", "b", "small"], shapes, density, world_size, 4,
+                     build(DGCOptions, {"min_numel": 100, **options}))
+
+
+def test_plan_sends_small_and_1d_tensors_dense():
+    plan = _plan(0.01, 2)
+    assert [(s.name, s.k) for s in plan.slots] == [("w", 20), ("b", None), ("small", None)]
+    assert [s.offset for s in plan.slots] == [0, 2048, 2112]
+
+
+def test_plan_falls_back_to_dense_above_break_even():
+    # fp32 values, int32 indices, 2 ranks: break-even density 2*4 / (2*(4+4)) = 0.5
+    assert _plan(0.4, 2).sparse
+    assert not _plan(0.6, 2).sparse
+    assert _plan(0.6, 2, dense_fallback=False).sparse
+    assert not _plan(0.4, 4).sparse  # break-even 0.25 on 4 ranks
+
+
+# -- option and optimizer errors ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options,key", [
+    ({"density": 0.0}, "density"),
+    ({"density": 1.5}, "density"),
+    ({"densty": 0.1}, "densty"),
+    ({"value_dtype": "fp8"}, "value_dtype"),
+    ({"warmup_densities": [0.5, 2.0]}, "warmup_densities[1]"),
+    ({"clip_norm": -1.0}, "clip_norm"),
+    ({"min_numel": 0}, "min_numel"),
+])
+def test_bad_options_name_the_key(options, key):
+    model = nn.Linear(2, 2)
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[")) as err:
+        dgc.DGCState(model=model, **options)
+    assert err.value.key == key
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[")):
+        dgc.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), **options)
+
+
+def test_options_build_from_a_config_mapping():
+    opts = build(DGCOptions, {"density": 0.01, "warmup_epochs": 2, "value_dtype": "fp16"})
+    assert (opts.density, opts.warmup_epochs, opts.value_dtype) == (0.01, 2.0, "fp16")
+
+
+@pytest.mark.parametrize("make,error,match", [
+    (lambda ps: torch.optim.Adam(ps), TypeError, "SGD only, got Adam"),
+    (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, dampening=0.1), ValueError,
+     "dampening"),
+    (lambda ps: torch.optim.SGD([{"params": ps[:1]}, {"params": ps[1:], "momentum": 0.5}],
+                                lr=0.1, momentum=0.9), ValueError, "differ in"),
+])
+def test_unsupported_optimizers_are_rejected(make, error, match):
+    model = nn.Linear(2, 2)
+    with pytest.raises(error, match=match):
+        dgc.attach(model, make(list(model.parameters())))
+
+
+def test_attach_needs_a_ddp_model():
+    model = nn.Linear(2, 2)
+    with pytest.raises(TypeError, match="DistributedDataParallel"):
+        dgc.attach(model, torch.optim.SGD(model.parameters(), lr=0.1))
