@@ -32,13 +32,20 @@ SUITES = {
         ("dense-p4", "configs/mnist_lenet300_dense.yaml", 4, []),
         ("dgc-p4", "configs/mnist_lenet300_dgc.yaml", 4, []),
     ],
+    "wide": [
+        ("wide-dgc-p2", "configs/synthetic_wide_mlp_dgc.yaml", 2, []),
+        ("wide-dgc-p4", "configs/synthetic_wide_mlp_dgc.yaml", 4, []),
+    ],
 }
 QUICK = ["train.max_steps=6", "train.log_every=2", "train.epochs=1"]
 
 
 def run_one(name: str, config: str, nproc: int, overrides: list[str], out_dir: Path,
-            quick: bool) -> Path:
+            quick: bool, reuse: bool = False) -> Path:
     run_dir = out_dir / name
+    if reuse and (run_dir / "summary.json").is_file():
+        print(f"{name}: reusing {run_dir}", flush=True)
+        return run_dir
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={nproc}", "-m", "launch.train", "--config", config,
            "--set", f"out_dir={run_dir}", "--set", f"run_name={name}"]
@@ -68,10 +75,12 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", type=Path, default=REPO / "results")
     p.add_argument("--quick", action="store_true", help="a few steps per run (smoke test)")
     p.add_argument("--only", nargs="*", help="run only these entries of the suite")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep finished runs already in --out-dir instead of training them again")
     args = p.parse_args(argv)
     out_dir = args.out_dir.resolve()
     entries = [e for e in SUITES[args.suite] if not args.only or e[0] in args.only]
-    runs = [run_one(name, cfg, nproc, list(ov), out_dir, args.quick)
+    runs = [run_one(name, cfg, nproc, list(ov), out_dir, args.quick, args.reuse)
             for name, cfg, nproc, ov in entries]
     chart = out_dir / f"{args.suite}_accuracy_vs_bytes.png"
     subprocess.run([sys.executable, "-m", "launch.compare", *map(str, runs), "--out", str(chart),

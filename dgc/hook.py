@@ -289,7 +289,10 @@ def _exchange_sparse(state: DGCState, plan: _Plan, flat: Tensor,
     futures = []
     dense_slots = plan.dense
     if dense_slots:
-        dense = torch.cat([flat.narrow(0, s.offset, s.numel) for s in dense_slots])
+        # Small and 1-D tensors travel in the value dtype too (as torch's fp16 hook does):
+        # at 0.1% density their fp32 bytes would otherwise dominate the message.
+        wire_dtype = codec.VALUE_DTYPES[state.options.value_dtype]
+        dense = torch.cat([flat.narrow(0, s.offset, s.numel) for s in dense_slots]).to(wire_dtype)
         futures.append(_allreduce(state, dense))
     # Indices count positions in the bucket, so one scatter covers every tensor.
     indices = torch.cat([i + s.offset for s, (i, _) in zip(plan.compressed, sent)])

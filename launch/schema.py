@@ -44,6 +44,9 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        candidates = [a for a in args if a is not type(None)]
+        if len(candidates) == 1:  # Optional[X]: X's own error names the deeper key
+            return coerce(value, candidates[0], key)
         for arg in args:
             if arg is type(None):
                 continue

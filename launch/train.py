@@ -11,6 +11,7 @@ the same records to wandb.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -109,15 +110,27 @@ def mean_across_ranks(value: float, device) -> float:
     return t.item() / dist.get_world_size()
 
 
+@contextlib.contextmanager
+def _config_section(section: str):
+    """Report a plugin's option error under the config key the user wrote."""
+    try:
+        yield
+    except ConfigError as err:
+        raise ConfigError(f"{section}.{err.key}" if err.key else section, err.problem) from None
+
+
 def attach_plugins(cfg: Config, model: DDP, optimizer) -> dict:
     """Register the communication hook and the sparsifier; returns them by name."""
     plugins = {}
     if cfg.sparsity is not None:
         import sparse_train
-        plugins["sparsity"] = sparse_train.attach(model, optimizer, **config_to_dict(cfg.sparsity))
+        with _config_section("sparsity"):
+            plugins["sparsity"] = sparse_train.attach(model, optimizer,
+                                                      **config_to_dict(cfg.sparsity))
     if cfg.dgc is not None:
         import dgc
-        plugins["comm"] = dgc.attach(model, optimizer, **config_to_dict(cfg.dgc))
+        with _config_section("dgc"):
+            plugins["comm"] = dgc.attach(model, optimizer, **config_to_dict(cfg.dgc))
         if "sparsity" in plugins and hasattr(plugins["comm"], "use_sparsifier"):
             plugins["comm"].use_sparsifier(plugins["sparsity"])
     else:
@@ -236,6 +249,7 @@ def run(cfg: Config, env: distenv.DistEnv, resume_from: Path | None, device) -> 
         return {tracking.BYTES_AXIS: comm.stats.bytes_sent,
                 "comm/bytes_dense_cum": comm.stats.bytes_dense}
 
+    show_bars = rank0 and sys.stderr.isatty()  # logs of batch jobs stay readable
     started = time.perf_counter() - progress["wall_time_s"]
     test_acc = test_loss = train_loss = float("nan")
     step = progress["step"]
@@ -247,7 +261,7 @@ def run(cfg: Config, env: distenv.DistEnv, resume_from: Path | None, device) -> 
             if hasattr(plugin, "set_epoch"):
                 plugin.set_epoch(epoch)
         skip, progress["epoch"] = progress["batch"], epoch
-        bar = tqdm(total=steps_per_epoch, initial=skip, disable=not rank0, leave=False,
+        bar = tqdm(total=steps_per_epoch, initial=skip, disable=not show_bars, leave=False,
                    desc=f"epoch {epoch + 1}/{cfg.train.epochs}", mininterval=1.0)
         for batch, (x, y) in enumerate(train_loader):
             if batch < skip:

@@ -51,11 +51,16 @@ class SparsityOptions:
 
     # DNS (Guo et al. 2016): threshold t = max(mu + dns_c * sigma, 0) from the mean and std
     # of |W| per layer; prune below 0.9 t, splice back above 1.1 t. For Gaussian-like
-    # weights dns_c = 0 gives about 50% sparsity and dns_c = 1 about 80%. Masks are revised
-    # with probability (1 + dns_gamma * step) ** -dns_power until dns_iter_stop; the
-    # defaults halve that probability by step 10k. dns_seed seeds the draws, which are
+    # weights dns_c = 0 gives about 50% sparsity and dns_c = 1 about 80%. dns_c is one
+    # value for every layer, or a list with one value per `layers` pattern (a parameter
+    # takes its first matching pattern's): the paper sets c layer by layer. The paper
+    # prunes a trained network, so training is dense until dns_start_step, where mu and
+    # sigma are taken. Masks are then revised with probability
+    # (1 + dns_gamma * (step - dns_start_step)) ** -dns_power until dns_iter_stop; the
+    # defaults halve that probability 10k steps in. dns_seed seeds the draws, which are
     # the same on every rank.
-    dns_c: float = 1.0
+    dns_c: float | list[float] = 1.0
+    dns_start_step: int = 0
     dns_gamma: float = 1e-4
     dns_power: float = 1.0
     dns_iter_stop: int = 10000
@@ -85,7 +90,7 @@ class SparsityOptions:
                 "must be non-empty glob patterns")
         require(self.m >= 2, "m", f"must be at least 2, got {self.m}")
         require(1 <= self.n < self.m, "n", f"must satisfy 1 <= n < m = {self.m}, got {self.n}")
-        for key in ("start_step", "nm_start_step", "dns_iter_stop", "iht_s1",
+        for key in ("start_step", "nm_start_step", "dns_start_step", "iht_s1",
                     "dsd_dense_steps"):
             require(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
         for key in ("frequency", "iht_s2", "iht_cycles", "dsd_sparse_steps"):
@@ -94,5 +99,11 @@ class SparsityOptions:
                 f"must be >= start_step = {self.start_step}, got {self.end_step}")
         require(len(self.block) == 2 and min(self.block) >= 1, "block",
                 f"must be two positive ints [rows, cols], got {self.block}")
+        require(self.dns_iter_stop >= self.dns_start_step, "dns_iter_stop",
+                f"must be >= dns_start_step = {self.dns_start_step}, got {self.dns_iter_stop}")
+        if isinstance(self.dns_c, list):
+            require(self.layers and len(self.dns_c) == len(self.layers), "dns_c",
+                    f"a list needs one value per `layers` pattern ({len(self.layers)} "
+                    f"patterns), got {len(self.dns_c)} values")
         for key in ("dns_gamma", "dns_power"):
             require(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")

@@ -24,6 +24,8 @@ from tests.distributed import run_ranks
 BUCKET_MB = 0.001
 MIN_NUMEL = 100
 LR = 0.05
+# the allgather the hook calls (torch 2.13 renamed all_gather_into_tensor)
+GATHER = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
 
 
 class MLP(nn.Module):
@@ -75,16 +77,14 @@ def _flat(model):
 
 EQUIVALENCE_CASES = [
     dict(sgd=dict(momentum=0.9, weight_decay=1e-2)),
-    dict(sgd=dict(momentum=0.9, nesterov=True)),
-    dict(sgd=dict(momentum=0.9, nesterov=True, weight_decay=5e-3), dgc=dict(dense_fallback=False)),
+    dict(sgd=dict(momentum=0.9, nesterov=True), micro=2),  # no_sync accumulation
+    dict(sgd=dict(momentum=0.9, nesterov=True, weight_decay=5e-3), dgc=dict(dense_fallback=False),
+         ddp=dict(static_graph=True)),
     dict(sgd=dict(momentum=0.9, weight_decay=1e-2, bias_decay=False),
          dgc=dict(dense_fallback=False)),
     dict(sgd=dict(weight_decay=1e-2), dgc=dict(dense_fallback=False)),
-    dict(sgd=dict(momentum=0.9, nesterov=True, weight_decay=1e-2), micro=2),
     dict(sgd=dict(momentum=0.9, weight_decay=1e-2), ddp=dict(find_unused_parameters=True),
          unused=True, dgc=dict(dense_fallback=False)),
-    dict(sgd=dict(momentum=0.9, nesterov=True), ddp=dict(static_graph=True),
-         dgc=dict(dense_fallback=False)),
 ]
 
 
@@ -150,9 +150,7 @@ def _conservation_rank(rank, world_size, nesterov):
         return dgc.dgc_hook(state, bucket).then(record_output)
 
     ddp.register_comm_hook(state, recording_hook)
-    gather_name = "all_gather_single" if hasattr(dist, "all_gather_single") \
-        else "all_gather_into_tensor"
-    real_gather = getattr(dist, gather_name)
+    real_gather = getattr(dist, GATHER)
 
     def recording_gather(out, inp, *args, **kwargs):
         step_log["gathers"].append((step_log["bucket"], out))
@@ -165,11 +163,11 @@ def _conservation_rank(rank, world_size, nesterov):
     update_errors = []
     for step in range(30):
         step_log.update(raw={}, out={}, gathers=[])
-        setattr(dist, gather_name, recording_gather)
+        setattr(dist, GATHER, recording_gather)
         try:
             _train(ddp, opt, 1, rank, start=step)
         finally:
-            setattr(dist, gather_name, real_gather)
+            setattr(dist, GATHER, real_gather)
         mean_sent = {n: torch.zeros(shapes[n].numel()) for n in compressed}
         for bucket_names, out in step_log["gathers"]:
             ks = [topk_count(shapes[n].numel(), DENSITY) for n in bucket_names if n in compressed]
@@ -213,19 +211,22 @@ def test_nothing_is_lost():
 
 
 class _CollectiveCounter:
-    """Wraps the collectives the hook uses and adds up their per-rank ring wire bytes,
-    computed here from the tensors handed over (independently of dgc.wire)."""
+    """While ``active``, counts calls of the collectives the hook uses and adds up their
+    per-rank ring wire bytes, computed here from the tensors handed over (not by dgc.wire)."""
 
     def __init__(self, world_size):
         self.p, self.bytes, self.calls, self.active = world_size, 0.0, 0, False
-        self.gather_name = "all_gather_single" if hasattr(dist, "all_gather_single") \
-            else "all_gather_into_tensor"
-        self.real = {"all_reduce": dist.all_reduce,
-                     self.gather_name: getattr(dist, self.gather_name)}
+        self.real = {name: getattr(dist, name) for name in ("all_reduce", GATHER)}
+
+    def __enter__(self):
         dist.all_reduce = self._wrap("all_reduce",
                                      lambda t, *_: 2 * (self.p - 1) / self.p * t.nbytes)
-        setattr(dist, self.gather_name,
-                self._wrap(self.gather_name, lambda out, t, *_: (self.p - 1) * t.nbytes))
+        setattr(dist, GATHER, self._wrap(GATHER, lambda out, t, *_: (self.p - 1) * t.nbytes))
+        return self
+
+    def __exit__(self, *exc):
+        for name, real in self.real.items():
+            setattr(dist, name, real)
 
     def _wrap(self, name, wire_bytes):
         def counted(*args, **kwargs):
@@ -238,8 +239,9 @@ class _CollectiveCounter:
 
 AGREEMENT_CASES = [
     dict(dgc=dict(density=0.02, warmup_densities=[0.6, 0.2]), ddp={}),
-    dict(dgc=dict(density=0.02, value_dtype="bf16", index_dtype="int64", clip_norm=1.0,
-                  check_finite=True), ddp=dict(find_unused_parameters=True), unused=True),
+    dict(dgc=dict(density=0.02, warmup_epochs=2, value_dtype="bf16", index_dtype="int64",
+                  clip_norm=1.0, check_finite=True),
+         ddp=dict(find_unused_parameters=True), unused=True),
     dict(dgc=dict(density=0.05, value_dtype="fp16", warmup_epochs=1), ddp=dict(static_graph=True)),
 ]
 
@@ -251,16 +253,16 @@ def _agreement_rank(rank, world_size, cases):
         ddp = DDP(model, bucket_cap_mb=BUCKET_MB, **case["ddp"])
         opt = _sgd(model, momentum=0.9, nesterov=True, weight_decay=1e-3)
         state = dgc.attach(ddp, opt, min_numel=MIN_NUMEL, **case["dgc"])
-        counter = _CollectiveCounter(world_size)
         agree = True
-        for step in range(15):
-            counter.active = True
-            _train(ddp, opt, 1, rank, start=step, state=state)
-            counter.active = False
-            flat = _flat(model)
-            everyone = [torch.empty_like(flat) for _ in range(world_size)]
-            dist.all_gather(everyone, flat)
-            agree &= all(torch.equal(flat, other) for other in everyone)
+        with _CollectiveCounter(world_size) as counter:
+            for step in range(15):
+                counter.active = True
+                _train(ddp, opt, 1, rank, start=step, state=state)
+                counter.active = False
+                flat = _flat(model)
+                everyone = [torch.empty_like(flat) for _ in range(world_size)]
+                dist.all_gather(everyone, flat)
+                agree &= all(torch.equal(flat, other) for other in everyone)
         buckets = state.stats.sparse_buckets + state.stats.dense_buckets
         model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         results.append(dict(

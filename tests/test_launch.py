@@ -106,3 +106,32 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     summary_full, _ = read_run(full)
     summary_part, _ = read_run(part)
     assert summary_part["comm_bytes_sent"] == summary_full["comm_bytes_sent"]
+
+
+def test_dgc_and_sparsity_runs_report_their_bytes_and_density(tmp_path):
+    out = tmp_path / "run"
+    train(REPO / "configs/mnist_lenet300_dgc.yaml", *SYNTHETIC, f"out_dir={out}",
+          "dgc.warmup_epochs=0", "sparsity.method=nm", nproc=2)
+    summary, metrics = read_run(out)
+    assert summary["weight_density"] == pytest.approx(0.5)  # 2:4 on every weight matrix
+    dense = 24 * allreduce_bytes(lenet300_gradient_bytes(), 2)
+    assert summary["comm_bytes_dense"] == pytest.approx(dense)
+    assert summary["comm_bytes_sent"] < dense / 100  # 0.1% density from the first step
+    ckpt = load(out / "checkpoint.pt")
+    assert len(ckpt["plugins"]["comm"]) == 2  # one DGC residual state per rank
+    assert "masks" in str(ckpt["plugins"]["sparsity"].keys())
+    epoch_rows = [m for m in metrics if "test/accuracy" in m]
+    assert epoch_rows[-1]["sparsity/fc1.weight"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("dgc.density=2", "config key 'dgc.density': must be in (0, 1]"),
+    ("sparsity.method=prune", "config key 'sparsity.method': must be one of"),
+    ("sparsity.layers=[nothing.*]", "config key 'sparsity.layers[0]'"),
+])
+def test_plugin_option_errors_are_one_line_with_exit_2(tmp_path, override, message):
+    proc = train(REPO / "configs/quickstart.yaml", override, f"out_dir={tmp_path / 'r'}",
+                 "wandb.mode=disabled", check=False, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr

@@ -27,6 +27,9 @@ def attach(**options):
     (dict(tagret=0.5), "tagret"),
     (dict(block=[4]), "block"),
     (dict(method="gmp", start_step=10, end_step=5), "end_step"),
+    (dict(method="dns", dns_start_step=10, dns_iter_stop=5), "dns_iter_stop"),
+    (dict(method="dns", dns_c=[1.0, 2.0], layers=["0.weight"]), "dns_c"),
+    (dict(method="dns", dns_c=[1.0]), "dns_c"),
 ])
 def test_bad_options_raise_one_line_config_error_naming_the_key(options, key):
     with pytest.raises(ConfigError) as info:

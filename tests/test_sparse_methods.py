@@ -4,6 +4,7 @@ import torch
 
 import sparse_train
 from sparse_train.methods import cubic_sparsity
+from sparse_train.methods.dns import dns_threshold
 from tests.sparse_helpers import (  # noqa: F401
     METHODS, SCHEDULES, batches, mlp, one_thread, train_step)
 
@@ -122,6 +123,31 @@ def test_dns_pruned_weights_keep_training_and_splice_back_above_1_1_t():
     assert sp.masks["weight"][tuple(pruned)], "pruned weight was not spliced back"
     assert not sp.masks["weight"][tuple(kept)], "weight in (0, 0.9t) was not pruned"
     assert layer.weight[tuple(pruned)].abs().item() == pytest.approx(1.3 * t, rel=1e-5)
+
+
+def test_dns_trains_dense_until_start_step_then_takes_thresholds_from_those_weights():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = sparse_train.attach(model, opt, method="dns", dns_c=0.5, dns_start_step=5)
+    for x, y in batches(5):
+        assert sp.grad_mask_policy == "drop" and sp.fixed_masks() is None
+        assert all(mask.all() for mask in sp.masks.values()) and not sp.method.thresholds
+        train_step(model, opt, x, y)
+    assert sp.grad_mask_policy == "keep"
+    for name, dense in sp._dense.items():  # the weights after 5 dense steps
+        assert sp.method.thresholds[name] == pytest.approx(dns_threshold(dense, 0.5))
+        assert not sp.masks[name].all()
+
+
+def test_dns_c_per_layer_pattern_first_match_wins():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = sparse_train.attach(model, opt, method="dns", layers=["4.weight", "*.weight"],
+                             dns_c=[-10.0, 0.5])
+    assert sp.method.thresholds["4.weight"] == 0.0 and sp.masks["4.weight"].all()
+    for name in ("0.weight", "2.weight"):
+        assert sp.method.thresholds[name] == pytest.approx(
+            dns_threshold(sp._dense[name], 0.5))
 
 
 def test_dns_revises_masks_with_decaying_probability_from_a_private_generator():

@@ -1,17 +1,20 @@
 """Dynamic network surgery (Guo, Yao & Chen, NIPS 2016).
 
 Each layer has a threshold t = max(mu + c * sigma, 0), where mu and sigma are the mean and
-(population) standard deviation of |W| over the layer's weights. Like the authors' Caffe
-layers, we compute mu and sigma once, from the dense weights at the first update (at
-attach), and keep them for the whole run; unlike those layers we leave biases out of both
-the statistics and the masks. An update prunes where |w| < 0.9 t (the Caffe code uses <=,
-which differs only on exact ties) and splices back where |w| > 1.1 t; in between the
-mask is unchanged, a hysteresis band that stops weights near the threshold flickering.
+(population) standard deviation of |W| over the layer's weights, and c may differ from
+layer to layer. Like the authors' Caffe layers, we compute mu and sigma once, from the
+dense weights at the first update, and keep them for the whole run; unlike those layers we
+leave biases out of both the statistics and the masks. The paper starts from a trained
+reference network, so the first update can wait for ``dns_start_step`` steps of dense
+training; from ``dns_start_step = 0`` the statistics are those of the initialisation. An
+update prunes where |w| < 0.9 t (the Caffe code uses <=, which differs only on exact ties)
+and splices back where |w| > 1.1 t; in between the mask is unchanged, a hysteresis band
+that stops weights near the threshold flickering.
 
-Updates happen with probability (1 + gamma * step) ** -power, drawn once per layer per
-step, until ``iter_stop``. The draws come from a private ``torch.Generator`` seeded with
-``dns_seed`` and advanced the same way on every rank, so masks agree across a DDP job
-without touching the global RNG.
+Updates happen with probability (1 + gamma * (step - start)) ** -power, drawn once per
+layer per step, until ``iter_stop``. The draws come from a private ``torch.Generator``
+seeded with ``dns_seed`` and advanced the same way on every rank, so masks agree across a
+DDP job without touching the global RNG.
 
 The method is *soft*: the forward uses W * T but the optimizer updates the dense W with
 the gradient taken at W * T (straight-through), so pruned weights keep training and can be
@@ -19,6 +22,8 @@ spliced back. After ``iter_stop`` the masks no longer change, and the sparsifier
 them as hard masks.
 """
 from __future__ import annotations
+
+import fnmatch
 
 import torch
 from torch import Tensor
@@ -47,19 +52,29 @@ def update_probability(step: int, gamma: float, power: float) -> float:
     return (1.0 + gamma * step) ** -power
 
 
+def layer_c(name: str, c: float | list[float], patterns: list[str]) -> float:
+    """The c of parameter ``name``: ``c`` itself, or the entry of its first matching pattern."""
+    if not isinstance(c, list):
+        return c
+    return next(value for pattern, value in zip(patterns, c)
+                if fnmatch.fnmatchcase(name, pattern))
+
+
 class DNS(Method):
     def __init__(self, options: SparsityOptions):
-        self.c, self.gamma, self.power = options.dns_c, options.dns_gamma, options.dns_power
-        self.iter_stop = options.dns_iter_stop
+        self.c, self.patterns = options.dns_c, options.layers
+        self.gamma, self.power = options.dns_gamma, options.dns_power
+        self.start, self.iter_stop = options.dns_start_step, options.dns_iter_stop
         self.generator = torch.Generator().manual_seed(options.dns_seed)
         self.thresholds: dict[str, float] = {}
 
     def update(self, step: int, weights: dict[str, Tensor], masks: dict[str, Tensor]):
-        if not self.thresholds:
-            self.thresholds = {name: dns_threshold(w, self.c) for name, w in weights.items()}
-        if step >= self.iter_stop:
+        if not self.start <= step < self.iter_stop:
             return None
-        chance = update_probability(step, self.gamma, self.power)
+        if not self.thresholds:
+            self.thresholds = {name: dns_threshold(w, layer_c(name, self.c, self.patterns))
+                               for name, w in weights.items()}
+        chance = update_probability(step - self.start, self.gamma, self.power)
         new = {}
         for name, w in weights.items():
             if torch.rand((), generator=self.generator).item() < chance:
@@ -67,7 +82,7 @@ class DNS(Method):
         return new or None
 
     def soft(self, step: int) -> bool:
-        return step < self.iter_stop
+        return self.start <= step < self.iter_stop
 
     def fixed(self, step: int) -> bool:
         return step >= self.iter_stop

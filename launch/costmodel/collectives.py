@@ -1,0 +1,106 @@
+"""Alpha-beta time of the collectives a data-parallel step runs.
+
+A message of n bytes over a link costs alpha + n / B. The per-algorithm forms follow
+nccl-tests' performance notes (doc/PERFORMANCE.md), whose bus-bandwidth factors are the
+fraction of the data each rank moves, and Thakur, Rabenseifner and Gropp, "Optimization of
+collective communication operations in MPICH" (IJHPCA 2005), for the latency terms. With
+p ranks, S the size of the reduced tensor and S_total the size of the gathered one:
+
+  ring allreduce         2(p-1) alpha + 2(p-1)/p * S / B
+  reduce-scatter         (p-1) alpha + (p-1)/p * S / B
+  ring allgather         (p-1) alpha + (p-1)/p * S_total / B
+  tree allreduce         2 ceil(log2 p) alpha + 2 S / B      (NCCL's pipelined double binary
+                         tree, Jeaugey 2019: each rank sends and receives S per phase)
+  hierarchical           intra-node reduce-scatter, inter-node ring allreduce of S/g between
+                         the g ranks of equal local index (one rail each), intra allgather
+
+Across nodes a flat ring or tree runs at the slowest hop: the inter-node latency and the
+smaller of the intra-node bandwidth and a rank's share of its node's NICs.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from .hardware import Cluster
+
+Kind = Literal["allreduce", "allgather"]
+Algorithm = Literal["auto", "ring", "tree", "hierarchical"]
+
+
+def ring_allreduce(nbytes: float, p: int, alpha: float, bandwidth: float) -> float:
+    if p <= 1:
+        return 0.0
+    return 2 * (p - 1) * alpha + 2 * (p - 1) / p * nbytes / bandwidth
+
+
+def reduce_scatter(nbytes: float, p: int, alpha: float, bandwidth: float) -> float:
+    if p <= 1:
+        return 0.0
+    return (p - 1) * alpha + (p - 1) / p * nbytes / bandwidth
+
+
+def allgather(total_nbytes: float, p: int, alpha: float, bandwidth: float) -> float:
+    """Ring allgather of a ``total_nbytes`` result (each rank contributes total / p)."""
+    if p <= 1:
+        return 0.0
+    return (p - 1) * alpha + (p - 1) / p * total_nbytes / bandwidth
+
+
+def tree_allreduce(nbytes: float, p: int, alpha: float, bandwidth: float) -> float:
+    if p <= 1:
+        return 0.0
+    return 2 * math.ceil(math.log2(p)) * alpha + 2 * nbytes / bandwidth
+
+
+def hierarchical_allreduce(nbytes: float, per_node: int, nodes: int, intra: tuple[float, float],
+                           inter: tuple[float, float]) -> float:
+    """``intra`` and ``inter`` are (alpha, bandwidth) of the two levels."""
+    return (reduce_scatter(nbytes, per_node, *intra)
+            + ring_allreduce(nbytes / per_node, nodes, *inter)
+            + allgather(nbytes, per_node, *intra))
+
+
+def hierarchical_allgather(nbytes_per_rank: float, per_node: int, nodes: int,
+                           intra: tuple[float, float], inter: tuple[float, float]) -> float:
+    """Gather across nodes between ranks of equal local index, then within each node."""
+    return (allgather(nodes * nbytes_per_rank, nodes, *inter)
+            + allgather(nodes * per_node * nbytes_per_rank, per_node, *intra))
+
+
+def break_even_density(p: int, value_bytes: float, index_bytes: float,
+                       dense_bytes: float | None = None) -> float:
+    """Density above which a sparse allgather of (value, index) pairs moves more bytes per
+    rank than a dense allreduce: (p-1) d n (b_v + b_i) = 2 (p-1)/p n b_d gives
+    d = 2 b_d / (p (b_v + b_i)), with b_d the dense element width (default b_v)."""
+    dense = value_bytes if dense_bytes is None else dense_bytes
+    return 2 * dense / (p * (value_bytes + index_bytes))
+
+
+def collective_time(kind: Kind, nbytes: float, cluster: Cluster, p: int,
+                    algorithm: Algorithm = "auto") -> float:
+    """Seconds for one collective on ``p`` ranks of ``cluster``. ``nbytes`` is the reduced
+    tensor's size for an allreduce and one rank's contribution for an allgather."""
+    if p <= 1:
+        return 0.0
+    nodes = cluster.nodes(p)
+    per_node = min(p, cluster.per_node)
+    intra = (cluster.intra.latency, cluster.intra.bandwidth)
+    if nodes == 1:
+        flat = intra
+    else:
+        flat = (max(cluster.intra.latency, cluster.inter.latency),
+                min(cluster.intra.bandwidth, cluster.inter_bandwidth_per_rank()))
+    inter = (cluster.inter.latency, cluster.inter_bandwidth_per_rank())
+    if kind == "allreduce":
+        options = {"ring": ring_allreduce(nbytes, p, *flat),
+                   "tree": tree_allreduce(nbytes, p, *flat),
+                   "hierarchical": hierarchical_allreduce(nbytes, per_node, nodes, intra, inter)
+                   if nodes > 1 else ring_allreduce(nbytes, p, *intra)}
+    else:
+        assert kind == "allgather", kind
+        ring = allgather(p * nbytes, p, *flat)
+        options = {"ring": ring, "tree": ring,  # NCCL has no tree allgather
+                   "hierarchical": hierarchical_allgather(nbytes, per_node, nodes, intra, inter)
+                   if nodes > 1 else ring}
+    return min(options.values()) if algorithm == "auto" else options[algorithm]

@@ -1,0 +1,145 @@
+"""What each communication scheme hands to collectives in one step, bucket by bucket.
+
+Gradients travel in DDP's buckets, so each scheme is a list of collectives per bucket:
+
+* dense: one allreduce of the bucket (fp32, or fp16/bf16 with a compression hook);
+* PowerSGD at rank r (Vogels et al. 2019, torch's ``powerSGD_hook``): a tensor viewed as an
+  n x m matrix sends P (n x r) and Q (m x r), each allreduced; 1-D tensors, and matrices
+  that would not shrink by torch's ``min_compression_rate`` (2), go in one plain allreduce;
+* DGC: exactly ``dgc.hook.make_plan``'s decision, the one the hook takes: an allgather of
+  (index, value) pairs plus an allreduce of the tensors that stay dense, or one allreduce of
+  the bucket where that moves fewer bytes;
+* masked: a fixed weight mask known to every rank, so only the live gradient entries are
+  allreduced and no indices travel (a 2:4 model sends half of each masked weight).
+
+Per-rank wire bytes follow ``dgc.wire``, as the run's own counters do.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from dgc import wire
+from dgc.hook import make_plan
+from dgc.options import DGCOptions
+
+from .collectives import Kind
+
+Param = tuple[str, tuple[int, ...]]  # a parameter's name and shape
+FP32 = 4
+# DDP gives its first bucket a small cap so that communication starts early in the backward
+# (torch.distributed's _DEFAULT_FIRST_BUCKET_BYTES).
+FIRST_BUCKET_BYTES = 1024 * 1024
+# torch's PowerSGDState(min_compression_rate=2): compress a matrix only if it shrinks 2x.
+POWERSGD_MIN_COMPRESSION_RATE = 2
+
+
+@dataclass(frozen=True)
+class Collective:
+    kind: Kind
+    nbytes: float  # allreduce: the tensor's bytes; allgather: one rank's contribution
+
+    def wire_bytes(self, p: int) -> float:
+        if self.kind == "allreduce":
+            return wire.allreduce_bytes(self.nbytes, p)
+        return wire.allgather_bytes(self.nbytes, p)
+
+
+@dataclass
+class Traffic:
+    """One step of a scheme: its collectives and the local work of compressing."""
+
+    scheme: str
+    collectives: list[Collective] = field(default_factory=list)
+    memory_bytes: float = 0.0  # bytes read and written to compress and decompress
+    flops: float = 0.0  # fp32 arithmetic to compress (PowerSGD's products)
+
+    def wire_bytes(self, p: int) -> float:
+        return sum(c.wire_bytes(p) for c in self.collectives)
+
+    def scaled(self, factor: float) -> Traffic:
+        return Traffic(self.scheme, [Collective(c.kind, c.nbytes * factor)
+                                     for c in self.collectives], self.memory_bytes, self.flops)
+
+
+def numel(shape: Sequence[int]) -> int:
+    return math.prod(shape)
+
+
+def ddp_buckets(params: Sequence[Param], bucket_cap_mb: float, itemsize: int = FP32
+                ) -> list[list[Param]]:
+    """Buckets as DDP forms them: parameters in reverse order, a bucket closed once it
+    reaches its cap (1 MiB for the first, ``bucket_cap_mb`` MiB after), so it may overflow.
+    Mirrors torch's reducer ``compute_bucket_assignment_by_size`` for one dtype."""
+    buckets, current, size = [], [], 0
+    for param in reversed(params):
+        current.append(param)
+        size += numel(param[1]) * itemsize
+        if size >= (FIRST_BUCKET_BYTES if not buckets else bucket_cap_mb * 1024 * 1024):
+            buckets.append(current)
+            current, size = [], 0
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+def dense(buckets: Sequence[Sequence[Param]], itemsize: int = FP32, scheme: str = "dense"
+          ) -> Traffic:
+    """Plain DDP (fp32) or a cast-to-``itemsize`` compression hook (fp16, bf16)."""
+    total = sum(numel(s) for bucket in buckets for _, s in bucket)
+    # A cast hook reads fp32 and writes the narrow copy, then the reverse after the reduce.
+    cast = 2 * total * (FP32 + itemsize) if itemsize != FP32 else 0.0
+    return Traffic(scheme, [Collective("allreduce", sum(numel(s) for _, s in b) * itemsize)
+                            for b in buckets], memory_bytes=cast)
+
+
+def powersgd(buckets: Sequence[Sequence[Param]], rank: int, passes: float) -> Traffic:
+    traffic = Traffic(f"powersgd-r{rank}")
+    for bucket in buckets:
+        plain = p_elems = q_elems = 0
+        for _, shape in bucket:
+            n, m = shape[0], numel(shape[1:]) if len(shape) > 1 else 1
+            r = min(n, m, rank)
+            if len(shape) > 1 and n * m >= POWERSGD_MIN_COMPRESSION_RATE * (n + m) * r:
+                p_elems, q_elems = p_elems + n * r, q_elems + m * r
+                traffic.flops += 4 * n * m * r  # P = M Q and Q = M^T P
+                traffic.memory_bytes += passes * n * m * FP32
+            else:
+                plain += numel(shape)
+        traffic.collectives += [Collective("allreduce", e * FP32)
+                                for e in (plain, p_elems, q_elems) if e]
+    return traffic
+
+
+def dgc(buckets: Sequence[Sequence[Param]], options: DGCOptions, p: int, passes: float,
+        density: float | None = None) -> Traffic:
+    """DGC at ``density`` (default: the options' final one, after warm-up)."""
+    density = options.density if density is None else density
+    traffic = Traffic(f"dgc-d{density:g}")
+    for bucket in buckets:
+        names, shapes = [n for n, _ in bucket], [s for _, s in bucket]
+        plan = make_plan(names, shapes, density, max(p, 1), FP32, options)
+        traffic.memory_bytes += passes * FP32 * sum(s.numel for s in plan.compressed)
+        if not plan.sparse:
+            traffic.collectives.append(Collective("allreduce", sum(map(numel, shapes)) * FP32))
+            continue
+        dense_elems = sum(s.numel for s in plan.dense)
+        if dense_elems:
+            traffic.collectives.append(Collective("allreduce", dense_elems * FP32))
+        traffic.collectives.append(Collective("allgather", plan.layout.nbytes))
+    return traffic
+
+
+def masked(buckets: Sequence[Sequence[Param]], live: Mapping[str, int], scheme: str = "masked"
+           ) -> Traffic:
+    """Allreduce of live entries only; ``live`` counts them per masked parameter (others are
+    sent whole). A bucket with nothing live sends nothing."""
+    traffic = Traffic(scheme)
+    for bucket in buckets:
+        elems = sum(live.get(n, numel(s)) for n, s in bucket)
+        if elems:
+            traffic.collectives.append(Collective("allreduce", elems * FP32))
+        # Packing the live entries reads the masked gradients once; unpacking writes them.
+        traffic.memory_bytes += 2 * FP32 * sum(numel(s) for n, s in bucket if n in live)
+    return traffic
