@@ -101,7 +101,9 @@ def make_plan(names: Iterable[str], shapes: Iterable[torch.Size], density: float
     dense_numel = sum(s.numel for s in slots if s.k is None)
     sparse_bytes = wire.allgather_bytes(layout.nbytes, world_size)
     if dense_numel:
-        sparse_bytes += wire.allreduce_bytes(dense_numel * itemsize, world_size)
+        # the dense tensors travel in the value dtype beside the allgather (_exchange_sparse)
+        sparse_bytes += wire.allreduce_bytes(dense_numel * layout.value_dtype.itemsize,
+                                             world_size)
     fallback = sparse_bytes > wire.allreduce_bytes(offset * itemsize, world_size)
     sparse = layout.count > 0 and not (options.dense_fallback and fallback)
     return _Plan(tuple(slots), sparse, layout)
