@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 
 from dgc.options import DGCOptions
+from launch.costmodel.hardware import HardwareConfig
 from launch.data import DataConfig
 from launch.models import ModelConfig
 from launch.schema import ConfigError, build, require, to_dict
@@ -79,6 +80,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     ddp: DDPConfig = field(default_factory=DDPConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)  # for the est/* figures
     dgc: DGCOptions | None = None
     sparsity: SparsityOptions | None = None
     run_name: str | None = None  # default: <config name>-<timestamp>

@@ -14,26 +14,28 @@ from __future__ import annotations
 
 import sys
 
+from dgc.codec import INDEX_DTYPES, VALUE_DTYPES
 from launch.cli import OneLineParser
 from launch.config import load_config
 from launch.costmodel.collectives import break_even_density
 from launch.costmodel.hardware import HardwareConfig, load_cluster, preset_names
-from launch.costmodel.run import compare, cluster_times, meta_model, workload
+from launch.costmodel.run import cluster_times, compare, meta_model, workload
 from launch.costmodel.storage import FORMATS, expected_masks, model_storage
 from launch.costmodel.traffic import FP32
 from launch.schema import ConfigError, build, to_dict
-from dgc.codec import INDEX_DTYPES, VALUE_DTYPES
 
 PROG = "launch.estimate"
 
 
 def world_sizes(text: str) -> list[int]:
+    """``"8,64,512"`` as [8, 64, 512]; ValueError unless every entry is an integer >= 1."""
+    problem = f"--world-sizes: expected comma-separated integers >= 1, got {text!r}"
     try:
-        sizes = [int(s) for s in text.split(",") if s.strip()]
+        sizes = [int(s) for s in text.split(",")]
     except ValueError:
-        raise ValueError(f"--world-sizes: expected comma-separated integers, got {text!r}")
-    if not sizes or min(sizes) < 1:
-        raise ValueError(f"--world-sizes: every world size must be >= 1, got {text!r}")
+        raise ValueError(problem) from None
+    if min(sizes) < 1:
+        raise ValueError(problem)
     return sizes
 
 

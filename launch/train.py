@@ -30,6 +30,7 @@ from launch import checkpoint, distenv, tracking
 from launch.cli import OneLineParser
 from launch.comm import CountingAllreduceState, counting_allreduce_hook
 from launch.config import Config, config_to_dict, load_config
+from launch.costmodel import estimate_run
 from launch.data import load_datasets, make_loaders
 from launch.models import build_model
 from launch.schema import ConfigError
@@ -316,6 +317,11 @@ def run(cfg: Config, env: distenv.DistEnv, resume_from: Path | None, device) -> 
         "parameters": sum(p.numel() for p in model.parameters()),
         "run_name": cfg.run_name,
     }
+    if rank0:
+        summary.update(estimate_run(
+            cfg, model, world_size=env.world_size,
+            comm_bytes_per_step=comm.stats.bytes_sent / step if step else None,
+            masks=plugins["sparsity"].masks if "sparsity" in plugins else None))
     writer.summary(summary)
     writer.close()
     return summary

@@ -19,10 +19,10 @@ PIPELINE_SIZES = [300_000, 1_000_003]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-@pytest.fixture(params=[False, True], ids=["dynamic", "static"])
-def shapes(request, monkeypatch):
-    """Run each test on the CPU code path and on the static-shape path CUDA takes."""
-    monkeypatch.setattr(select, "_FORCE_STATIC_SHAPES", request.param)
+@pytest.fixture(params=[False, True], ids=["cpu-path", "cuda-path"])
+def code_path(request, monkeypatch):
+    """Run each test on the CPU code path and on the one CUDA takes (static shapes)."""
+    monkeypatch.setattr(select, "_FORCE_CUDA_PATH", request.param)
     return request.param
 
 
@@ -49,7 +49,7 @@ def normal(numel: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> tor
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("density", [0.001, 0.01, 0.04])
 @pytest.mark.parametrize("numel", PIPELINE_SIZES)
-def test_sampled_path_equals_torch_topk(shapes, numel, density, dtype):
+def test_sampled_path_equals_torch_topk(code_path, numel, density, dtype):
     x = normal(numel, dtype)
     k = round(density * numel)
     assert not uses_exact_topk(numel, k)
@@ -80,7 +80,7 @@ def test_k_equals_numel_and_k_one(numel):
     assert int(indices) == int(x.abs().argmax())
 
 
-def test_mostly_zeros_returns_all_nonzeros_and_distinct_zeros(shapes):
+def test_mostly_zeros_returns_all_nonzeros_and_distinct_zeros(code_path):
     x = torch.zeros(1_000_003)
     nonzero = torch.tensor([5, 64, 999, 500_000, 1_000_002])
     x[nonzero] = torch.tensor([1.0, -2.0, 3.0, -4.0, 5.0])
@@ -91,13 +91,13 @@ def test_mostly_zeros_returns_all_nonzeros_and_distinct_zeros(shapes):
     assert int((values != 0).sum()) == 5
 
 
-def test_all_ties_returns_k_distinct(shapes):
+def test_all_ties_returns_k_distinct(code_path):
     x = torch.full((400_000,), -0.5, dtype=torch.float16)
     indices, values = select_topk(x, 4000)
     assert_valid(x, 4000, indices, values)
 
 
-def test_threshold_too_high_fills_with_real_entries(shapes):
+def test_threshold_too_high_fills_with_real_entries(code_path):
     """A state that pushes the threshold to the top of the sample leaves fewer than k
     candidates: those are the largest entries, and the rest are still distinct and real."""
     x, k = normal(1_000_003), 1000
@@ -111,7 +111,7 @@ def test_threshold_too_high_fills_with_real_entries(shapes):
     assert set(top.tolist()) <= set(indices.tolist())
 
 
-def test_threshold_too_low_overflows_to_k_real_entries(shapes):
+def test_threshold_too_low_overflows_to_k_real_entries(code_path):
     x, k = normal(1_000_003), 1000
     state = ThresholdState()
     state.rank_shift = torch.tensor(select.MAX_RANK_DOUBLINGS)
@@ -162,10 +162,20 @@ def test_state_round_trip():
     assert torch.equal(restored.rank_shift, state.rank_shift)
 
 
-def test_static_shape_path_matches_dynamic(monkeypatch):
+@pytest.mark.parametrize("count", [1, 40, 300, 1000])
+def test_largest_of_sample_equals_topk(count):
+    """The threshold ranks only the sample rows with the largest maxima; that must find the
+    same values as ranking the whole sample, ties included."""
+    sample = normal(500 * select.GROUP).abs().view(500, select.GROUP)
+    sample[7] = sample[3]  # duplicate rows: equal maxima
+    found = select._largest(sample, count).sort().values
+    assert torch.equal(found, sample.view(-1).topk(count).values.sort().values)
+
+
+def test_cuda_path_matches_cpu_path(monkeypatch):
     x, k = normal(1_000_003, seed=3), 2000
     dynamic = select_topk(x, k)[0].sort().values
-    monkeypatch.setattr(select, "_FORCE_STATIC_SHAPES", True)
+    monkeypatch.setattr(select, "_FORCE_CUDA_PATH", True)
     assert torch.equal(select_topk(x, k)[0].sort().values, dynamic)
 
 

@@ -164,9 +164,10 @@ def compute_times(flops: ModelFlops, accelerator: Accelerator, dtype: str, effic
         sparse_flops += layer_flops
         theoretical += (layer.forward + layer.dgrad) * peak / sparse_peak + layer.wgrad
         realistic_total += layer_flops / realistic_factor(layer, realistic)
-    rest = total - sparse_flops
     rate = peak * efficiency
-    return ComputeTimes(flops.forward / rate, flops.backward / rate,
-                        (rest + theoretical) / rate if sparse_flops else total / rate,
-                        (rest + realistic_total) / rate if sparse_flops else total / rate,
-                        sparse_flops / total if total else 0.0)
+    forward, backward = flops.forward / rate, flops.backward / rate
+    if not sparse_flops:
+        return ComputeTimes(forward, backward, forward + backward, forward + backward, 0.0)
+    rest = total - sparse_flops
+    return ComputeTimes(forward, backward, (rest + theoretical) / rate,
+                        (rest + realistic_total) / rate, sparse_flops / total)

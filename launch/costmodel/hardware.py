@@ -201,7 +201,8 @@ def _part(value, catalogue: str, cls: type, directory: Path, key: str):
 
 
 def load_cluster(preset: str, directory: Path = PRESET_DIR, key: str = "hardware") -> Cluster:
-    """The cluster ``preset`` names (a preset name or a YAML file's path), resolved."""
+    """The cluster ``preset`` names (a preset name or a YAML file's path), resolved; parts
+    named in any preset come from ``directory``'s links.yaml and accelerators.yaml."""
     path = Path(preset).expanduser()
     if path.suffix not in (".yaml", ".yml"):
         path = directory / f"{preset}.yaml"
@@ -209,16 +210,13 @@ def load_cluster(preset: str, directory: Path = PRESET_DIR, key: str = "hardware
             raise ConfigError(key, f"unknown hardware preset {preset!r} (known: "
                                    f"{', '.join(preset_names(directory))})")
     spec = build(ClusterSpec, _read(path, key), path.stem)
-    parts_dir = directory if path.parent == directory else path.parent
-    if not all((parts_dir / f).is_file() for f in PARTS_FILES):
-        parts_dir = directory
     return Cluster(
         name=path.stem,
-        accelerator=_part(spec.accelerator, "accelerators.yaml", Accelerator, parts_dir,
+        accelerator=_part(spec.accelerator, "accelerators.yaml", Accelerator, directory,
                           f"{path.stem}.accelerator"),
         per_node=spec.accelerators_per_node,
-        intra=_part(spec.intra_node_link, "links.yaml", Link, parts_dir,
+        intra=_part(spec.intra_node_link, "links.yaml", Link, directory,
                     f"{path.stem}.intra_node_link"),
-        inter=_part(spec.inter_node_link, "links.yaml", Link, parts_dir,
+        inter=_part(spec.inter_node_link, "links.yaml", Link, directory,
                     f"{path.stem}.inter_node_link"),
         nics_per_node=spec.nics_per_node or spec.accelerators_per_node)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +32,7 @@ from .storage import expected_masks, model_storage, weight_sharing_rate
 if TYPE_CHECKING:
     from launch.config import Config
 
-SparseCompute = str | None  # None (dense), "theoretical" or "realistic"
+SparseCompute = Literal["theoretical", "realistic"] | None  # None: dense compute
 
 
 @dataclass
@@ -138,9 +138,9 @@ def estimate_run(cfg: Config, model: nn.Module, *, world_size: int,
     hw = getattr(cfg, "hardware", None) or HardwareConfig()
     cluster = load_cluster(hw.preset)
     p = hw.world_size or world_size
-    weights = {n: w.detach() for n, w in model.named_parameters() if w.dim() >= 2}
     if masks is None and cfg.sparsity is not None:
-        masks = {n: w != 0 for n, w in weights.items()}
+        model = getattr(model, "module", model)  # DDP's parameter names carry "module."
+        masks = {n: w.detach() != 0 for n, w in model.named_parameters() if w.dim() >= 2}
     work = workload(cfg, masks)
     scheme = run_scheme(cfg)
     out: dict[str, float] = {"est/world_size": float(p)}

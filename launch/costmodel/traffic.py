@@ -125,8 +125,9 @@ def dgc(buckets: Sequence[Sequence[Param]], options: DGCOptions, p: int, passes:
             traffic.collectives.append(Collective("allreduce", sum(map(numel, shapes)) * FP32))
             continue
         dense_elems = sum(s.numel for s in plan.dense)
-        if dense_elems:
-            traffic.collectives.append(Collective("allreduce", dense_elems * FP32))
+        if dense_elems:  # sent in the value dtype too (dgc.hook._exchange_sparse)
+            traffic.collectives.append(
+                Collective("allreduce", dense_elems * plan.layout.value_dtype.itemsize))
         traffic.collectives.append(Collective("allgather", plan.layout.nbytes))
     return traffic
 

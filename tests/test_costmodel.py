@@ -1,0 +1,310 @@
+"""The cost model's formulas against hand-computed values, presets, and estimate_run."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch._C._distributed_c10d import _compute_bucket_assignment_by_size
+
+from dgc.options import DGCOptions
+from launch.config import load_config
+from launch.costmodel import collectives as col
+from launch.costmodel import traffic as tr
+from launch.costmodel.compute import (ComputeTimes, LayerFlops, ModelFlops, compute_times,
+                                      count_flops, realistic_factor, sparse_skip_reason)
+from launch.costmodel.hardware import (Accelerator, Cluster, HardwareConfig, Link, Rates,
+                                       load_cluster, preset_names)
+from launch.costmodel.run import estimate_run, step_estimate
+from launch.costmodel.storage import (csc_bytes, dia_bytes, dns_density, expected_masks,
+                                      layer_storage, weight_sharing_rate)
+from launch.models import MLP
+from launch.schema import ConfigError, build
+from sparse_train.masks import nm_compliant
+from sparse_train.options import SparsityOptions
+from tests.launch_helpers import REPO
+
+US, GB = 1e-6, 1e9
+
+
+# --- collectives --------------------------------------------------------------------------
+
+def test_ring_allreduce_is_2_p_minus_1_alphas_plus_2_p_minus_1_over_p_of_s_over_b():
+    assert col.ring_allreduce(1e6, 4, 1 * US, 1 * GB) == pytest.approx(6e-6 + 1.5e-3)
+
+
+def test_allgather_and_reduce_scatter_move_p_minus_1_over_p_of_their_data():
+    assert col.allgather(4e6, 4, 1 * US, 1 * GB) == pytest.approx(3e-6 + 3e-3)
+    assert col.reduce_scatter(1e6, 4, 1 * US, 1 * GB) == pytest.approx(3e-6 + 0.75e-3)
+
+
+def test_tree_allreduce_pays_log2_latency_and_2_s_over_b():
+    assert col.tree_allreduce(1e6, 5, 1 * US, 1 * GB) == pytest.approx(6e-6 + 2e-3)
+
+
+def test_hierarchical_allreduce_is_intra_reduce_scatter_inter_ring_intra_allgather():
+    intra, inter = (1 * US, 100 * GB), (5 * US, 10 * GB)
+    expected = ((7e-6 + 7 / 8 * 8e6 / 100e9) * 2  # reduce-scatter and allgather of 8 MB
+                + 2 * 3 * 5e-6 + 2 * 3 / 4 * 1e6 / 10e9)  # ring of 1 MB over 4 nodes
+    assert col.hierarchical_allreduce(8e6, 8, 4, intra, inter) == pytest.approx(expected)
+
+
+def test_hierarchical_allgather_gathers_across_nodes_then_within():
+    intra, inter = (1 * US, 100 * GB), (5 * US, 10 * GB)
+    expected = (3 * 5e-6 + 3 / 4 * 4e3 / 10e9) + (7 * 1e-6 + 7 / 8 * 32e3 / 100e9)
+    assert col.hierarchical_allgather(1e3, 8, 4, intra, inter) == pytest.approx(expected)
+
+
+def test_one_rank_communicates_nothing():
+    cluster = load_cluster("dgx-a100-hdr")
+    for fn in (col.ring_allreduce, col.allgather, col.reduce_scatter, col.tree_allreduce):
+        assert fn(1e6, 1, 1 * US, 1 * GB) == 0.0
+    assert col.collective_time("allreduce", 1e9, cluster, 1) == 0.0
+    assert col.collective_time("allgather", 1e9, cluster, 1) == 0.0
+
+
+def test_break_even_density_is_2_bv_over_p_times_bv_plus_bi():
+    assert col.break_even_density(8, 4, 4) == pytest.approx(0.125)
+    assert col.break_even_density(8, 2, 4, dense_bytes=4) == pytest.approx(1 / 6)
+    assert col.break_even_density(1, 4, 4) == pytest.approx(1.0)
+
+
+def test_a_flat_ring_across_nodes_runs_at_the_inter_node_link():
+    cluster = load_cluster("dgx-a100-hdr")  # 8 per node, HDR 25 GB/s and 2.7 us per rank
+    single = col.collective_time("allreduce", 1e8, cluster, 8, "ring")
+    assert single == pytest.approx(col.ring_allreduce(1e8, 8, 0.6 * US, 300 * GB))
+    multi = col.collective_time("allreduce", 1e8, cluster, 16, "ring")
+    assert multi == pytest.approx(col.ring_allreduce(1e8, 16, 2.7 * US, 25 * GB))
+    auto = col.collective_time("allreduce", 1e8, cluster, 16)
+    assert auto == min(col.collective_time("allreduce", 1e8, cluster, 16, a)
+                       for a in ("ring", "tree", "hierarchical"))
+
+
+# --- traffic ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model", [MLP(784, [300, 100], 10), MLP(784, [5000, 5000], 10),
+                                   MLP(64, [512, 512, 512], 10)])
+def test_buckets_are_the_ones_ddp_forms(model):
+    params = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    ours = tr.ddp_buckets(params, 25.0)
+    tensors = list(reversed(list(model.parameters())))
+    theirs, _ = _compute_bucket_assignment_by_size(tensors, [1 << 20, 25 << 20],
+                                                   [False] * len(tensors))
+    names = [n for n, _ in reversed(params)]
+    assert [[n for n, _ in b] for b in ours] == [[names[i] for i in b] for b in theirs]
+
+
+def test_dense_and_fp16_allreduce_every_bucket_at_their_width():
+    buckets = [[("w", (100, 10)), ("b", (100,))], [("v", (50, 2))]]
+    assert tr.dense(buckets).wire_bytes(4) == pytest.approx(1.5 * 4 * 1200)
+    assert tr.dense(buckets, 2, "fp16").wire_bytes(4) == pytest.approx(1.5 * 2 * 1200)
+    assert [c.nbytes for c in tr.dense(buckets).collectives] == [4400, 400]
+
+
+def test_powersgd_sends_p_and_q_and_leaves_small_and_1d_tensors_plain():
+    buckets = [[("w", (100, 50)), ("b", (100,)), ("tiny", (4, 3))]]
+    t = tr.powersgd(buckets, rank=4, passes=0)
+    # P is 100 x 4, Q is 50 x 4; 4 x 3 would not shrink 2x at rank 3, so it stays plain.
+    assert [c.nbytes for c in t.collectives] == [(100 + 12) * 4, 400 * 4, 200 * 4]
+    assert t.flops == 4 * 100 * 50 * 4
+
+
+def test_dgc_gathers_k_pairs_at_the_configured_widths_and_sends_small_tensors_dense():
+    options = DGCOptions(density=0.01, value_dtype="fp16", index_dtype="int32", min_numel=1024)
+    buckets = [[("w", (2000, 10)), ("b", (2000,)), ("small", (10, 50))]]
+    t = tr.dgc(buckets, options, 4, passes=0)
+    # k = 200 of w's 20,000; b (1-D) and small (500 < min_numel) go dense in fp16.
+    assert [(c.kind, c.nbytes) for c in t.collectives] == [
+        ("allreduce", 2500 * 2), ("allgather", 200 * (2 + 4))]
+    assert t.wire_bytes(4) == pytest.approx(1.5 * 5000 + 3 * 1200)
+
+
+def test_dgc_sends_at_least_one_entry_per_tensor_at_vanishing_density():
+    options = DGCOptions(density=1e-9, min_numel=1)
+    t = tr.dgc([[("a", (30, 40)), ("c", (7, 7))]], options, 2, passes=0)
+    assert t.collectives == [tr.Collective("allgather", 2 * 8)]
+
+
+def test_masked_allreduces_live_entries_only_and_an_empty_bucket_sends_nothing():
+    buckets = [[("w", (8, 8)), ("b", (8,))], [("v", (4, 4))]]
+    t = tr.masked(buckets, {"w": 32, "v": 0})  # w is 2:4 (half), v fully pruned
+    assert [c.nbytes for c in t.collectives] == [(32 + 8) * 4]
+
+
+# --- compute ------------------------------------------------------------------------------
+
+def test_flop_counter_gives_each_layers_forward_and_backward():
+    with torch.device("meta"):
+        model = MLP(8, [16], 4)
+    flops = count_flops(model, (1, 2, 4), batch_size=3)
+    fc1, fc2 = flops.layers
+    assert (fc1.forward, fc1.backward) == (2 * 3 * 8 * 16, 2 * 3 * 8 * 16)  # no input grad
+    assert (fc2.forward, fc2.backward) == (2 * 3 * 16 * 4, 2 * 2 * 3 * 16 * 4)
+    assert fc2.rows == 3 and fc2.dgrad == fc2.wgrad == fc2.forward
+    assert flops.forward == fc1.forward + fc2.forward
+
+
+def layer(out: int, k: int, rows: int = 64, first: bool = False, groups: int = 1) -> LayerFlops:
+    f = 2.0 * rows * out * k
+    return LayerFlops("w", (out, k), groups, f, f if first else 2 * f)
+
+
+def test_2_4_needs_sparse_kernel_shapes_and_too_small_layers_stay_dense():
+    assert sparse_skip_reason(layer(64, 128), "bf16") is None
+    assert "multiple of (32, 64)" in sparse_skip_reason(layer(64, 96), "bf16")
+    assert sparse_skip_reason(layer(64, 96), "tf32") is None
+    assert sparse_skip_reason(layer(300, 784), "bf16") is not None  # LeNet-300's fc1
+    assert "grouped" in sparse_skip_reason(layer(64, 128, groups=2), "bf16")
+    assert "multiple of m = 4" in sparse_skip_reason(layer(64, 126), "bf16")
+
+
+A100 = Accelerator("bf16", 2000.0, Rates(bf16=312.0, fp32=19.5), Rates(bf16=624.0))
+
+
+def test_2_4_halves_forward_and_input_gradient_but_not_the_weight_gradient():
+    inner = layer(1024, 1024, rows=4096)
+    times = compute_times(ModelFlops((inner,), inner.forward, inner.backward), A100, "bf16", 1.0)
+    assert times.dense / times.sparse_theoretical == pytest.approx(3 / 2)
+    first = layer(1024, 1024, rows=4096, first=True)
+    times = compute_times(ModelFlops((first,), first.forward, first.backward), A100, "bf16", 1.0)
+    assert times.dense / times.sparse_theoretical == pytest.approx(2 / 1.5)
+    assert times.dense / times.sparse_realistic == pytest.approx(1.25)
+    assert times.sparse_flops_fraction == 1.0
+
+
+def test_realistic_factor_is_below_one_on_small_gemms_unless_configured():
+    assert realistic_factor(layer(4096, 4096, rows=64)) == 0.9
+    assert realistic_factor(layer(4096, 4096, rows=8192)) == 1.25
+    assert realistic_factor(layer(64, 64), configured=1.1) == 1.1
+
+
+def test_no_sparse_rate_or_no_eligible_layer_leaves_compute_dense():
+    small = layer(300, 784)
+    times = compute_times(ModelFlops((small,), small.forward, small.backward), A100, "bf16", 0.5)
+    assert times.sparse_theoretical == times.sparse_realistic == times.dense
+    assert times.dense == pytest.approx(3 * small.forward / (312e12 * 0.5))
+
+
+# --- storage ------------------------------------------------------------------------------
+
+def test_csc_and_dia_bytes_of_a_small_matrix():
+    m = torch.eye(4, dtype=torch.bool)
+    m[0, 3] = True  # 5 nonzeros on 2 diagonals
+    assert csc_bytes(m, 4, 4) == 5 * 8 + 5 * 4
+    assert dia_bytes(m, 4, 4) == 2 * (4 * 4 + 4)
+
+
+def test_layer_storage_reports_every_format_and_2_4_as_half_plus_metadata():
+    sizes = layer_storage((4, 8))
+    assert sizes["dense"] == 128 and sizes["coo"] == 32 * 12
+    assert sizes["nm24"] == 16 * 4 + 16 * 2 // 8  # 16 kept values, 2 bits each
+    assert layer_storage((3, 6))["nm24"] == layer_storage((3, 6))["dense"]  # 6 % 4 != 0
+
+
+def test_weight_sharing_rate_follows_han_et_al():
+    assert weight_sharing_rate(1000, 32, 32) == pytest.approx(32000 / (1000 * 5 + 32 * 32))
+
+
+def test_dns_density_of_gaussian_weights():
+    assert dns_density(0.0) == pytest.approx(0.42494, abs=1e-4)
+    assert dns_density(1.0) == pytest.approx(0.16131, abs=1e-4)
+
+
+def test_expected_masks_have_the_configured_density_and_structure():
+    with torch.device("meta"):
+        model = MLP(64, [128], 10)
+    nm = expected_masks(model, SparsityOptions(method="nm"))
+    assert all(nm_compliant(m, 2, 4) and m.float().mean() == 0.5 for m in nm.values())
+    gmp = expected_masks(model, SparsityOptions(method="gmp", target=0.9))
+    assert gmp["fc1.weight"].float().mean() == pytest.approx(0.1, abs=0.01)
+
+
+# --- presets ------------------------------------------------------------------------------
+
+def test_every_preset_loads_and_datasheet_rates_are_as_published():
+    for name in preset_names():
+        assert load_cluster(name).name == name
+    a100, h100 = load_cluster("dgx-a100-hdr"), load_cluster("dgx-h100-ndr")
+    assert (a100.accelerator.flops("fp16"), a100.accelerator.flops("fp16", sparse=True)) \
+        == (312e12, 624e12)
+    assert (h100.accelerator.flops("bf16"), h100.accelerator.flops("bf16", sparse=True)) \
+        == (989e12, 1979e12)
+    assert a100.inter.bandwidth == 25e9 and h100.inter.bandwidth == 50e9
+
+
+@pytest.mark.parametrize("section,key", [
+    ({"preset": "no-such-cluster"}, "hardware.preset"),
+    ({"world_size": 0}, "hardware.world_size"),
+    ({"overlap": 1.5}, "hardware.overlap"),
+    ({"compute_dtype": "fp8", "preset": "dgx-a100-hdr"}, "hardware.compute_dtype"),
+])
+def test_bad_hardware_section_names_the_key(section, key):
+    with pytest.raises(ConfigError) as info:
+        build(HardwareConfig, section, "hardware")
+    assert info.value.key == key and "\n" not in str(info.value)
+
+
+def test_a_non_positive_bandwidth_in_a_preset_file_is_a_config_error(tmp_path):
+    preset = tmp_path / "bad.yaml"
+    preset.write_text("accelerator: a100-sxm4-80gb\nintra_node_link: nvlink3\n"
+                      "inter_node_link: {bandwidth_gbytes: 0, latency_us: 2}\n")
+    with pytest.raises(ConfigError, match="bandwidth_gbytes.*must be > 0"):
+        load_cluster(str(preset))
+
+
+# --- step time and estimate_run -----------------------------------------------------------
+
+def simple_cluster() -> Cluster:
+    link = Link(bandwidth_gbytes=1.0, latency_us=0.0)
+    return Cluster("test", A100, 64, link, link, 1)
+
+
+def test_step_time_hides_communication_behind_the_overlapped_backward():
+    times = ComputeTimes(1e-3, 2e-3, 3e-3, 3e-3, 0.0)
+    hw = HardwareConfig(overlap=0.5)
+    hidden = tr.Traffic("t", [tr.Collective("allreduce", 0.5e6)])  # 0.5 ms at p = 2
+    assert step_estimate(hidden, times, simple_cluster(), 2, hw).step_s == pytest.approx(3e-3)
+    exposed = tr.Traffic("t", [tr.Collective("allreduce", 3e6)])  # 3 ms, 1 ms hidden
+    assert step_estimate(exposed, times, simple_cluster(), 2, hw).step_s == pytest.approx(5e-3)
+
+
+def test_estimate_run_reports_the_launchers_figures():
+    cfg = load_config(REPO / "configs/mnist_lenet300_dgc.yaml")
+    out = estimate_run(cfg, MLP(784, [300, 100], 10), world_size=8)
+    for key in ("est/comm_time_dense_s", "est/comm_time_s", "est/step_speedup",
+                "est/sparse_tc_speedup_theoretical", "est/sparse_tc_speedup_realistic",
+                "est/weight_bytes/csr", "est/weight_bytes/nm24", "est/weight_bytes/dia"):
+        assert math.isfinite(out[key]), key
+    assert out["est/comm_time_s"] < out["est/comm_time_dense_s"]
+    assert out["est/sparse_tc_speedup_theoretical"] == 1.0  # LeNet-300 is too small for 2:4
+    assert out["est/weight_bytes/dense"] == 266_610 * 4
+
+
+def test_estimate_run_at_one_rank_costs_no_communication():
+    cfg = load_config(REPO / "configs/mnist_lenet300_dense.yaml")
+    out = estimate_run(cfg, MLP(784, [300, 100], 10), world_size=1)
+    assert out["est/comm_time_s"] == 0.0 and out["est/step_speedup"] == 1.0
+
+
+def test_estimate_run_scales_the_runs_traffic_to_its_measured_bytes():
+    cfg = load_config(REPO / "configs/mnist_lenet300_dense.yaml")
+    model = MLP(784, [300, 100], 10)
+    exact = estimate_run(cfg, model, world_size=2, comm_bytes_per_step=266_610 * 4.0)
+    assert exact["est/comm_bytes_measured_over_model"] == pytest.approx(1.0)
+    double = estimate_run(cfg, model, world_size=2, comm_bytes_per_step=266_610 * 8.0)
+    assert double["est/comm_bytes_per_step"] == pytest.approx(2 * exact["est/comm_bytes_per_step"])
+
+
+def test_estimate_run_uses_2_4_masks_where_sparse_kernels_apply():
+    cfg = load_config(None, ["model.name=wide_mlp", "model.width=128", "data.name=synthetic",
+                             "data.synthetic_shape=[1,8,8]", "sparsity.method=nm"])
+    model = MLP(64, [128, 128], 10)
+    masks = expected_masks(model, cfg.sparsity)
+    out = estimate_run(cfg, model, world_size=8, masks=masks)
+    assert out["est/sparse_tc_speedup_theoretical"] > 1.0  # fc1 and fc2 qualify, fc3 does not
+    assert out["est/sparse_tc_speedup_realistic"] < 1.0  # batch 64: small GEMMs lose
+    dense = estimate_run(load_config(None, ["model.name=wide_mlp", "model.width=128",
+                                            "data.name=synthetic", "data.synthetic_shape=[1,8,8]"]),
+                         model, world_size=8)
+    assert out["est/comm_bytes_per_step"] < dense["est/comm_bytes_per_step"]
+    assert out["est/weight_bytes/nm24"] < out["est/weight_bytes/dense"]

@@ -1,0 +1,56 @@
+"""``python -m launch.estimate``: a table per world size, a chart, and one-line errors."""
+from __future__ import annotations
+
+import pytest
+
+from launch import estimate
+from launch.config import load_config
+from launch.costmodel import HardwareConfig
+from tests.launch_helpers import REPO
+
+DGC_CONFIG = str(REPO / "configs/mnist_lenet300_dgc.yaml")
+
+
+def test_prints_a_table_per_world_size_and_writes_the_chart(tmp_path, capsys):
+    out = tmp_path / "speedup.png"
+    code = estimate.main(["--config", DGC_CONFIG, "--hardware", "dgx-h100-ndr",
+                          "--world-sizes", "1,16", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "### 1 rank " in printed and "### 16 ranks " in printed
+    for scheme in ("dense fp32", "fp16", "powersgd r=4", "dgc d=0.001 fp16/int32",
+                   "2:4 masked, realistic", "2:4 masked, theoretical"):
+        assert printed.count(f"| {scheme} |") == 2, scheme
+    assert "| dense fp32 | 0 B | 0 |" in printed  # one rank sends nothing
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_sparsity_section_adds_its_own_row():
+    cfg = load_config(DGC_CONFIG, ["sparsity.method=gmp", "sparsity.target=0.9"])
+    results = estimate.compare(cfg, HardwareConfig(), [8])
+    rows = {label: e for label, e, _ in results[8]}
+    assert rows["gmp masked"].wire_bytes < 0.2 * rows["dense fp32"].wire_bytes
+
+
+def test_an_unknown_preset_is_one_line_and_status_2(capsys):
+    assert estimate.main(["--config", DGC_CONFIG, "--hardware", "dgx-z9000"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown hardware preset 'dgx-z9000'" in err
+
+
+def test_a_non_positive_bandwidth_is_one_line_and_status_2(tmp_path, capsys):
+    preset = tmp_path / "slow.yaml"
+    preset.write_text("accelerator: h100-sxm\nintra_node_link: nvlink4\n"
+                      "inter_node_link: {bandwidth_gbytes: -1, latency_us: 5}\n")
+    assert estimate.main(["--config", DGC_CONFIG, "--hardware", str(preset)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bandwidth_gbytes': must be > 0" in err
+
+
+@pytest.mark.parametrize("sizes", ["0,8", "8,x", ""])
+def test_a_bad_world_size_is_one_line_and_status_2(sizes, capsys):
+    with pytest.raises(SystemExit) as info:
+        estimate.main(["--config", DGC_CONFIG, "--world-sizes", sizes])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--world-sizes" in err
