@@ -48,21 +48,26 @@ def naive_select(x: torch.Tensor, k: int, sample_ratio: float = 0.01) -> torch.T
     return (x.abs() > threshold).nonzero().view(-1)
 
 
-def methods(x: torch.Tensor, k: int, sample_ratio: float, sort: bool) -> dict:
+# Short names for --methods, and the row label each one prints under.
+METHODS = {"read": "read pass (x.sum)", "topk": "torch.topk(|x|)", "sort": "torch.sort(|x|)",
+           "naive": "naive sample + nonzero", "select": "select_topk",
+           "state": "select_topk + state"}
+
+
+def methods(x: torch.Tensor, k: int, sample_ratio: float, chosen: list[str]) -> dict:
     state = ThresholdState()
     generator = torch.Generator(device=x.device).manual_seed(0)
     table = {
-        "read pass (x.sum)": lambda: x.sum(),
-        "torch.topk(|x|)": lambda: torch.topk(x.abs(), k, sorted=False),
-        "torch.sort(|x|)": lambda: torch.sort(x.abs()),
-        "naive sample + nonzero": lambda: naive_select(x, k, sample_ratio),
-        "select_topk": lambda: select_topk(x, k, sample_ratio),
-        "select_topk + state": lambda: select_topk(x, k, sample_ratio, state=state,
-                                                   generator=generator),
+        "read": lambda: x.sum(),
+        "topk": lambda: torch.topk(x.abs(), k, sorted=False),
+        "sort": lambda: torch.sort(x.abs()),
+        "naive": lambda: naive_select(x, k, sample_ratio),
+        "select": lambda: select_topk(x, k, sample_ratio),
+        "state": lambda: select_topk(x, k, sample_ratio, state=state, generator=generator),
     }
-    if not sort:
-        del table["torch.sort(|x|)"]
-    return table
+    if x.numel() > SORT_MAX_NUMEL:
+        chosen = [m for m in chosen if m != "sort"]
+    return {METHODS[m]: table[m] for m in ["read"] + [m for m in chosen if m != "read"]}
 
 
 def sync(x: torch.Tensor) -> None:
@@ -71,10 +76,10 @@ def sync(x: torch.Tensor) -> None:
 
 
 def time_case(numel: int, density: float, dtype: torch.dtype, device: str, repeats: int,
-              warmup: int, sample_ratio: float) -> list[dict]:
+              warmup: int, sample_ratio: float, chosen: list[str]) -> list[dict]:
     x = torch.randn(numel, device=device).to(dtype)
     k = max(1, round(density * numel))
-    table = methods(x, k, sample_ratio, sort=numel <= SORT_MAX_NUMEL)
+    table = methods(x, k, sample_ratio, chosen)
     for fn in table.values():
         for _ in range(warmup):
             fn()
@@ -123,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--sample-ratio", type=float, default=0.01)
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"comma-separated subset of {','.join(METHODS)} "
+                             "(the read pass always runs: it is the unit)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes and few repeats: checks the script runs")
@@ -137,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--sizes/--densities: {e}")
     if any(s < 1 for s in sizes) or any(not 0 < d <= 1 for d in densities):
         parser.error("--sizes must be positive and --densities in (0, 1]")
+    chosen = args.methods.split(",")
+    if not set(chosen) <= set(METHODS):
+        parser.error(f"--methods: unknown {sorted(set(chosen) - set(METHODS))}; "
+                     f"choose from {','.join(METHODS)}")
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     if args.threads:
@@ -148,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     for numel in sizes:
         for density in densities:
             rows += time_case(numel, density, DTYPES[args.dtype], args.device, args.repeats,
-                              args.warmup, args.sample_ratio)
+                              args.warmup, args.sample_ratio, chosen)
     print()
     print(markdown(rows))
     checks = [r for r in rows if r["method"] == "check"]

@@ -56,8 +56,8 @@ MAX_RANK_DOUBLINGS = 3.0
 # Where a plain torch.topk of |x| is as fast (small tensors) or faster (dense selections).
 EXACT_BELOW_NUMEL = 1 << 17
 EXACT_ABOVE_DENSITY = 0.1
-# Tests set this to run the CUDA (static shape) code path on CPU.
-_FORCE_STATIC_SHAPES = False
+# Tests set this to run the CUDA code path (static shapes, max and min reductions) on CPU.
+_FORCE_CUDA_PATH = False
 _SAME_SIZE_INT = {torch.float32: torch.int32, torch.float16: torch.int16,
                   torch.bfloat16: torch.int16, torch.float64: torch.int64}
 
@@ -70,6 +70,7 @@ class ThresholdState:
     structured data can be biased, so the state keeps ``rank_shift``, a number of doublings
     of ``r``, and after each call moves it by ``gain`` times the log2 error of the observed
     candidate count. It is a tensor on the data's device: updating it needs no host sync.
+    ``last_candidates`` (a 0-d tensor, capped at the candidate buffer) is there to log.
 
     Args:
         gain: fraction of the observed error corrected per call; 0.5 halves a persistent
@@ -103,7 +104,7 @@ class ThresholdState:
     def _update(self, candidates: Tensor, target: float) -> None:
         error = candidates.clamp(min=1).float().div(target).log2()
         # Out of place, so a state_dict taken earlier keeps its values.
-        self.rank_shift = (self.rank_shift - self.gain * error).clamp_(
+        self.rank_shift = (self._shift(error.device) - self.gain * error).clamp_(
             -MAX_RANK_DOUBLINGS, MAX_RANK_DOUBLINGS)
         self.last_candidates = candidates
 
@@ -206,7 +207,17 @@ def _sample(x: Tensor, plan: _Plan, generator: torch.Generator | None) -> Tensor
     else:
         offset = torch.randint(plan.row_stride, (1,), generator=generator, device=x.device)
         sample = grid.index_select(1, offset)
-    return sample.abs().view(-1)
+    return sample.abs().view(plan.sample_rows, GROUP)
+
+
+def _largest(sample: Tensor, count: int) -> Tensor:
+    """The ``count`` largest entries of a (rows, GROUP) tensor, unordered. They all lie in
+    the ``count`` rows with the largest maxima (a row outside those has ``count`` rows
+    above it, each holding an entry at least as large), so only those rows are ranked."""
+    if count < sample.shape[0]:
+        peaks = sample.view(_SAME_SIZE_INT[sample.dtype]).amax(1)
+        sample = sample.index_select(0, peaks.topk(count, sorted=False).indices)
+    return sample.view(-1).topk(count, sorted=False).values
 
 
 def _threshold(sample: Tensor, plan: _Plan, state: ThresholdState | None) -> Tensor:
@@ -214,9 +225,9 @@ def _threshold(sample: Tensor, plan: _Plan, state: ThresholdState | None) -> Ten
     moved by ``rank_shift`` doublings, reading the threshold off a power law through the
     ranks ``rank`` and ``2 * rank``, which needs no sort."""
     if state is None:
-        return sample.topk(plan.rank, sorted=False).values.min()
+        return _largest(sample, plan.rank).min()
     deeper = min(sample.numel(), 2 * plan.rank)
-    top = sample.topk(deeper, sorted=False).values.float()
+    top = _largest(sample, deeper).float()
     at_rank = top.kthvalue(deeper - plan.rank + 1).values
     if deeper == plan.rank:
         return at_rank.to(sample.dtype)
@@ -262,7 +273,7 @@ def _row_peaks(body: Tensor) -> Tensor:
     and a min would take two. The reduction reads the magnitudes as integers (same order
     for non-negative floats), whose max kernel is the faster one. Elsewhere the max and the
     min are reduced separately: two reads of x and no write of its size."""
-    if body.device.type != "cpu":
+    if body.device.type != "cpu" or _FORCE_CUDA_PATH:
         return torch.maximum(body.amax(1), body.amin(1).neg_())
     bits = _SAME_SIZE_INT[body.dtype]
     peaks = body.new_empty(body.shape[0])
@@ -280,7 +291,7 @@ def _nonzero(mask: Tensor, size: int) -> Tensor:
     ``nonzero_static``, padded with ``len(mask)`` to exactly ``size`` and free of host
     sync; on CPU, where a sync costs nothing and nonzero_static is the slower kernel, it
     is ``nonzero`` cut to ``size``, unpadded. Callers handle both alike."""
-    if mask.device.type == "cpu" and not _FORCE_STATIC_SHAPES:
+    if mask.device.type == "cpu" and not _FORCE_CUDA_PATH:
         return mask.nonzero().view(-1)[:size]
     return torch.nonzero_static(mask, size=size, fill_value=mask.numel()).view(-1)
 
