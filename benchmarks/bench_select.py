@@ -8,14 +8,19 @@ without and with a ``ThresholdState``. It prints a markdown table of median mill
 elements per second and the ratio to the read pass, and can write the rows as JSON.
 
     python benchmarks/bench_select.py                       # 1M..64M at 1% and 0.1%
-    python benchmarks/bench_select.py --sizes 25M --densities 0.001 --repeats 21
+    python benchmarks/bench_select.py --sizes 25M --densities 0.001 --repeats 21 \
+        --methods read,topk,naive,select,state              # skip the slow full sort
+    python benchmarks/bench_select.py --threads 1 ...       # as under torchrun's default
     python benchmarks/bench_select.py --quick               # seconds, for CI
+
+On a machine with more runnable threads than cores, multi-threaded timings of anything
+made of many ops (select_topk runs a few dozen) swing widely: every parallel op waits for
+its slowest thread. Compare min columns, or use ``--threads 1``, there.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
