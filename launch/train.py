@@ -132,8 +132,6 @@ def attach_plugins(cfg: Config, model: DDP, optimizer) -> dict:
         import dgc
         with _config_section("dgc"):
             plugins["comm"] = dgc.attach(model, optimizer, **config_to_dict(cfg.dgc))
-        if "sparsity" in plugins and hasattr(plugins["comm"], "use_sparsifier"):
-            plugins["comm"].use_sparsifier(plugins["sparsity"])
     else:
         state = CountingAllreduceState()
         model.register_comm_hook(state, counting_allreduce_hook)
