@@ -21,8 +21,12 @@ _TAKEN_OVER = "dgc_taken_over"
 
 
 def attach(ddp_model: DistributedDataParallel, optimizer: torch.optim.Optimizer,
-           **options) -> DGCState:
+           sparsifier=None, **options) -> DGCState:
     """Register ``dgc_hook`` on ``ddp_model`` and return its state.
+
+    ``sparsifier``: a ``sparse_train.Sparsifier`` on the same model; its hard-masked
+    gradients are then never accumulated or selected, and under fixed masks dense transport
+    sends only the live entries.
 
     ``optimizer`` must be a ``torch.optim.SGD`` with dampening 0, not maximizing, and one
     momentum and Nesterov setting across its groups (weight decay may differ per group).
@@ -36,6 +40,9 @@ def attach(ddp_model: DistributedDataParallel, optimizer: torch.optim.Optimizer,
     state = DGCState(ddp_model.process_group, model=ddp_model, momentum=momentum,
                      nesterov=nesterov, weight_decay=_weight_decay_by_name(ddp_model, optimizer),
                      **options)
+    if sparsifier is not None:
+        _check_sparsifier(sparsifier, ddp_model)
+        state.use_sparsifier(sparsifier)
     ddp_model.register_comm_hook(state, dgc_hook)
     for group in optimizer.param_groups:
         group[_TAKEN_OVER] = {"momentum": momentum, "nesterov": nesterov,
@@ -43,6 +50,18 @@ def attach(ddp_model: DistributedDataParallel, optimizer: torch.optim.Optimizer,
         group.update(momentum=0.0, nesterov=False, weight_decay=0.0)
     optimizer.register_step_pre_hook(_check_still_plain_sgd)
     return state
+
+
+def _check_sparsifier(sparsifier, ddp_model) -> None:
+    from sparse_train import Sparsifier
+    if not isinstance(sparsifier, Sparsifier):
+        raise TypeError(f"dgc.attach: sparsifier must be a sparse_train.Sparsifier, "
+                        f"got {type(sparsifier).__name__}")
+    params = dict(ddp_model.module.named_parameters())
+    stray = [n for n, p in sparsifier.params.items() if params.get(n) is not p]
+    if stray:
+        raise ValueError(f"dgc.attach: the sparsifier masks {', '.join(stray)}, which are "
+                         f"not parameters of this model (attach it to the same model)")
 
 
 def _settings(group: dict) -> dict:

@@ -1,0 +1,203 @@
+"""One rank's DGC memory and selection, per tensor, with no communication.
+
+``Compressor`` owns what Deep Gradient Compression keeps between steps for each parameter,
+keyed by name: the momentum ``u``, the accumulated update ``v`` (Lin et al., ICLR 2018,
+Sec. 3.2), the weight-decay momentum, the sampled-threshold state and the sampling
+generator, plus the warm-up schedule. Its per-tensor methods are the whole algorithm on one
+rank; a transport (``dgc.hook`` for DDP, ``dgc.horovod`` for Horovod) only decides which
+tensors go sparse, moves what ``compress`` returns, and sums it.
+
+With a sparsifier attached (``use_sparsifier``), gradients at hard-masked positions are
+dropped before they reach ``u`` and ``v``, so a pruned weight is never selected and never
+pushed by an old residual; k counts the live entries only.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import Tensor
+
+from dgc import codec, memory
+from dgc.options import DGCOptions
+from dgc.schedule import topk_count, warmup_density
+from dgc.select import ThresholdState, select_topk
+from launch.schema import build
+
+log = logging.getLogger(__name__)
+
+
+class Compressor:
+    """Per-parameter DGC state of one rank.
+
+    Args:
+        named_parameters: the model's parameters; state is keyed by these names, so it
+            survives a bucket rebuild and a restart.
+        world_size, rank: where this rank sits (the rank seeds the threshold sampler; the
+            world size scales local clipping).
+        momentum, nesterov: the SGD momentum applied here (``torch.optim.SGD`` semantics,
+            dampening 0); the optimizer must then run without momentum.
+        weight_decay: a float for all parameters or a mapping name -> float. Weight decay is
+            not compressed: ``wd * w`` gets its own momentum on each rank and is added to the
+            communicated update, as in the reference DGC SGD.
+        **options: the fields of ``dgc.DGCOptions``; a bad one raises ``ConfigError``.
+    """
+
+    def __init__(self, named_parameters: Iterable[tuple[str, Tensor]], *, world_size: int,
+                 rank: int, momentum: float = 0.0, nesterov: bool = False,
+                 weight_decay: float | Mapping[str, float] = 0.0, **options):
+        self.options: DGCOptions = build(DGCOptions, options)
+        if momentum < 0 or (nesterov and momentum <= 0):
+            raise ValueError(f"DGC: momentum={momentum}, nesterov={nesterov}: momentum "
+                             f"must be >= 0, and > 0 for Nesterov")
+        named = list(named_parameters)
+        self.world_size, self.rank = int(world_size), int(rank)
+        self.momentum, self.nesterov = float(momentum), bool(nesterov)
+        if isinstance(weight_decay, Mapping):
+            self.weight_decay = {n: float(wd) for n, wd in weight_decay.items() if wd}
+        else:
+            self.weight_decay = {n: float(weight_decay) for n, _ in named if weight_decay}
+        self.epoch = 0.0
+        self.masks = None  # a sparse_train.live.GradientMasks once use_sparsifier is called
+        self._u: dict[str, Tensor] = {}
+        self._v: dict[str, Tensor] = {}
+        self._wd_u: dict[str, Tensor] = {}
+        self._thresholds: dict[str, ThresholdState] = {}
+        self._masked_with: dict[str, tuple[Tensor, int]] = {}
+        self._generator: torch.Generator | None = None
+        self._pending_generator_state: Tensor | None = None
+
+    # -- schedule -----------------------------------------------------------------------
+    @property
+    def density(self) -> float:
+        """Target density of the current epoch (warm-up included)."""
+        o = self.options
+        return warmup_density(self.epoch, o.density, o.warmup_epochs, o.warmup_densities)
+
+    def set_epoch(self, epoch: float) -> None:
+        """Move the warm-up schedule to ``epoch``; call it on every rank, like a sampler's."""
+        self.epoch = float(epoch)
+
+    def compresses(self, shape: torch.Size) -> bool:
+        """Whether a tensor of ``shape`` is sparsified (else it goes dense, as in the paper:
+        1-D tensors and those under ``min_numel`` entries)."""
+        return len(shape) > 1 and shape.numel() >= self.options.min_numel
+
+    def k(self, numel: int) -> int:
+        """Entries to send this step from a tensor with ``numel`` live entries."""
+        return topk_count(numel, self.density)
+
+    # -- masks from a sparsifier ----------------------------------------------------------
+    def use_sparsifier(self, sparsifier) -> None:
+        """Respect ``sparsifier``'s hard masks (a ``sparse_train.Sparsifier``; the same on
+        every rank): masked gradients are never accumulated or selected."""
+        from sparse_train.live import GradientMasks
+        self.masks = GradientMasks(sparsifier)
+
+    def hard_masks(self) -> dict[str, Tensor]:
+        """The masks that drop gradients this step, by name (empty without a sparsifier)."""
+        return self.masks.hard() if self.masks is not None else {}
+
+    def live_count(self, name: str, numel: int, masks: Mapping[str, Tensor]) -> int:
+        mask = masks.get(name)
+        return numel if mask is None else self.masks.count(name, mask)
+
+    # -- one tensor's step -----------------------------------------------------------------
+    def clip_(self, g: Tensor) -> Tensor:
+        """Local gradient clipping at ``clip_norm / sqrt(world_size)`` (paper, Sec. 3.2)."""
+        if self.options.clip_norm is not None:
+            memory.clip_(g, self.options.clip_norm * self.world_size ** -0.5)
+        return g
+
+    def drop_masked_(self, name: str, g: Tensor, mask: Tensor) -> Tensor:
+        """Zero flat gradient ``g`` where ``mask`` (shaped like the parameter) prunes, so it
+        never reaches the residuals; returns ``g``."""
+        flat_mask = mask.reshape(-1)
+        g.mul_(flat_mask)
+        applied = self._masked_with.get(name)
+        if applied is None or applied[0] is not mask or applied[1] != mask._version:
+            # A newly pruned entry may still hold momentum and residual from before; with
+            # g zeroed there from now on, they stay zero until the mask changes again.
+            for store in (self._u, self._v):
+                if name in store:
+                    store[name].mul_(flat_mask)
+            self._masked_with[name] = (mask, mask._version)
+        return g
+
+    def compress(self, name: str, g: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Fold flat gradient ``g`` into ``name``'s memory and take out the ``k`` entries to
+        send: (positions in ``g``, values in the wire dtype)."""
+        u = self._buffer(self._u, name, g)
+        v = self._buffer(self._v, name, g)
+        memory.accumulate_(u, v, g, self.momentum, self.nesterov)
+        if k >= g.numel():  # nothing to select: send everything (density 1.0)
+            indices, values = torch.arange(g.numel(), device=v.device), v.clone()
+        else:
+            threshold = self._thresholds.setdefault(name, ThresholdState())
+            indices, values = select_topk(v, k, self.options.sample_ratio, state=threshold,
+                                          generator=self._rng(v.device))
+        values = values.to(codec.VALUE_DTYPES[self.options.value_dtype])
+        memory.mask_(u, v, indices, values, self.options.momentum_masking)
+        return indices, values
+
+    def dense_momentum_(self, name: str, g: Tensor) -> Tensor:
+        """Turn the averaged gradient ``g`` of a dense tensor into its update, in place.
+        Momentum comes after averaging, so every rank's buffer agrees."""
+        u = self._buffer(self._u, name, g)
+        return g.copy_(memory.momentum_step_(u, g, self.momentum, self.nesterov))
+
+    def weight_decay_update(self, name: str, param: Tensor) -> Tensor | None:
+        """This step's weight-decay term of ``name`` with its own momentum, or None."""
+        wd = self.weight_decay.get(name)
+        if not wd:
+            return None
+        u = self._buffer(self._wd_u, name, param)
+        return memory.momentum_step_(u, param.detach() * wd, self.momentum, self.nesterov)
+
+    # -- buffers ----------------------------------------------------------------------------
+    def _buffer(self, store: dict[str, Tensor], name: str, like: Tensor) -> Tensor:
+        buf = store.get(name)
+        if buf is None:
+            buf = store[name] = torch.zeros_like(like)
+        elif buf.device != like.device or buf.dtype != like.dtype:
+            buf = store[name] = buf.to(like)
+        return buf
+
+    def _rng(self, device: torch.device) -> torch.Generator:
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(self.options.seed * 1_000_003 + self.rank)
+            if self._pending_generator_state is not None:
+                try:
+                    self._generator.set_state(self._pending_generator_state)
+                except RuntimeError:  # saved on another device type: keep the fresh seed
+                    log.warning("DGC: threshold sampler state not restorable on %s", device)
+                self._pending_generator_state = None
+        return self._generator
+
+    # -- checkpointing ------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """This rank's state (residuals differ per rank: save one file per rank). Tensors are
+        references, as in ``Optimizer.state_dict``."""
+        return {
+            "epoch": self.epoch,
+            "momentum": dict(self._u),
+            "accumulation": dict(self._v),
+            "weight_decay_momentum": dict(self._wd_u),
+            "thresholds": {n: t.state_dict() for n, t in self._thresholds.items()},
+            "generator": (self._generator.get_state() if self._generator is not None
+                          else self._pending_generator_state),
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.set_epoch(float(state["epoch"]))
+        self._u = {n: t.clone() for n, t in state["momentum"].items()}
+        self._v = {n: t.clone() for n, t in state["accumulation"].items()}
+        self._wd_u = {n: t.clone() for n, t in state["weight_decay_momentum"].items()}
+        self._thresholds = {}
+        for name, sd in state["thresholds"].items():
+            self._thresholds[name] = ThresholdState()
+            self._thresholds[name].load_state_dict(sd)
+        self._masked_with = {}
+        self._generator, self._pending_generator_state = None, state["generator"]

@@ -1,0 +1,77 @@
+"""A sparsifier's masks as a gradient exchange sees them: which entries are live, and where.
+
+A communication hook (``dgc_hook``, the launcher's allreduce) asks ``GradientMasks`` once per
+bucket. ``hard()`` names the masks whose masked gradients may be dropped: under the
+``"drop"`` policy a masked gradient is zeroed before the optimizer step anyway, so DGC must
+not accumulate it into its residuals (they would later push a pruned weight). ``fixed()``
+says the masks are settled and identical on every rank, so a receiver can put values back
+where they belong without indices: the live entries alone go on the wire.
+
+Counts and positions are recomputed only when a mask changes (a new tensor or an in-place
+write), so a fixed mask costs one host sync per change, not one per step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+
+@dataclass
+class _Live:
+    mask: Tensor       # held so that ``mask is cached.mask`` cannot match a recycled id
+    version: int
+    count: int
+    positions: Tensor | None = None  # flat indices of the live entries, made on first use
+
+
+class GradientMasks:
+    """Read-outs of ``sparsifier`` (a ``sparse_train.Sparsifier``) for one hook."""
+
+    def __init__(self, sparsifier):
+        self.sparsifier = sparsifier
+        self._live: dict[str, _Live] = {}
+
+    def hard(self) -> dict[str, Tensor]:
+        """Masks that drop gradients now, by parameter name; empty while the method needs
+        gradients at masked positions (dynamic network surgery splicing)."""
+        if self.sparsifier.grad_mask_policy != "drop":
+            return {}
+        return {name: mask for name, mask in self.sparsifier.masks.items()
+                if self.count(name, mask) < mask.numel()}
+
+    def fixed(self) -> bool:
+        """Whether the hard masks are settled, so only live entries need to travel."""
+        return (self.sparsifier.grad_mask_policy == "drop"
+                and self.sparsifier.fixed_masks() is not None)
+
+    def count(self, name: str, mask: Tensor) -> int:
+        return self._entry(name, mask).count
+
+    def positions(self, name: str, mask: Tensor) -> Tensor:
+        """Flat indices of ``mask``'s live entries, ascending (the order both ends agree on)."""
+        entry = self._entry(name, mask)
+        if entry.positions is None:
+            entry.positions = mask.reshape(-1).nonzero().squeeze(1)
+        return entry.positions
+
+    def _entry(self, name: str, mask: Tensor) -> _Live:
+        cached = self._live.get(name)
+        if cached is None or cached.mask is not mask or cached.version != mask._version:
+            self._live[name] = _Live(mask, mask._version, int(mask.sum()))
+        return self._live[name]
+
+
+def gather_live(t: Tensor, positions: Tensor | None) -> Tensor:
+    """The live entries of flat ``t`` (all of it when ``positions`` is None)."""
+    return t if positions is None else t.index_select(0, positions)
+
+
+def scatter_live_(t: Tensor, positions: Tensor | None, values: Tensor) -> Tensor:
+    """Write ``values`` back to the live entries of flat ``t`` and zero the rest."""
+    if positions is None:
+        return t.copy_(values)
+    return t.zero_().index_copy_(0, positions, values.to(t.dtype))
+
+
+__all__ = ["GradientMasks", "gather_live", "scatter_live_"]
