@@ -32,6 +32,11 @@ SUITES = {
         ("dense-p4", "configs/mnist_lenet300_dense.yaml", 4, []),
         ("dgc-p4", "configs/mnist_lenet300_dgc.yaml", 4, []),
     ],
+    "sparse-dgc": [
+        ("nm24-p2", "configs/mnist_lenet300_nm24.yaml", 2, []),
+        ("dgc-nm24-p2", "configs/mnist_lenet300_dgc_nm24.yaml", 2, []),
+        ("dgc-dns-p2", "configs/mnist_lenet300_dgc_dns.yaml", 2, []),
+    ],
     "wide": [
         ("wide-dgc-p2", "configs/synthetic_wide_mlp_dgc.yaml", 2, []),
         ("wide-dgc-p4", "configs/synthetic_wide_mlp_dgc.yaml", 4, []),

@@ -3,6 +3,11 @@
 Registering this instead of DDP's built-in allreduce changes nothing numerically (both
 average the bucket with one allreduce) but lets every run report ``comm_bytes_sent`` the
 same way, counted at the collective call.
+
+With a sparsifier whose masks are fixed (N:M, an IHT sparse phase, a finished magnitude
+schedule: the same on every rank), only the live entries of the masked tensors travel,
+without indices, and the receiver puts them back in place: a 2:4 model sends half the
+dense bytes. The masked entries would be zeroed before the optimizer step anyway.
 """
 
 from dataclasses import dataclass
@@ -11,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from dgc.wire import allreduce_bytes
+from sparse_train.live import GradientMasks, gather_live, scatter_live_
 
 
 @dataclass
@@ -21,9 +27,16 @@ class AllreduceStats:
 
 
 class CountingAllreduceState:
-    def __init__(self, process_group=None):
+    def __init__(self, process_group=None, sparsifier=None, model=None):
+        """``sparsifier`` (with ``model``, whose parameter names it uses) turns on the
+        live-entries-only allreduce under fixed masks."""
+        if (sparsifier is None) != (model is None):
+            raise TypeError("CountingAllreduceState: pass sparsifier= and model= together")
         self.process_group = process_group
         self.stats = AllreduceStats()
+        self.masks = GradientMasks(sparsifier) if sparsifier is not None else None
+        self._names = {} if model is None else {
+            id(p): n for n, p in getattr(model, "module", model).named_parameters()}
 
     def state_dict(self) -> dict:
         return {"bytes_sent": self.stats.bytes_sent, "bytes_dense": self.stats.bytes_dense,
@@ -31,6 +44,17 @@ class CountingAllreduceState:
 
     def load_state_dict(self, state: dict) -> None:
         self.stats = AllreduceStats(**state)
+
+    def live_positions(self, bucket: dist.GradBucket) -> list[torch.Tensor | None] | None:
+        """Per tensor of ``bucket``, the flat positions that travel (None: all of it); None
+        when the whole bucket travels as it is."""
+        if self.masks is None or not self.masks.fixed():
+            return None
+        hard = self.masks.hard()
+        names = [self._names[id(p)] for p in bucket.parameters()]
+        if not any(n in hard for n in names):
+            return None
+        return [self.masks.positions(n, hard[n]) if n in hard else None for n in names]
 
 
 # No ``from __future__ import annotations`` here: DDP inspects the hook's ``bucket``
@@ -40,10 +64,31 @@ def counting_allreduce_hook(state: CountingAllreduceState,
     group = state.process_group
     world_size = dist.get_world_size(group)
     buffer = bucket.buffer()
-    wire = allreduce_bytes(buffer.numel() * buffer.element_size(), world_size)
-    state.stats.bytes_sent += wire
-    state.stats.bytes_dense += wire
+    state.stats.bytes_dense += allreduce_bytes(buffer.nbytes, world_size)
     state.stats.steps += 1
-    buffer.div_(world_size)
-    work = dist.all_reduce(buffer, group=group, async_op=True)
-    return work.get_future().then(lambda fut: fut.value()[0])
+    positions = state.live_positions(bucket)
+    if positions is None:
+        sent = buffer
+    else:
+        pieces = _split(buffer, bucket)
+        sent = torch.cat([gather_live(t, pos) for t, pos in zip(pieces, positions)])
+    state.stats.bytes_sent += allreduce_bytes(sent.nbytes, world_size)
+    sent.div_(world_size)
+    work = dist.all_reduce(sent, group=group, async_op=True)
+    if positions is None:
+        return work.get_future().then(lambda fut: fut.value()[0])
+
+    def put_back(_) -> torch.Tensor:
+        offset = 0
+        for t, pos in zip(pieces, positions):
+            n = t.numel() if pos is None else pos.numel()
+            scatter_live_(t, pos, sent.narrow(0, offset, n))
+            offset += n
+        return buffer
+
+    return work.get_future().then(put_back)
+
+
+def _split(buffer: torch.Tensor, bucket: dist.GradBucket) -> list[torch.Tensor]:
+    """Flat views of ``buffer``, one per parameter of ``bucket``, in order."""
+    return list(buffer.split([p.numel() for p in bucket.parameters()]))

@@ -131,9 +131,12 @@ def attach_plugins(cfg: Config, model: DDP, optimizer) -> dict:
     if cfg.dgc is not None:
         import dgc
         with _config_section("dgc"):
-            plugins["comm"] = dgc.attach(model, optimizer, **config_to_dict(cfg.dgc))
+            plugins["comm"] = dgc.attach(model, optimizer, sparsifier=plugins.get("sparsity"),
+                                         **config_to_dict(cfg.dgc))
     else:
-        state = CountingAllreduceState()
+        sparsifier = plugins.get("sparsity")
+        state = CountingAllreduceState(sparsifier=sparsifier,
+                                       model=model if sparsifier is not None else None)
         model.register_comm_hook(state, counting_allreduce_hook)
         plugins["comm"] = state
     return plugins

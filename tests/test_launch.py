@@ -60,6 +60,17 @@ def test_wandb_offline_run_records_config_history_and_summary(tmp_path):
     assert recorded["metrics"].get("test/*") == "comm/bytes_sent_cum"
 
 
+def test_a_2_4_run_sends_half_the_dense_bytes(tmp_path):
+    # Fixed 2:4 masks from the first step: only the live gradient entries are allreduced.
+    out = tmp_path / "run"
+    train(REPO / "configs/mnist_lenet300_nm24.yaml", *SYNTHETIC, f"out_dir={out}",
+          "sparsity.nm_start_step=0", nproc=2)
+    summary, _ = read_run(out)
+    live = (784 * 300 + 300 * 100 + 100 * 10) // 2 + 300 + 100 + 10
+    assert summary["comm_bytes_sent"] == pytest.approx(24 * allreduce_bytes(4 * live, 2))
+    assert summary["compression_ratio"] == pytest.approx(1.997, abs=1e-3)
+
+
 @pytest.mark.parametrize("override, message", [
     ("train.lrr=0.1", "config key 'train.lrr': unknown key"),
     ("train.epochs=ten", "config key 'train.epochs': must be int"),

@@ -80,7 +80,7 @@ def scheme_traffic(work: Workload, scheme: str, p: int, hw: HardwareConfig,
     if scheme == "powersgd":
         return tr.powersgd(work.buckets, powersgd_rank, hw.selection_passes)
     if scheme == "dgc":
-        return tr.dgc(work.buckets, work.dgc, p, hw.selection_passes)
+        return tr.dgc(work.buckets, work.dgc, p, hw.selection_passes, live=work.live)
     assert scheme == "masked", scheme
     return tr.masked(work.buckets, work.live)
 

@@ -113,18 +113,21 @@ def powersgd(buckets: Sequence[Sequence[Param]], rank: int, passes: float) -> Tr
 
 
 def dgc(buckets: Sequence[Sequence[Param]], options: DGCOptions, p: int, passes: float,
-        density: float | None = None) -> Traffic:
-    """DGC at ``density`` (default: the options' final one, after warm-up)."""
+        density: float | None = None, live: Mapping[str, int] | None = None) -> Traffic:
+    """DGC at ``density`` (default: the options' final one, after warm-up). ``live``: entries
+    kept by fixed weight masks, by name; k counts only those, and dense transport sends only
+    them (``dgc.hook`` with a sparsifier attached)."""
     density = options.density if density is None else density
     traffic = Traffic(f"dgc-d{density:g}")
     for bucket in buckets:
         names, shapes = [n for n, _ in bucket], [s for _, s in bucket]
-        plan = make_plan(names, shapes, density, max(p, 1), FP32, options)
+        plan = make_plan(names, shapes, density, max(p, 1), FP32, options, live, bool(live))
         traffic.memory_bytes += passes * FP32 * sum(s.numel for s in plan.compressed)
         if not plan.sparse:
-            traffic.collectives.append(Collective("allreduce", sum(map(numel, shapes)) * FP32))
+            traffic.collectives.append(Collective("allreduce",
+                                                  sum(s.live for s in plan.slots) * FP32))
             continue
-        dense_elems = sum(s.numel for s in plan.dense)
+        dense_elems = sum(s.live for s in plan.dense)
         if dense_elems:  # sent in the value dtype too (dgc.hook._exchange_sparse)
             traffic.collectives.append(
                 Collective("allreduce", dense_elems * plan.layout.value_dtype.itemsize))
