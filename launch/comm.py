@@ -1,4 +1,5 @@
-"""The dense baseline's communication hook: DDP's allreduce, with its wire bytes counted.
+"""The baselines' communication hooks: DDP's allreduce and torch's compression hooks, with
+their wire bytes counted.
 
 Registering this instead of DDP's built-in allreduce changes nothing numerically (both
 average the bucket with one allreduce) but lets every run report ``comm_bytes_sent`` the
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powerSGD
 
 from dgc.wire import allreduce_bytes
 from sparse_train.live import GradientMasks, gather_live, scatter_live_
@@ -92,3 +95,65 @@ def counting_allreduce_hook(state: CountingAllreduceState,
 def _split(buffer: torch.Tensor, bucket: dist.GradBucket) -> list[torch.Tensor]:
     """Flat views of ``buffer``, one per parameter of ``bucket``, in order."""
     return list(buffer.split([p.numel() for p in bucket.parameters()]))
+
+
+class TorchHookState:
+    """One of torch's compression hooks (``fp16``, ``bf16``, ``powersgd``) with its wire
+    bytes counted, so the baselines DGC is compared with report bytes like every run."""
+
+    def __init__(self, kind: str, process_group=None, powersgd_rank: int = 4,
+                 powersgd_start_iter: int = 10):
+        self.kind, self.process_group = kind, process_group
+        self.stats = AllreduceStats()
+        if kind == "powersgd":
+            self.inner = powerSGD.PowerSGDState(
+                process_group, matrix_approximation_rank=powersgd_rank,
+                start_powerSGD_iter=powersgd_start_iter)
+            self.hook = powerSGD.powerSGD_hook
+        elif kind in ("fp16", "bf16"):
+            self.inner = process_group
+            self.hook = (default_hooks.fp16_compress_hook if kind == "fp16"
+                         else default_hooks.bf16_compress_hook)
+        else:
+            raise ValueError(f"unknown torch hook {kind!r}")
+
+    def state_dict(self) -> dict:
+        state = {"bytes_sent": self.stats.bytes_sent, "bytes_dense": self.stats.bytes_dense,
+                 "steps": self.stats.steps}
+        if self.kind == "powersgd":  # its error feedback, warm-start Ps and Qs, iteration
+            state["powersgd"] = {slot: getattr(self.inner, slot)
+                                 for slot in self.inner.__slots__ if slot != "process_group"}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        inner = state.pop("powersgd", None)
+        for slot, value in (inner or {}).items():
+            setattr(self.inner, slot, value)
+        self.stats = AllreduceStats(**state)
+
+
+def counted_torch_hook(state: TorchHookState,
+                       bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    world_size = dist.get_world_size(state.process_group)
+    buffer = bucket.buffer()
+    state.stats.bytes_dense += allreduce_bytes(buffer.nbytes, world_size)
+    state.stats.steps += 1
+    if state.kind != "powersgd":
+        state.stats.bytes_sent += allreduce_bytes(buffer.numel() * 2, world_size)
+        return state.hook(state.inner, bucket)
+    before = state.inner.total_numel_after_compression
+    future = state.hook(state.inner, bucket)
+    # The hook sorts tensors and allocates its P and Q buffers before it returns; read
+    # the sizes it chose from its own state rather than re-deriving its rules.
+    after = state.inner.total_numel_after_compression
+    if after == before:  # a plain allreduce, before start_powerSGD_iter
+        state.stats.bytes_sent += allreduce_bytes(buffer.nbytes, world_size)
+    else:
+        p = state.inner.p_memory_dict[bucket.index()].numel()
+        q = state.inner.q_memory_dict[bucket.index()].numel()
+        for numel in (after - before - p - q, p, q):
+            if numel:
+                state.stats.bytes_sent += allreduce_bytes(numel * buffer.element_size(),
+                                                          world_size)
+    return future

@@ -68,9 +68,21 @@ class DDPConfig:
     bucket_cap_mb: float = 25.0
     static_graph: bool = False
     find_unused_parameters: bool = False
+    # The baselines DGC is measured against: torch's own hooks, bytes counted like ours.
+    # "allreduce" is DDP's averaging allreduce; a `dgc:` section replaces the hook.
+    comm_hook: Literal["allreduce", "fp16", "bf16", "powersgd"] = "allreduce"
+    powersgd_rank: int = 4  # PowerSGD's matrix_approximation_rank (Vogels et al. 2019)
+    # Dense steps before PowerSGD starts compressing; torch's docs suggest about 10% of
+    # training so the sensitive first steps see exact gradients.
+    powersgd_start_iter: int = 10
 
     def check(self):
         require(self.bucket_cap_mb > 0, "bucket_cap_mb", f"must be > 0, got {self.bucket_cap_mb}")
+        require(self.powersgd_rank >= 1, "powersgd_rank",
+                f"must be >= 1, got {self.powersgd_rank}")
+        # torch's PowerSGD (with error feedback) can compress only from DDP's third step.
+        require(self.powersgd_start_iter >= 2, "powersgd_start_iter",
+                f"must be >= 2, got {self.powersgd_start_iter}")
 
 
 @dataclass
@@ -87,6 +99,9 @@ class Config:
     out_dir: str | None = None  # default: runs/<run_name>
 
     def check(self):
+        if self.dgc is not None and self.ddp.comm_hook != "allreduce":
+            raise ConfigError("ddp.comm_hook", f"{self.ddp.comm_hook!r} and a dgc: section "
+                                               f"both set the communication hook; keep one")
         if self.run_name is not None:
             require(self.run_name and "/" not in self.run_name, "run_name",
                     f"must be a non-empty name without '/', got {self.run_name!r}")

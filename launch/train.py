@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 
 from launch import checkpoint, distenv, tracking
 from launch.cli import OneLineParser
-from launch.comm import CountingAllreduceState, counting_allreduce_hook
+from launch.comm import (CountingAllreduceState, TorchHookState, counted_torch_hook,
+                         counting_allreduce_hook)
 from launch.config import Config, config_to_dict, load_config
 from launch.costmodel import estimate_run
 from launch.data import load_datasets, make_loaders
@@ -133,6 +134,11 @@ def attach_plugins(cfg: Config, model: DDP, optimizer) -> dict:
         with _config_section("dgc"):
             plugins["comm"] = dgc.attach(model, optimizer, sparsifier=plugins.get("sparsity"),
                                          **config_to_dict(cfg.dgc))
+    elif cfg.ddp.comm_hook != "allreduce":
+        state = TorchHookState(cfg.ddp.comm_hook, powersgd_rank=cfg.ddp.powersgd_rank,
+                               powersgd_start_iter=cfg.ddp.powersgd_start_iter)
+        model.register_comm_hook(state, counted_torch_hook)
+        plugins["comm"] = state
     else:
         sparsifier = plugins.get("sparsity")
         state = CountingAllreduceState(sparsifier=sparsifier,

@@ -71,6 +71,32 @@ def test_a_2_4_run_sends_half_the_dense_bytes(tmp_path):
     assert summary["compression_ratio"] == pytest.approx(1.997, abs=1e-3)
 
 
+def test_torch_hook_baselines_count_their_bytes(tmp_path):
+    dense = allreduce_bytes(lenet300_gradient_bytes(), 2)
+    train(REPO / "configs/mnist_lenet300_dense.yaml", *SYNTHETIC, f"out_dir={tmp_path / 'fp16'}",
+          "ddp.comm_hook=fp16", nproc=2)
+    summary, _ = read_run(tmp_path / "fp16")
+    assert summary["comm_bytes_sent"] == pytest.approx(24 * dense / 2)
+    # PowerSGD at rank 4 on one bucket: 10 exact steps, then per step the biases (410) in one
+    # allreduce, then the Ps (300x4, 100x4, 10x4) and the Qs (784x4, 300x4, 100x4) in two.
+    train(REPO / "configs/mnist_lenet300_dense.yaml", *SYNTHETIC,
+          f"out_dir={tmp_path / 'psgd'}", "ddp.comm_hook=powersgd", "ddp.bucket_cap_mb=100",
+          "ddp.powersgd_start_iter=10", nproc=2)
+    summary, _ = read_run(tmp_path / "psgd")
+    compressed = sum(allreduce_bytes(4 * n, 2) for n in (410, 4 * 410, 4 * 1184))
+    assert summary["comm_bytes_sent"] == pytest.approx(10 * dense + 14 * compressed)
+
+
+def test_a_torch_hook_and_dgc_together_is_a_config_error(tmp_path):
+    proc = train(REPO / "configs/mnist_lenet300_dgc.yaml", "ddp.comm_hook=powersgd",
+                 f"out_dir={tmp_path / 'r'}", "wandb.mode=disabled", check=False, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "launch.train: error: config key 'ddp.comm_hook': 'powersgd' and a dgc: "
+        "section both set the "
+        "communication hook; keep one"], proc.stderr
+
+
 @pytest.mark.parametrize("override, message", [
     ("train.lrr=0.1", "config key 'train.lrr': unknown key"),
     ("train.epochs=ten", "config key 'train.epochs': must be int"),

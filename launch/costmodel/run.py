@@ -118,9 +118,12 @@ def cluster_times(work: Workload, cluster: Cluster, hw: HardwareConfig,
 
 
 def run_scheme(cfg: Config) -> str:
-    """The scheme a run's config selects: DGC, else a mask-aware sparse run, else dense."""
+    """The scheme a run's config selects: DGC, a torch hook, a mask-aware sparse run, or
+    dense."""
     if cfg.dgc is not None:
         return "dgc"
+    if cfg.ddp.comm_hook != "allreduce":
+        return cfg.ddp.comm_hook
     return "masked" if cfg.sparsity is not None else "dense"
 
 
@@ -145,9 +148,10 @@ def estimate_run(cfg: Config, model: nn.Module, *, world_size: int,
     scheme = run_scheme(cfg)
     out: dict[str, float] = {"est/world_size": float(p)}
 
-    run = scheme_traffic(work, scheme, p, hw)
+    run = scheme_traffic(work, scheme, p, hw, cfg.ddp.powersgd_rank)
     if hw.calibrate and comm_bytes_per_step and world_size > 1:
-        modelled = scheme_traffic(work, scheme, world_size, hw).wire_bytes(world_size)
+        modelled = scheme_traffic(work, scheme, world_size, hw,
+                                  cfg.ddp.powersgd_rank).wire_bytes(world_size)
         if modelled:
             ratio = comm_bytes_per_step / modelled
             out["est/comm_bytes_measured_over_model"] = ratio
