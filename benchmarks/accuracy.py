@@ -21,8 +21,52 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Overrides that turn a LeNet-5 run into the LeNet-300-100 configs' variant of the same name.
+_DGC = ["dgc.density=0.001", "dgc.warmup_epochs=4", "dgc.value_dtype=fp16",
+        "dgc.index_dtype=int32", "dgc.min_numel=1000"]  # as mnist_lenet300_dgc.yaml
+_NM24 = ["sparsity.method=nm", "sparsity.nm_start_step=1955"]  # mnist_lenet300_nm24.yaml
+_LENET5_VARIANTS = {
+    "dense": ("mnist_lenet5_dense.yaml", []),
+    "fp16": ("mnist_lenet5_dense.yaml", ["ddp.comm_hook=fp16"]),
+    # one DDP bucket: torch's PowerSGD failed on Gloo with two (see BENCHMARKS.md)
+    "powersgd4": ("mnist_lenet5_dense.yaml", ["ddp.comm_hook=powersgd", "ddp.bucket_cap_mb=100"]),
+    "dgc": ("mnist_lenet5_dense.yaml", _DGC),
+    "nm24": ("mnist_lenet5_dense.yaml", _NM24),
+    "dns": ("mnist_lenet5_dns.yaml", []),
+    "iht": ("mnist_lenet5_dense.yaml", [  # mnist_lenet300_iht.yaml
+        "sparsity.method=iht", "sparsity.target=0.3", "sparsity.iht_s1=391",
+        "sparsity.iht_s2=391", "sparsity.iht_cycles=3", "sparsity.iht_end=dense"]),
+    "dsd": ("mnist_lenet5_dense.yaml", [  # mnist_lenet300_dsd.yaml
+        "sparsity.method=dsd", "sparsity.target=0.3", "sparsity.dsd_dense_steps=1173",
+        "sparsity.dsd_sparse_steps=1173"]),
+    "gmp90": ("mnist_lenet5_dense.yaml", [  # mnist_lenet300_gmp.yaml
+        "sparsity.method=gmp", "sparsity.target=0.9", "sparsity.scope=global",
+        "sparsity.start_step=391", "sparsity.end_step=2346", "sparsity.frequency=100"]),
+    "dgc-nm24": ("mnist_lenet5_dense.yaml", _DGC + _NM24),
+    "dgc-dns": ("mnist_lenet5_dns.yaml", _DGC),
+}
+_LENET300_VARIANTS = {
+    "dense": ("mnist_lenet300_dense.yaml", []),
+    "fp16": ("mnist_lenet300_dense.yaml", ["ddp.comm_hook=fp16"]),
+    "powersgd4": ("mnist_lenet300_dense.yaml",
+                  ["ddp.comm_hook=powersgd", "ddp.bucket_cap_mb=100"]),
+    "dgc": ("mnist_lenet300_dgc.yaml", []),
+    "nm24": ("mnist_lenet300_nm24.yaml", []),
+    "dns": ("mnist_lenet300_dns.yaml", []),
+    "iht": ("mnist_lenet300_iht.yaml", []),
+    "dsd": ("mnist_lenet300_dsd.yaml", []),
+    "gmp90": ("mnist_lenet300_gmp.yaml", []),
+    "dgc-nm24": ("mnist_lenet300_dgc_nm24.yaml", []),
+    "dgc-dns": ("mnist_lenet300_dgc_dns.yaml", []),
+}
+
 # (name, config, processes, overrides)
 SUITES = {
+    # The accuracy table of BENCHMARKS.md: every scheme on both nets, 2 processes.
+    "table": [(f"{net}-{variant}", f"configs/{config}", 2, overrides)
+              for net, variants in (("lenet300", _LENET300_VARIANTS),
+                                    ("lenet5", _LENET5_VARIANTS))
+              for variant, (config, overrides) in variants.items()],
     "dense": [
         ("dense-p2", "configs/mnist_lenet300_dense.yaml", 2, []),
     ],
