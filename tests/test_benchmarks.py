@@ -11,3 +11,32 @@ def test_hook_overhead_quick_prints_its_table():
     assert proc.returncode == 0, proc.stderr
     row = proc.stdout.strip().splitlines()[-1]
     assert row.startswith("| wide_mlp 256x2") and row.endswith("% |")
+
+
+def _quick(*args, timeout=300) -> str:
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=launch_env(),
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_bench_select_quick_prints_every_method():
+    out = _quick("benchmarks/bench_select.py", "--quick")
+    methods = {line.split(" | ")[3] for line in out.splitlines() if line.startswith("| ")}
+    for method in ("read pass (x.sum)", "torch.topk(|x|)", "torch.sort(|x|)"):
+        assert method in methods, sorted(methods)
+    assert any("select_topk" in m for m in methods), sorted(methods)
+
+
+def test_validate_costmodel_quick_prints_predicted_and_measured():
+    out = _quick("benchmarks/validate_costmodel.py", "--quick")
+    assert "| p | what | size | measured | predicted | rel. error |" in out, out
+    assert "| 2 | bytes/step, dense step | wire bytes per rank |" in out, out
+
+
+def test_accuracy_suite_quick_writes_its_table(tmp_path):
+    out = _quick("benchmarks/accuracy.py", "--suite", "sparse-dgc", "--quick",
+                 "--only", "dgc-nm24-p2", "--out-dir", str(tmp_path))
+    assert "| dgc-nm24-p2 | 2 |" in out
+    assert (tmp_path / "results.md").is_file()
+    assert (tmp_path / "sparse-dgc_accuracy_vs_bytes.png").stat().st_size > 0
