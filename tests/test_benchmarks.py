@@ -40,3 +40,11 @@ def test_accuracy_suite_quick_writes_its_table(tmp_path):
     assert "| dgc-nm24-p2 | 2 |" in out
     assert (tmp_path / "results.md").is_file()
     assert (tmp_path / "sparse-dgc_accuracy_vs_bytes.png").stat().st_size > 0
+
+
+def test_link_bench_quick_prints_a_table_per_scheme():
+    out = _quick("benchmarks/link_bench.py", "--quick")
+    for label in ("dense allreduce (fp32)", "torch fp16_compress_hook", "torch PowerSGD, rank 4",
+                  "DGC 0.1%, fp16 values, int32 indices", "DGC 0.1% on a 2:4 model (mask-aware)",
+                  "no communication (compute floor)"):
+        assert f"| {label} |" in out, out
