@@ -95,10 +95,16 @@ class Config:
     hardware: HardwareConfig = field(default_factory=HardwareConfig)  # for the est/* figures
     dgc: DGCOptions | None = None
     sparsity: SparsityOptions | None = None
+    # "ddp": gradients through a DDP communication hook (torchrun, mpirun, srun); "horovod":
+    # through Horovod under horovodrun (launch/hvd_engine.py).
+    engine: Literal["ddp", "horovod"] = "ddp"
     run_name: str | None = None  # default: <config name>-<timestamp>
     out_dir: str | None = None  # default: runs/<run_name>
 
     def check(self):
+        if self.engine == "horovod" and self.ddp.comm_hook != "allreduce":
+            raise ConfigError("ddp.comm_hook", f"{self.ddp.comm_hook!r} is a DDP hook; "
+                                               f"engine 'horovod' does not use DDP")
         if self.dgc is not None and self.ddp.comm_hook != "allreduce":
             raise ConfigError("ddp.comm_hook", f"{self.ddp.comm_hook!r} and a dgc: section "
                                                f"both set the communication hook; keep one")

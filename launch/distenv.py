@@ -61,6 +61,8 @@ MPI_LAUNCHERS = (
                  "MV2_COMM_WORLD_LOCAL_RANK"),
 )
 SLURM = LauncherVars("Slurm", "srun", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
+HOROVOD = LauncherVars("horovod", "horovodrun", "HOROVOD_RANK", "HOROVOD_SIZE",
+                       "HOROVOD_LOCAL_RANK")
 # The step's own list first: a step may run on a subset of the job's nodes.
 SLURM_NODELIST_VARS = ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
 
@@ -125,7 +127,7 @@ def _agree(a: DistEnv, b: DistEnv) -> bool:
 
 
 def _describe(env: DistEnv) -> str:
-    lv = next(v for v in (TORCHRUN, SLURM, *MPI_LAUNCHERS) if v.name == env.launcher)
+    lv = next(v for v in (TORCHRUN, SLURM, HOROVOD, *MPI_LAUNCHERS) if v.name == env.launcher)
     return f"{env.launcher}'s {lv.rank}={env.rank} {lv.size}={env.world_size}"
 
 
@@ -196,6 +198,9 @@ def from_environ(environ: Mapping[str, str]) -> DistEnv:
                                         f"torchrun alone)")
         return dataclasses.replace(torchrun, master_addr=environ["MASTER_ADDR"],
                                    master_port=_port_var(environ))
+    horovod = _placement(environ, HOROVOD)
+    if horovod is not None:  # horovodrun, with Gloo or MPI underneath: its variables rule
+        return horovod
     mpi = _mpi_placement(environ)
     if mpi is not None:
         # Slurm's variables are not read: under mpirun in a batch script they describe the
@@ -255,6 +260,28 @@ def _mpi_store(env: DistEnv, timeout: datetime.timedelta) -> dist.Store:
     return dist.TCPStore(host, port, env.world_size, is_master=False, timeout=timeout)
 
 
+def _horovod_store(env: DistEnv, timeout: datetime.timedelta) -> dist.Store:
+    """Under horovodrun, Horovod carries the gradients (``engine: horovod``); a Gloo group
+    beside it carries the launcher's own bookkeeping (checkpoints, metrics). Rank 0 listens
+    and tells the others through Horovod."""
+    try:
+        import horovod.torch as hvd
+    except ImportError:
+        raise ConfigError("", "launched by horovodrun but horovod.torch cannot be imported; "
+                              "install it with: bash scripts/install_horovod.sh") from None
+    hvd.init()
+    if env.rank == 0:
+        host = os.environ.get("HOROVOD_HOSTNAME", "127.0.0.1")
+        host = "127.0.0.1" if host == "localhost" else host
+        store = dist.TCPStore(host, 0, env.world_size, is_master=True, timeout=timeout,
+                              wait_for_workers=False)
+        hvd.broadcast_object((host, store.port), root_rank=0, name="launch.rendezvous")
+        return store
+    # The name must match rank 0's: Horovod's default is the object's type name.
+    host, port = hvd.broadcast_object(None, root_rank=0, name="launch.rendezvous")
+    return dist.TCPStore(host, port, env.world_size, is_master=False, timeout=timeout)
+
+
 def init(env: DistEnv, timeout_s: float = 600.0) -> torch.device:
     """Start the default process group (NCCL with CUDA, else Gloo) and pick this rank's device."""
     timeout = datetime.timedelta(seconds=timeout_s)
@@ -271,6 +298,8 @@ def init(env: DistEnv, timeout_s: float = 600.0) -> torch.device:
         store = dist.HashStore()
     elif env.launcher == "mpi":
         store = _mpi_store(env, timeout)
+    elif env.launcher == "horovod":
+        store = _horovod_store(env, timeout)
     else:
         store = dist.TCPStore(env.master_addr, env.master_port, env.world_size,
                               is_master=env.rank == 0, timeout=timeout)

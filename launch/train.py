@@ -123,6 +123,8 @@ def _config_section(section: str):
 
 def attach_plugins(cfg: Config, model: DDP, optimizer) -> dict:
     """Register the communication hook and the sparsifier; returns them by name."""
+    if cfg.engine == "horovod":
+        return _attach_horovod(cfg, model, optimizer)
     plugins = {}
     if cfg.sparsity is not None:
         import sparse_train
@@ -145,6 +147,22 @@ def attach_plugins(cfg: Config, model: DDP, optimizer) -> dict:
                                        model=model if sparsifier is not None else None)
         model.register_comm_hook(state, counting_allreduce_hook)
         plugins["comm"] = state
+    return plugins
+
+
+def _attach_horovod(cfg: Config, model: torch.nn.Module, optimizer) -> dict:
+    from launch import hvd_engine
+    with _config_section("dgc"):
+        # First: its step pre-hook must average gradients before a sparsifier masks them.
+        plugins = {"comm": hvd_engine.attach_comm(
+            model, optimizer, config_to_dict(cfg.dgc) if cfg.dgc is not None else None)}
+    if cfg.sparsity is not None:
+        import sparse_train
+        with _config_section("sparsity"):
+            plugins["sparsity"] = sparse_train.attach(model, optimizer,
+                                                      **config_to_dict(cfg.sparsity))
+        if hasattr(plugins["comm"], "use_sparsifier"):
+            plugins["comm"].use_sparsifier(plugins["sparsity"])
     return plugins
 
 
@@ -208,9 +226,17 @@ def run(cfg: Config, env: distenv.DistEnv, resume_from: Path | None, device) -> 
     total_steps = min(schedule_steps, cfg.train.max_steps or schedule_steps)
 
     model = build_model(cfg.model, info.input_shape, info.num_classes).to(device)
-    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-              bucket_cap_mb=cfg.ddp.bucket_cap_mb, static_graph=cfg.ddp.static_graph,
-              find_unused_parameters=cfg.ddp.find_unused_parameters)
+    if cfg.engine == "horovod":
+        if env.launcher != "horovod":
+            raise ConfigError("engine", f"'horovod' needs horovodrun; this is a "
+                                        f"{env.launcher} launch (use engine: ddp)")
+        from launch.hvd_engine import broadcast_parameters
+        broadcast_parameters(model)
+        ddp = model
+    else:
+        ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                  bucket_cap_mb=cfg.ddp.bucket_cap_mb, static_graph=cfg.ddp.static_graph,
+                  find_unused_parameters=cfg.ddp.find_unused_parameters)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
                                 nesterov=cfg.train.nesterov, weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -1,0 +1,61 @@
+"""``engine: horovod``: gradients go through Horovod instead of a DDP communication hook.
+
+Under ``horovodrun`` the model is not wrapped in DDP. With a ``dgc:`` section the optimizer
+is wrapped in ``dgc.horovod.DistributedOptimizer`` (the same DGC math as the DDP hook);
+without one, ``HorovodAllreduce`` averages every gradient with ``hvd.allreduce_async``, the
+dense baseline. Both hand gradients over from per-parameter hooks as backward produces
+them and finish in a step pre-hook on the optimizer, so the training loop is the DDP one.
+A Gloo group beside Horovod (``launch.distenv``) carries checkpoints and metrics.
+"""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from dgc.wire import allreduce_bytes
+from launch.comm import AllreduceStats
+
+
+class HorovodAllreduce:
+    """Dense averaging of every gradient through Horovod, with its wire bytes counted."""
+
+    def __init__(self, model: nn.Module, optimizer):
+        import horovod.torch as hvd
+        self._hvd = hvd
+        self.stats = AllreduceStats()
+        self._pending: dict[Tensor, object] = {}
+        optimizer.register_step_pre_hook(lambda *_: self.synchronize())
+        self._hooks = [p.register_post_accumulate_grad_hook(self._start)
+                       for p in model.parameters() if p.requires_grad]
+
+    def _start(self, param: Tensor) -> None:
+        wire = allreduce_bytes(param.grad.nbytes, self._hvd.size())
+        self.stats.bytes_sent += wire
+        self.stats.bytes_dense += wire
+        self.stats.steps += not self._pending
+        self._pending[param] = self._hvd.allreduce_async(param.grad, op=self._hvd.Average)
+
+    def synchronize(self) -> None:
+        for param, handle in self._pending.items():
+            param.grad.copy_(self._hvd.synchronize(handle))
+        self._pending.clear()
+
+    def state_dict(self) -> dict:
+        return {"bytes_sent": self.stats.bytes_sent, "bytes_dense": self.stats.bytes_dense,
+                "steps": self.stats.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stats = AllreduceStats(**state)
+
+
+def broadcast_parameters(model: nn.Module) -> None:
+    """Start every rank from rank 0's weights, as DDP's constructor does."""
+    import horovod.torch as hvd
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+
+
+def attach_comm(model: nn.Module, optimizer, dgc_options: dict | None):
+    """The gradient exchange of ``engine: horovod``; attach it before a sparsifier."""
+    if dgc_options is None:
+        return HorovodAllreduce(model, optimizer)
+    from dgc.horovod import DistributedOptimizer
+    return DistributedOptimizer(optimizer, model.named_parameters(), **dgc_options)
