@@ -16,10 +16,15 @@ p ranks, S the size of the reduced tensor and S_total the size of the gathered o
 
 Across nodes a flat ring or tree runs at the slowest hop: the inter-node latency and the
 smaller of the intra-node bandwidth and a rank's share of its node's NICs.
+
+Links shaped by a token bucket (``Link.burst_kbytes``: tc's tbf on the emulated links of
+benchmarks/link_bench.py) let a rank send the bucket's bytes at once after an idle spell;
+``sequence_time`` carries the bucket from one collective to the next.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from typing import Literal
 
 from .hardware import Cluster
@@ -77,6 +82,46 @@ def break_even_density(p: int, value_bytes: float, index_bytes: float,
     return 2 * dense / (p * (value_bytes + index_bytes))
 
 
+def token_bucket_time(steps: Iterable[tuple[int, float]], alpha: float, bandwidth: float,
+                      burst: float) -> float:
+    """Seconds for collectives run back to back on links shaped by a token bucket of
+    ``burst`` bytes that refills at ``bandwidth``. ``steps``: per collective, its hops and
+    the bytes one rank sends (the ring forms above: 2(p-1) and 2(p-1)/p * S for an
+    allreduce). The bucket starts full (the link was idle); a collective sends what the
+    bucket holds at once and the rest at the rate, and the bucket refills while the
+    collective waits on its hops. With ``burst`` 0 this is the sum of the ring forms."""
+    total, tokens = 0.0, burst
+    for hops, volume in steps:
+        latency = hops * alpha
+        free = min(tokens, volume)
+        total += latency + (volume - free) / bandwidth
+        tokens = min(burst, tokens - free + latency * bandwidth)
+    return total
+
+
+def _flat_link(cluster: Cluster, p: int) -> tuple[float, float]:
+    """(alpha, bandwidth) of a flat ring or tree over ``p`` ranks: its slowest hop."""
+    if cluster.nodes(p) == 1:
+        return cluster.intra.latency, cluster.intra.bandwidth
+    return (max(cluster.intra.latency, cluster.inter.latency),
+            min(cluster.intra.bandwidth, cluster.inter_bandwidth_per_rank()))
+
+
+def sequence_time(collectives: Sequence[tuple[Kind, float]], cluster: Cluster, p: int,
+                  algorithm: Algorithm = "auto") -> float:
+    """Seconds for ``collectives``, (kind, nbytes) as in ``collective_time``, one after
+    another. On a shaped link (a burst) they run as rings, which is what Gloo runs."""
+    if p <= 1:
+        return 0.0
+    burst = (cluster.intra if cluster.nodes(p) == 1 else cluster.inter).burst
+    if not burst:
+        return sum(collective_time(kind, nbytes, cluster, p, algorithm)
+                   for kind, nbytes in collectives)
+    steps = [(2 * (p - 1), 2 * (p - 1) / p * nbytes) if kind == "allreduce"
+             else (p - 1, (p - 1) * nbytes) for kind, nbytes in collectives]
+    return token_bucket_time(steps, *_flat_link(cluster, p), burst)
+
+
 def collective_time(kind: Kind, nbytes: float, cluster: Cluster, p: int,
                     algorithm: Algorithm = "auto") -> float:
     """Seconds for one collective on ``p`` ranks of ``cluster``. ``nbytes`` is the reduced
@@ -86,11 +131,7 @@ def collective_time(kind: Kind, nbytes: float, cluster: Cluster, p: int,
     nodes = cluster.nodes(p)
     per_node = min(p, cluster.per_node)
     intra = (cluster.intra.latency, cluster.intra.bandwidth)
-    if nodes == 1:
-        flat = intra
-    else:
-        flat = (max(cluster.intra.latency, cluster.inter.latency),
-                min(cluster.intra.bandwidth, cluster.inter_bandwidth_per_rank()))
+    flat = _flat_link(cluster, p)
     inter = (cluster.inter.latency, cluster.inter_bandwidth_per_rank())
     if kind == "allreduce":
         options = {"ring": ring_allreduce(nbytes, p, *flat),

@@ -30,11 +30,16 @@ class Link:
 
     bandwidth_gbytes: float = 0.0
     latency_us: float = 0.0
+    burst_kbytes: float = 0.0
+    """Bytes (10^3) a token-bucket shaper lets a rank send at once after an idle spell
+    (``tc qdisc ... tbf burst``): the emulated links of benchmarks/link_bench.py have one,
+    a wire has none (0)."""
 
     def check(self) -> None:
         require(self.bandwidth_gbytes > 0, "bandwidth_gbytes",
                 f"must be > 0, got {self.bandwidth_gbytes}")
         require(self.latency_us >= 0, "latency_us", f"must be >= 0, got {self.latency_us}")
+        require(self.burst_kbytes >= 0, "burst_kbytes", f"must be >= 0, got {self.burst_kbytes}")
 
     @property
     def bandwidth(self) -> float:
@@ -45,6 +50,11 @@ class Link:
     def latency(self) -> float:
         """Seconds per hop."""
         return self.latency_us * 1e-6
+
+    @property
+    def burst(self) -> float:
+        """Bytes."""
+        return self.burst_kbytes * 1e3
 
 
 @dataclass

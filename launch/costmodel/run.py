@@ -24,7 +24,7 @@ from sparse_train.masks import nm_compliant
 from sparse_train.options import SparsityOptions
 
 from . import traffic as tr
-from .collectives import break_even_density, collective_time
+from .collectives import break_even_density, sequence_time
 from .compute import ComputeTimes, ModelFlops, compute_times, count_flops
 from .hardware import Cluster, HardwareConfig, load_cluster
 from .storage import expected_masks, model_storage, weight_sharing_rate
@@ -96,8 +96,8 @@ class StepEstimate:
 
 def step_estimate(traffic: tr.Traffic, times: ComputeTimes, cluster: Cluster, p: int,
                   hw: HardwareConfig, sparse: SparseCompute = None) -> StepEstimate:
-    comm = sum(collective_time(c.kind, c.nbytes, cluster, p, hw.algorithm)
-               for c in traffic.collectives)
+    comm = sequence_time([(c.kind, c.nbytes) for c in traffic.collectives], cluster, p,
+                         hw.algorithm)
     flops_s = {None: times.dense, "theoretical": times.sparse_theoretical,
                "realistic": times.sparse_realistic}[sparse]
     accel = cluster.accelerator
