@@ -2,6 +2,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from tests.launch_helpers import REPO, launch_env
 
 
@@ -42,9 +44,49 @@ def test_accuracy_suite_quick_writes_its_table(tmp_path):
     assert (tmp_path / "sparse-dgc_accuracy_vs_bytes.png").stat().st_size > 0
 
 
-def test_link_bench_quick_prints_a_table_per_scheme():
-    out = _quick("benchmarks/link_bench.py", "--quick")
-    for label in ("dense allreduce (fp32)", "torch fp16_compress_hook", "torch PowerSGD, rank 4",
-                  "DGC 0.1%, fp16 values, int32 indices", "DGC 0.1% on a 2:4 model (mask-aware)",
-                  "no communication (compute floor)"):
-        assert f"| {label} |" in out, out
+LINK_LABELS = ("dense allreduce (fp32)", "torch fp16_compress_hook", "torch PowerSGD, rank 1",
+               "torch PowerSGD, rank 4", "DGC 0.1%, fp16 values, int32 indices",
+               "DGC 0.1% on a 2:4 model (mask-aware)", "no communication (compute floor)")
+
+
+def _link_rows(out: str) -> dict[str, list[str]]:
+    """Rows of the step table by scheme label, and of the hardware-model table by label."""
+    rows: dict[str, list[str]] = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        for label in LINK_LABELS:
+            if label in cells:
+                rows.setdefault(label, []).append(line)
+    return rows
+
+
+def test_linkbench_quick_on_loopback_times_every_scheme_and_predicts_its_traffic():
+    out = _quick("benchmarks/linkbench.py", "--quick", "--no-net")
+    rows = _link_rows(out)
+    for label in LINK_LABELS:  # a step row for each, a model row for all but no-comm
+        assert len(rows.get(label, [])) == (1 if label.startswith("no comm") else 2), out
+    for label in LINK_LABELS[:-1]:  # counted and modelled bytes per step agree
+        cells = [c.strip() for c in rows[label][1].strip("|").split("|")]
+        assert cells[5] == cells[6] and float(cells[5]) > 0, rows[label][1]
+
+
+def test_linkbench_rejects_a_bad_rate_in_one_line():
+    proc = subprocess.run([sys.executable, "benchmarks/linkbench.py", "--rates", "fast"],
+                          cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("linkbench: --rates:"), proc.stderr
+
+
+def _can_make_namespaces() -> bool:
+    from benchmarks import netns
+    return netns.need_root() is None
+
+
+@pytest.mark.skipif(not _can_make_namespaces(), reason="needs root and network namespaces")
+def test_linkbench_quick_on_a_shaped_link_leaves_no_namespace_or_link_behind():
+    from benchmarks import netns
+    out = _quick("benchmarks/linkbench.py", "--quick")
+    assert "**tiny, 100mbit, p = 2**" in out, out
+    mine = [n for n in netns.namespaces() + netns.links() if n.startswith(netns.PREFIX)]
+    assert not [n for n in mine if netns._NAME.match(n)
+                and not netns._alive(int(netns._NAME.match(n).group(1)))], mine

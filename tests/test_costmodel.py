@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch._C._distributed_c10d import _compute_bucket_assignment_by_size
 
+from benchmarks import netns
 from dgc.options import DGCOptions
 from launch.config import load_config
 from launch.costmodel import collectives as col
@@ -78,6 +79,35 @@ def test_a_flat_ring_across_nodes_runs_at_the_inter_node_link():
     auto = col.collective_time("allreduce", 1e8, cluster, 16)
     assert auto == min(col.collective_time("allreduce", 1e8, cluster, 16, a)
                        for a in ("ring", "tree", "hierarchical"))
+
+
+def test_without_a_burst_back_to_back_collectives_cost_the_sum_of_the_ring_forms():
+    steps = [(2, 1e6), (1, 4e6)]  # an allreduce and an allgather at p = 2
+    expected = col.ring_allreduce(1e6, 2, 5 * US, 1 * GB) + col.allgather(8e6, 2, 5 * US, 1 * GB)
+    assert col.token_bucket_time(steps, 5 * US, 1 * GB, 0.0) == pytest.approx(expected)
+
+
+def test_a_token_bucket_sends_its_burst_at_once_then_refills_only_during_latency():
+    alpha, rate, burst = 100 * US, 1e6, 10e3  # 1 MB/s, 10 kB bucket
+    # 8 kB fit the full bucket: the first collective costs its 2 hops only; 2 kB are left,
+    # 200 B come back during those hops, so the next 8 kB wait for 5.8 kB at the rate.
+    first = col.token_bucket_time([(2, 8e3)], alpha, rate, burst)
+    both = col.token_bucket_time([(2, 8e3), (2, 8e3)], alpha, rate, burst)
+    assert first == pytest.approx(200 * US)
+    assert both - first == pytest.approx(200 * US + 5.8e3 / rate)
+
+
+def test_sequence_time_uses_the_shaped_links_bucket_and_sums_collectives_elsewhere():
+    calls = [("allreduce", 1e6), ("allgather", 2e4)]
+    plain = load_cluster("cpu-1gbe")
+    assert col.sequence_time(calls, plain, 4) == pytest.approx(
+        sum(col.collective_time(k, n, plain, 4) for k, n in calls))
+    shaped = load_cluster("netns-1gbit")
+    link = shaped.inter
+    steps = [(6, 1.5e6), (3, 6e4)]
+    assert col.sequence_time(calls, shaped, 4) == pytest.approx(
+        col.token_bucket_time(steps, link.latency, link.bandwidth, link.burst))
+    assert col.sequence_time(calls, shaped, 1) == 0.0
 
 
 # --- traffic ------------------------------------------------------------------------------
@@ -244,11 +274,22 @@ def test_bad_hardware_section_names_the_key(section, key):
     assert info.value.key == key and "\n" not in str(info.value)
 
 
-def test_a_non_positive_bandwidth_in_a_preset_file_is_a_config_error(tmp_path):
+def test_the_emulated_links_carry_tcp_payload_at_1448_of_1514_frame_bytes():
+    for preset, bits in (("netns-100mbit", 100e6), ("netns-1gbit", 1e9)):
+        link = load_cluster(preset).inter
+        assert link.bandwidth == pytest.approx(bits / 8 * 1448 / 1514, rel=1e-4)
+        assert link.burst == pytest.approx(netns.burst_bytes(bits))  # what tc is given
+
+
+@pytest.mark.parametrize("link,error", [
+    ("{bandwidth_gbytes: 0, latency_us: 2}", "bandwidth_gbytes.*must be > 0"),
+    ("{bandwidth_gbytes: 1, burst_kbytes: -1}", "burst_kbytes.*must be >= 0"),
+])
+def test_a_bad_link_in_a_preset_file_is_a_config_error(tmp_path, link, error):
     preset = tmp_path / "bad.yaml"
-    preset.write_text("accelerator: a100-sxm4-80gb\nintra_node_link: nvlink3\n"
-                      "inter_node_link: {bandwidth_gbytes: 0, latency_us: 2}\n")
-    with pytest.raises(ConfigError, match="bandwidth_gbytes.*must be > 0"):
+    preset.write_text(f"accelerator: a100-sxm4-80gb\nintra_node_link: nvlink3\n"
+                      f"inter_node_link: {link}\n")
+    with pytest.raises(ConfigError, match=error):
         load_cluster(str(preset))
 
 

@@ -18,7 +18,7 @@ Across nodes a flat ring or tree runs at the slowest hop: the inter-node latency
 smaller of the intra-node bandwidth and a rank's share of its node's NICs.
 
 Links shaped by a token bucket (``Link.burst_kbytes``: tc's tbf on the emulated links of
-benchmarks/link_bench.py) let a rank send the bucket's bytes at once after an idle spell;
+benchmarks/linkbench.py) let a rank send the bucket's bytes at once after an idle spell;
 ``sequence_time`` carries the bucket from one collective to the next.
 """
 from __future__ import annotations

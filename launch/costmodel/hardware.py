@@ -32,7 +32,7 @@ class Link:
     latency_us: float = 0.0
     burst_kbytes: float = 0.0
     """Bytes (10^3) a token-bucket shaper lets a rank send at once after an idle spell
-    (``tc qdisc ... tbf burst``): the emulated links of benchmarks/link_bench.py have one,
+    (``tc qdisc ... tbf burst``): the emulated links of benchmarks/linkbench.py have one,
     a wire has none (0)."""
 
     def check(self) -> None:

@@ -1,0 +1,387 @@
+"""Step time of every gradient-exchange scheme on real sockets through a real bandwidth
+limit, and the hardware cost model checked against the measured communication time.
+
+    sudo python benchmarks/linkbench.py --write               # 100 Mbit/s and 1 Gbit/s, p = 2, 4
+    sudo python benchmarks/linkbench.py --rates 100mbit --world-sizes 2 --models lenet300
+    python benchmarks/linkbench.py --quick                    # CI: a few steps, tiny model
+
+For each (model, rate, p) it builds a testbed (``benchmarks/netns.py``: one network
+namespace per rank on a bridge, every rank's egress shaped by tc's tbf to ``rate``), starts
+``python -m benchmarks.linkbench_worker`` in each namespace with Gloo bound to the veth, and
+prints two tables.
+
+* Step time: the median of ``--steps`` timed steps of dense allreduce, torch's fp16 and
+  PowerSGD hooks, DGC, DGC on a 2:4 model (mask-aware) and no communication at all (the
+  compute floor), with the bytes each rank sent per step as the hooks count them.
+* Hardware model: the communication time of one step, measured by replaying exactly the
+  collectives the scheme's hook issued (median of the replays), against
+  ``launch.costmodel``'s prediction for the same scheme: its own traffic model of the
+  scheme (``costmodel.traffic``) on the link preset of the rate (``configs/hardware/
+  netns-100mbit.yaml``, ``netns-1gbit.yaml``), once with the preset's latency and once with
+  the latency probed on this testbed by 1 KiB collectives timed alongside the replays.
+
+Without root, or with ``--no-net``, the ranks talk over loopback without shaping.
+``--write`` replaces the "Link benchmark" section of BENCHMARKS.md with the tables.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import torch  # noqa: E402
+
+from benchmarks import netns  # noqa: E402
+from benchmarks.linkbench_worker import (DGC_OPTIONS, MODELS, ONE_BUCKET_MB,  # noqa: E402
+                                         PROBE_BYTES, SCHEMES)
+from dgc.options import DGCOptions  # noqa: E402
+from launch.costmodel import traffic as tr  # noqa: E402
+from launch.costmodel.collectives import sequence_time, token_bucket_time  # noqa: E402
+from launch.costmodel.hardware import Cluster, load_cluster  # noqa: E402
+from launch.costmodel.storage import expected_masks  # noqa: E402
+from launch.models import build_model  # noqa: E402
+from sparse_train.options import SparsityOptions  # noqa: E402
+
+SECTION = "## Link benchmark"
+LABELS = {"dense": "dense allreduce (fp32)", "fp16": "torch fp16_compress_hook",
+          "powersgd1": "torch PowerSGD, rank 1", "powersgd4": "torch PowerSGD, rank 4",
+          "dgc": "DGC 0.1%, fp16 values, int32 indices",
+          "dgc-nm24": "DGC 0.1% on a 2:4 model (mask-aware)",
+          "nocomm": "no communication (compute floor)"}
+PRESETS = {"100mbit": "netns-100mbit", "1gbit": "netns-1gbit", None: "cpu-loopback"}
+BAR = 0.25  # issue 5: predicted and measured communication time within 25%
+
+
+class UsageError(Exception):
+    pass
+
+
+# --- running the ranks --------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_workers(model: str, p: int, args, testbed: netns.Testbed | None) -> dict:
+    out = Path(tempfile.mkdtemp(prefix="linkbench_")) / "result.json"
+    worker = ["--model", model, "--schemes", args.schemes, "--steps", str(args.steps),
+              "--warmup", str(args.warmup), "--replay", str(args.replay),
+              "--replay-budget", str(args.replay_budget), "--out", str(out)]
+    port = 29500 if testbed else _free_port()  # each testbed has its own port space
+    procs = []
+    try:
+        for rank in range(p):
+            env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(p), LOCAL_RANK=str(rank),
+                       LOCAL_WORLD_SIZE=str(p), MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+                       MASTER_ADDR=testbed.address(0) if testbed else "127.0.0.1",
+                       GLOO_SOCKET_IFNAME=testbed.device(rank) if testbed else "lo",
+                       PYTHONPATH=str(REPO))
+            prefix = testbed.exec_prefix(rank) if testbed else []
+            procs.append(subprocess.Popen(
+                prefix + [sys.executable, "-m", "benchmarks.linkbench_worker"] + worker,
+                env=env, cwd=REPO, stdout=None if rank == 0 else subprocess.DEVNULL,
+                stderr=None if rank == 0 else subprocess.DEVNULL))
+        deadline = time.monotonic() + args.timeout
+        for proc in procs:
+            rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            if rc != 0:
+                raise RuntimeError(f"a rank exited with status {rc}")
+    finally:
+        for proc in procs:  # before the namespaces go: a namespace outlives its processes
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    return json.loads(out.read_text())
+
+
+# --- the cost model's view ----------------------------------------------------------------
+
+def modelled_traffic(model: str, scheme: str, p: int) -> tr.Traffic | None:
+    """What ``launch.costmodel.traffic`` says the scheme sends per step on this model."""
+    if scheme == "nocomm":
+        return None
+    cfg, shape = MODELS[model]
+    with torch.device("meta"):
+        net = build_model(cfg, shape, 10)
+    params = [(n, tuple(w.shape)) for n, w in net.named_parameters()]
+    buckets = tr.ddp_buckets(params, ONE_BUCKET_MB if scheme.startswith("powersgd") else 25)
+    if scheme in ("dense", "fp16"):
+        return tr.dense(buckets, tr.FP32 if scheme == "dense" else 2, scheme)
+    if scheme.startswith("powersgd"):
+        return tr.powersgd(buckets, int(scheme[len("powersgd"):]), passes=0)
+    live = None
+    if scheme == "dgc-nm24":
+        masks = expected_masks(net, SparsityOptions(method="nm", n=2, m=4))
+        live = {name: int(mask.sum()) for name, mask in masks.items()}
+    return tr.dgc(buckets, DGCOptions(**DGC_OPTIONS), p, passes=0, live=live)
+
+
+def with_latency(cluster: Cluster, alpha: float) -> Cluster:
+    link = dataclasses.replace(cluster.inter, latency_us=alpha * 1e6)
+    return dataclasses.replace(cluster, intra=link, inter=link)
+
+
+def probed_alpha(probe_s: float, cluster: Cluster, p: int) -> float:
+    """Latency per hop from the probe (a 1 KiB allreduce then a 1 KiB allgather): its time
+    less the (burst-free) bandwidth part, over its 2(p-1) + (p-1) hops."""
+    link = cluster.inter
+    wire = token_bucket_time([(0, 2 * (p - 1) / p * PROBE_BYTES), (0, (p - 1) * PROBE_BYTES)],
+                             0.0, link.bandwidth, link.burst)
+    return max(0.0, probe_s - wire) / (3 * (p - 1))
+
+
+def predictions(run: dict, rate: str | None) -> None:
+    """Add the model's bytes and times to every row of ``run``."""
+    p = run["world_size"]
+    preset = load_cluster(PRESETS[rate])
+    run["preset"], run["alpha_preset_s"] = preset.name, preset.inter.latency
+    for r in run["results"]:
+        traffic = modelled_traffic(run["model"], r["scheme"], p)
+        if traffic is None:
+            continue
+        calls = [(c.kind, c.nbytes) for c in traffic.collectives]
+        r["alpha_probed_s"] = probed_alpha(r["probe_median_s"], preset, p)
+        r["model_bytes"] = traffic.wire_bytes(p)
+        r["model_collectives"] = calls
+        r["predicted_preset_s"] = sequence_time(calls, preset, p, "ring")
+        r["predicted_probed_s"] = sequence_time(
+            calls, with_latency(preset, r["alpha_probed_s"]), p, "ring")
+
+
+# --- tables -------------------------------------------------------------------------------
+
+def _ms(seconds: float | None) -> str:
+    return "" if seconds is None else f"{seconds * 1e3:.1f}" if seconds >= 0.01 \
+        else f"{seconds * 1e3:.2f}"
+
+
+def _error(predicted: float | None, measured: float) -> str:
+    if predicted is None or not measured:
+        return ""
+    e = (predicted - measured) / measured
+    return f"{e:+.0%}" + ("" if abs(e) <= BAR else " ✗")
+
+
+def step_table(run: dict) -> list[str]:
+    rows = {r["scheme"]: r for r in run["results"]}
+    dense = rows.get("dense", {}).get("step_median_s")
+    floor = rows.get("nocomm", {}).get("step_median_s")
+    lines = [f"**{run['model']}, {run['rate'] or 'loopback'}, p = {run['world_size']}** "
+             f"(load average {run['load'][0]:.1f} before, {run['load'][1]:.1f} after)", "",
+             "| scheme | step (ms, median) | speedup over dense | x compute floor "
+             "| MB sent / rank / step | comm, replayed (ms) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for scheme, r in rows.items():
+        step = r["step_median_s"]
+        lines.append(f"| {LABELS.get(scheme, scheme)} | {_ms(step)} | "
+                     f"{f'{dense / step:.2f}x' if dense else ''} | "
+                     f"{f'{step / floor:.2f}x' if floor else ''} | "
+                     f"{r['bytes_per_step'] / 1e6:.4g} | {_ms(r['replay_median_s'])} |")
+    return lines
+
+
+def goals(run: dict) -> list[str]:
+    """Issue 6's goals for the communication-bound model at 100 Mbit/s."""
+    step = {r["scheme"]: r["step_median_s"] for r in run["results"]}
+    if not {"dense", "dgc", "powersgd4", "nocomm"} <= set(step):
+        return []
+    checks = [("DGC >= 10x faster per step than dense", step["dense"] / step["dgc"], 10, 1),
+              ("DGC >= 2x faster than PowerSGD rank 4", step["powersgd4"] / step["dgc"], 2, 1),
+              ("DGC within 1.3x of the compute floor", step["dgc"] / step["nocomm"], 1.3, -1)]
+    return [f"- {what}: {value:.2f}x, {'met' if sign * (value - bar) >= 0 else 'not met'}"
+            for what, value, bar, sign in checks]
+
+
+MODEL_HEADER = ["| model | link | p | scheme | collectives | MB / rank / step: counted "
+                "| modelled | comm measured (ms) | predicted, preset alpha (ms) | error "
+                "| probed alpha (us) | predicted, probed alpha (ms) | error | step - floor (ms) |",
+                "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+
+def model_rows(run: dict) -> list[str]:
+    rows = {r["scheme"]: r for r in run["results"]}
+    floor = rows.get("nocomm", {}).get("step_median_s")
+    lines = []
+    for scheme, r in rows.items():
+        if "model_bytes" not in r:
+            continue
+        kinds = [k for k, _, _ in r["collectives"]]
+        calls = ", ".join(f"{kinds.count(k)} {k}" for k in ("allreduce", "allgather")
+                          if k in kinds)
+        measured = r["replay_median_s"]
+        lines.append(
+            f"| {run['model']} | {run['rate'] or 'loopback'} | {run['world_size']} | "
+            f"{LABELS.get(scheme, scheme)} | {calls} | {r['bytes_per_step'] / 1e6:.4g} | "
+            f"{r['model_bytes'] / 1e6:.4g} | {_ms(measured)} ({len(r['replay_s'])}) | "
+            f"{_ms(r['predicted_preset_s'])} | {_error(r['predicted_preset_s'], measured)} | "
+            f"{r['alpha_probed_s'] * 1e6:.0f} | {_ms(r['predicted_probed_s'])} | "
+            f"{_error(r['predicted_probed_s'], measured)} | "
+            f"{_ms(r['step_median_s'] - floor) if floor else ''} |")
+    return lines
+
+
+def model_note(run: dict) -> str:
+    alphas = [r["alpha_probed_s"] * 1e6 for r in run["results"] if "alpha_probed_s" in r]
+    return (f"{run['model']}, {run['rate'] or 'loopback'}, p = {run['world_size']}: preset "
+            f"{run['preset']} (alpha {run['alpha_preset_s'] * 1e6:.0f} us); probed alpha "
+            f"{min(alphas):.0f} to {max(alphas):.0f} us per hop")
+
+
+# --- main ---------------------------------------------------------------------------------
+
+def parse(argv) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rates", default="100mbit,1gbit", help="tc rates, comma-separated")
+    p.add_argument("--world-sizes", default="2,4")
+    p.add_argument("--models", default="lenet300,wide_mlp")
+    p.add_argument("--schemes", default=",".join(SCHEMES))
+    p.add_argument("--steps", type=int, default=20, help="timed steps per scheme")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed steps first (PowerSGD: at least until it compresses)")
+    p.add_argument("--replay", type=int, default=21, help="most replays of a step's collectives")
+    p.add_argument("--replay-budget", type=float, default=30.0,
+                   help="seconds of replays per scheme (at least 3 replays)")
+    p.add_argument("--timeout", type=float, default=5400, help="seconds per (model, rate, p)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny model, a few steps, p = 2: checks that the script runs")
+    p.add_argument("--no-net", action="store_true",
+                   help="loopback without namespaces or shaping (the default without root)")
+    p.add_argument("--write", action="store_true", help="put the tables into BENCHMARKS.md")
+    p.add_argument("--json", type=Path, help="also write every measurement here")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.models, args.world_sizes, args.steps, args.warmup = "tiny", "2", 2, 1
+        args.replay, args.replay_budget, args.rates = 2, 1.0, "100mbit"
+    for model in args.models.split(","):
+        if model not in MODELS:
+            raise UsageError(f"--models: unknown model {model!r} (known: {', '.join(MODELS)})")
+    for scheme in args.schemes.split(","):
+        if scheme not in SCHEMES:
+            raise UsageError(f"--schemes: unknown scheme {scheme!r} "
+                             f"(known: {', '.join(SCHEMES)})")
+    try:
+        args.world_sizes = [int(w) for w in args.world_sizes.split(",")]
+    except ValueError:
+        raise UsageError(f"--world-sizes: expected integers, got {args.world_sizes!r}") from None
+    if min(args.world_sizes) < 2 or args.steps < 1 or args.replay < 1:
+        raise UsageError("--world-sizes must be >= 2, --steps and --replay >= 1")
+    args.rates = [r for r in args.rates.split(",") if r]
+    for rate in args.rates:
+        try:
+            netns.parse_rate(rate)
+        except ValueError as err:
+            raise UsageError(f"--rates: {err}") from None
+        if rate not in PRESETS:
+            raise UsageError(f"--rates: no link preset for {rate!r} in configs/hardware "
+                             f"(have {', '.join(r for r in PRESETS if r)})")
+    return args
+
+
+def _interrupt(signum, _frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def main(argv=None) -> int:
+    try:
+        args = parse(argv)
+    except UsageError as err:
+        print(f"linkbench: {err}", file=sys.stderr)
+        return 2
+    why = netns.need_root()
+    if args.no_net or (args.quick and why):
+        args.rates = [None]
+    elif why:
+        print(f"linkbench: {why}; run as root, or use --quick or --no-net", file=sys.stderr)
+        return 2
+    # Ctrl-C, kill and a closed terminal all unwind through the testbed's cleanup.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
+    if args.rates != [None]:
+        stale = netns.sweep()
+        if stale:
+            print(f"removed {len(stale)} namespaces and links of a killed run", flush=True)
+    started = datetime.datetime.now()
+    runs = []
+    for model in args.models.split(","):
+        for rate in args.rates:
+            for world_size in args.world_sizes:
+                print(f"[{time.strftime('%H:%M:%S')}] {model}, {rate or 'loopback'}, "
+                      f"p={world_size}", flush=True)
+                before = os.getloadavg()[0]
+                if rate is None:
+                    run = run_workers(model, world_size, args, None)
+                else:
+                    with netns.Testbed(world_size, rate) as testbed:
+                        run = run_workers(model, world_size, args, testbed)
+                run.update(rate=rate, load=(before, os.getloadavg()[0]))
+                predictions(run, rate)
+                runs.append(run)
+                lines = step_table(run)
+                if model == "wide_mlp" and rate == "100mbit":
+                    lines += [""] + goals(run)
+                print("\n".join(lines + ["", model_note(run), ""] + MODEL_HEADER
+                                + model_rows(run)) + "\n", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(runs))
+    if args.write:
+        write_section(runs, argv if argv is not None else sys.argv[1:], started)
+    return 0
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in
+                Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.machine())
+    return (f"{os.cpu_count()} cores ({cpu}), Linux {platform.release()}, Python "
+            f"{platform.python_version()}, torch {torch.__version__}")
+
+
+def write_section(runs: list[dict], argv: list[str], started: datetime.datetime) -> None:
+    command = " ".join(["python", "benchmarks/linkbench.py", *argv])
+    body = [SECTION, "",
+            f"`{command}` (as root), {started:%Y-%m-%d %H:%M} to "
+            f"{datetime.datetime.now():%H:%M}, on {machine()}. All ranks share this "
+            f"machine's cores; the load average before and after each block is in its title. "
+            f"Inputs are synthetic (random tensors of the datasets' shapes, batch 64 per rank).",
+            ""]
+    for run in runs:
+        body += step_table(run) + [""]
+        if run["model"] == "wide_mlp" and run["rate"] == "100mbit":
+            body += goals(run) + [""]
+    body += ["### Hardware model against the shaped links", ""]
+    body += [f"- {model_note(run)}" for run in runs] + [""]
+    body += MODEL_HEADER + [line for run in runs for line in model_rows(run)]
+    path = REPO / "BENCHMARKS.md"
+    text = path.read_text()
+    start = text.find(SECTION)
+    end = text.find("\n## ", start + 1) if start >= 0 else -1
+    section = "\n".join(body).rstrip() + "\n"
+    if start < 0:
+        text = text.rstrip() + "\n\n" + section
+    else:
+        text = text[:start] + section + ("\n" + text[end + 1:] if end >= 0 else "")
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt as err:
+        print(f"linkbench: interrupted ({err or 'SIGINT'}); namespaces removed",
+              file=sys.stderr)
+        sys.exit(130)

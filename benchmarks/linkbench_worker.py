@@ -1,0 +1,239 @@
+"""One rank of ``benchmarks/linkbench.py``: time training steps of each scheme, then replay
+the scheme's collectives alone.
+
+Started once per rank (inside its network namespace) as ``python -m
+benchmarks.linkbench_worker`` with torchrun's variables (RANK, WORLD_SIZE, MASTER_ADDR, ...).
+For each scheme it builds the model afresh on the same
+seed, wraps it in DDP with the scheme's hook, runs ``--warmup`` untimed steps and
+``--steps`` timed ones (a barrier before each, so all ranks start a step together; rank 0's
+wall time per step), and notes the collectives the hook issued in its last step (kind,
+size, dtype, caught at the ``torch.distributed`` call). It then replays exactly those
+collectives back to back, after an idle spell and a barrier each time, as the measured
+communication time of one step. Each replay is paired with a latency probe, a 1 KiB
+allreduce and a 1 KiB allgather (all latency: they fit in the shaper's burst and every hop
+of Gloo's rings carries data), timed the same way just before it, so that the alpha of the
+cost model is measured under the same load as the row it predicts. Rank 0 writes
+everything as JSON to ``--out``.
+"""
+# No ``from __future__ import annotations``: DDP checks local_hook's annotations.
+import argparse
+import contextlib
+import datetime
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import dgc
+import sparse_train
+from launch.comm import (CountingAllreduceState, TorchHookState, counted_torch_hook,
+                         counting_allreduce_hook)
+from launch.models import ModelConfig, build_model
+
+MODELS = {  # name -> (ModelConfig, input shape); inputs are synthetic, 10 classes
+    "wide_mlp": (ModelConfig(name="wide_mlp", width=4096, depth=2), (3, 32, 32)),
+    "lenet300": (ModelConfig(name="lenet300"), (1, 28, 28)),
+    "tiny": (ModelConfig(name="wide_mlp", width=64, depth=1), (1, 8, 8)),  # --quick
+}
+SCHEMES = ["dense", "fp16", "powersgd1", "powersgd4", "dgc", "dgc-nm24", "nocomm"]
+DGC_OPTIONS = dict(density=0.001, value_dtype="fp16", index_dtype="int32", warmup_epochs=0)
+# torch's PowerSGD allreduces plainly until this iteration, so warm-up must pass it.
+POWERSGD_START = 2
+# On Gloo, PowerSGD needs one bucket: with two it failed here with a collective size
+# mismatch (its Q allreduce is started from a future callback, see ../shared/STYLE.md).
+ONE_BUCKET_MB = 4096
+PROBE_BYTES = 1024
+# Idle time before each replay so that the shaper's bucket is full, as after a backward
+# pass: at least burst / rate (1.25 ms on the testbed, benchmarks/netns.py).
+IDLE_S = 0.005
+
+
+class _LocalOnly:
+    stats = None
+
+
+def local_hook(state: _LocalOnly, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """No communication at all: each rank keeps its own gradient (the compute floor)."""
+    future = torch.futures.Future()
+    future.set_result(bucket.buffer())
+    return future
+
+
+def build(scheme: str, model_name: str, seed: int):
+    cfg, shape = MODELS[model_name]
+    torch.manual_seed(seed)
+    model = build_model(cfg, shape, 10)
+    ddp = DDP(model, bucket_cap_mb=ONE_BUCKET_MB if scheme.startswith("powersgd") else 25)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
+    if scheme == "dense":
+        state = CountingAllreduceState()
+        ddp.register_comm_hook(state, counting_allreduce_hook)
+    elif scheme == "fp16":
+        state = TorchHookState("fp16")
+        ddp.register_comm_hook(state, counted_torch_hook)
+    elif scheme.startswith("powersgd"):
+        state = TorchHookState("powersgd", powersgd_rank=int(scheme[len("powersgd"):]),
+                               powersgd_start_iter=POWERSGD_START)
+        ddp.register_comm_hook(state, counted_torch_hook)
+    elif scheme == "dgc":
+        state = dgc.attach(ddp, opt, **DGC_OPTIONS)
+    elif scheme == "dgc-nm24":
+        sparsifier = sparse_train.attach(ddp, opt, method="nm", n=2, m=4)
+        state = dgc.attach(ddp, opt, sparsifier=sparsifier, **DGC_OPTIONS)
+    elif scheme == "nocomm":
+        state = _LocalOnly()
+        ddp.register_comm_hook(state, local_hook)
+    else:
+        raise ValueError(f"unknown scheme {scheme!r}")
+    return ddp, opt, state
+
+
+def _gather_fn():
+    return getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+@contextlib.contextmanager
+def recording(calls: list):
+    """Note (kind, numel, dtype) of every allreduce and allgather started in the block."""
+    saved = {name: getattr(dist, name) for name in
+             ("all_reduce", "all_gather_into_tensor", "all_gather_single") if hasattr(dist, name)}
+
+    def noting(name):
+        kind = "allreduce" if name == "all_reduce" else "allgather"
+        tensor_arg = 0 if kind == "allreduce" else 1
+
+        def call(*args, **kwargs):
+            tensor = args[tensor_arg] if len(args) > tensor_arg else kwargs.get(
+                "tensor" if kind == "allreduce" else "input_tensor")
+            calls.append((kind, tensor.numel(), str(tensor.dtype)))
+            return saved[name](*args, **kwargs)
+        return call
+
+    for name in saved:
+        setattr(dist, name, noting(name))
+    try:
+        yield calls
+    finally:
+        for name, fn in saved.items():
+            setattr(dist, name, fn)
+
+
+def _buffers(calls: list) -> list:
+    world = dist.get_world_size()
+    out = []
+    for kind, numel, dtype in calls:
+        t = torch.ones(numel, dtype=getattr(torch, dtype.split(".")[-1]))
+        out.append((kind, t, t.new_empty(world * numel) if kind == "allgather" else None))
+    return out
+
+
+def _run(buffers: list) -> None:
+    gather = _gather_fn()
+    for kind, t, out in buffers:
+        if kind == "allreduce":
+            dist.all_reduce(t)
+        else:
+            gather(out, t)
+
+
+def _timed(buffers: list) -> float:
+    time.sleep(IDLE_S)
+    dist.barrier()
+    start = time.perf_counter()
+    _run(buffers)
+    return time.perf_counter() - start
+
+
+def replay(calls: list, max_repeats: int, budget_s: float, min_repeats: int = 3
+           ) -> tuple[list[float], list[float]]:
+    """Seconds of each replay of ``calls`` and of the latency probe timed before it; as many
+    pairs as fit in ``budget_s`` (the same count on every rank)."""
+    buffers = _buffers(calls)
+    probe = _buffers([("allreduce", PROBE_BYTES // 4, "torch.float32"),
+                      ("allgather", PROBE_BYTES // 4, "torch.float32")])
+    _run(probe)
+    first = torch.tensor([_timed(buffers)], dtype=torch.float64)  # pays for set-up, untimed
+    dist.all_reduce(first, op=dist.ReduceOp.MAX)
+    repeats = int(min(max_repeats, max(min_repeats, budget_s // max(first.item(), 1e-6))))
+    probes, times = [], []
+    for _ in range(repeats):
+        probes.append(_timed(probe))
+        times.append(_timed(buffers))
+    return times, probes
+
+
+def run_scheme(scheme: str, args) -> dict:
+    ddp, opt, state = build(scheme, args.model, args.seed)
+    _, shape = MODELS[args.model]
+    gen = torch.Generator().manual_seed(args.seed + dist.get_rank())
+    x = torch.randn(args.batch_size, *shape, generator=gen)
+    y = torch.randint(0, 10, (args.batch_size,), generator=gen)
+    loss_fn = nn.CrossEntropyLoss()
+    warmup = max(args.warmup, POWERSGD_START + 1) if scheme.startswith("powersgd") \
+        else args.warmup
+    times, sent, calls = [], [], []
+    for step in range(warmup + args.steps):
+        last = step == warmup + args.steps - 1
+        before = state.stats.bytes_sent if state.stats is not None else 0.0
+        dist.barrier()
+        start = time.perf_counter()
+        with recording(calls) if last else contextlib.nullcontext():
+            opt.zero_grad(set_to_none=True)
+            loss_fn(ddp(x), y).backward()
+            opt.step()
+        elapsed = time.perf_counter() - start
+        if step >= warmup:
+            times.append(elapsed)
+            sent.append((state.stats.bytes_sent - before) if state.stats is not None else 0.0)
+    del ddp, opt, state
+    replayed, probes = replay(calls, args.replay, args.replay_budget) if calls else ([], [])
+    return {"scheme": scheme, "warmup": warmup, "step_s": times,
+            "step_median_s": statistics.median(times),
+            "bytes_per_step": statistics.median(sent), "bytes_min": min(sent),
+            "bytes_max": max(sent), "collectives": calls, "replay_s": replayed,
+            "replay_median_s": statistics.median(replayed) if replayed else 0.0,
+            "probe_s": probes, "probe_median_s": statistics.median(probes) if probes else None}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=sorted(MODELS), required=True)
+    p.add_argument("--schemes", default=",".join(SCHEMES))
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--replay", type=int, default=21, help="most replays of a step's collectives")
+    p.add_argument("--replay-budget", type=float, default=30.0,
+                   help="seconds of replays per scheme (at least 3 replays)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=1800))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    results = []
+    for scheme in args.schemes.split(","):
+        results.append(run_scheme(scheme, args))
+        if rank == 0:
+            r = results[-1]
+            print(f"  [{time.strftime('%H:%M:%S')}] {args.model} p={world} {scheme}: step "
+                  f"{r['step_median_s'] * 1e3:.1f} ms, {r['bytes_per_step'] / 1e6:.4g} MB/step, "
+                  f"replayed comm {r['replay_median_s'] * 1e3:.1f} ms "
+                  f"({len(r['replay_s'])} replays, probe "
+                  f"{(r['probe_median_s'] or 0) * 1e3:.2f} ms)", flush=True)
+    if rank == 0:
+        args.out.write_text(json.dumps({"world_size": world, "model": args.model,
+                                        "results": results}))
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
