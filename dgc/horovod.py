@@ -39,7 +39,7 @@ from dgc.compressor import Compressor
 from dgc.hook import DGCStats
 from dgc.options import DGCOptions
 from dgc.wire import allgather_bytes, allreduce_bytes
-from launch.schema import build
+from launch.schema import ConfigError, build
 
 
 class DistributedOptimizer:
@@ -54,7 +54,7 @@ class DistributedOptimizer:
         self._hvd = hvd
         opts = build(DGCOptions, options)
         if opts.check_finite:
-            raise ValueError("dgc.horovod: check_finite is supported by the DDP hook only")
+            raise ConfigError("check_finite", "supported by the DDP hook only, not under Horovod")
         momentum, nesterov = _sgd_momentum(optimizer)
         named = [(n, p) for n, p in named_parameters if p.requires_grad]
         by_id = {id(p): n for n, p in named}
@@ -126,6 +126,10 @@ class DistributedOptimizer:
 
     def _start(self, name: str, param: Tensor) -> None:
         hvd, c = self._hvd, self.compressor
+        if name in self._pending:
+            # Horovod would fail on the repeated tensor name, far from the cause.
+            raise RuntimeError(f"dgc.horovod: a second backward reached {name!r} before "
+                               f"step(); gradient accumulation is not supported")
         g = param.grad.view(-1)
         masks = c.hard_masks()
         if name in masks:

@@ -106,3 +106,50 @@ def test_engine_horovod_outside_horovodrun_is_one_line_exit_2(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "launch.train: error: config key 'engine': 'horovod' needs horovodrun; this is a "
         "single launch (use engine: ddp)"], proc.stderr
+
+
+def _rank_stderr(output: str) -> list[str]:
+    """Lines the ranks wrote to stderr (horovodrun prefixes them with ``[rank]<stderr>:``)."""
+    return [line.split(":", 1)[1] for line in output.splitlines() if "]<stderr>:" in line]
+
+
+def test_dgc_option_the_horovod_path_lacks_is_one_line_per_rank(tmp_path):
+    cmd = [HOROVODRUN, "-np", "2", "--gloo", "-H", "localhost:2", sys.executable, "-m",
+           "launch.train", "--config", str(REPO / "configs/mnist_lenet300_dgc.yaml")]
+    for o in ("engine=horovod", "dgc.check_finite=true", "data.name=synthetic",
+              "wandb.mode=disabled", f"out_dir={tmp_path / 'r'}"):
+        cmd += ["--set", o]
+    proc = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True,
+                          timeout=120)
+    lines = _rank_stderr(proc.stdout + proc.stderr)
+    error = ("launch.train: error: config key 'dgc.check_finite': supported by the DDP hook "
+             "only, not under Horovod")
+    assert lines.count(error) == 2, lines
+    assert not any("Traceback" in line for line in lines), lines
+
+
+SECOND_BACKWARD = """
+import torch, horovod.torch as hvd, dgc.horovod
+hvd.init()
+net = torch.nn.Linear(32, 32)
+opt = dgc.horovod.DistributedOptimizer(torch.optim.SGD(net.parameters(), lr=0.1),
+                                       net.named_parameters(), density=0.1, min_numel=16)
+net(torch.ones(2, 32)).sum().backward()
+try:
+    net(torch.ones(2, 32)).sum().backward()
+except RuntimeError as err:
+    print("refused:", err)
+opt.step()  # the first backward's exchange still completes
+"""
+
+
+def test_a_second_backward_before_step_is_refused_by_name(tmp_path):
+    proc = subprocess.run([HOROVODRUN, "-np", "2", "--gloo", "-H", "localhost:2",
+                           sys.executable, "-c", SECOND_BACKWARD],
+                          cwd=REPO, env=launch_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    refused = [line for line in proc.stdout.splitlines() if "refused:" in line]
+    assert len(refused) == 2, proc.stdout[-3000:]
+    assert all("a second backward reached '" in line and "before step()" in line
+               for line in refused), refused
