@@ -22,7 +22,7 @@ from torch import Tensor
 from dgc import codec, memory
 from dgc.options import DGCOptions
 from dgc.schedule import topk_count, warmup_density
-from dgc.select import ThresholdState, select_topk
+from dgc.select import ThresholdState, row_peaks, select_topk, uses_exact_topk
 from launch.schema import build
 
 log = logging.getLogger(__name__)
@@ -130,13 +130,21 @@ class Compressor:
         send: (positions in ``g``, values in the wire dtype)."""
         u = self._buffer(self._u, name, g)
         v = self._buffer(self._v, name, g)
-        memory.accumulate_(u, v, g, self.momentum, self.nesterov)
         if k >= g.numel():  # nothing to select: send everything (density 1.0)
+            memory.accumulate_(u, v, g, self.momentum, self.nesterov)
             indices, values = torch.arange(g.numel(), device=v.device), v.clone()
         else:
+            peaks = None
+            if uses_exact_topk(g.numel(), k):
+                memory.accumulate_(u, v, g, self.momentum, self.nesterov)
+            else:
+                # Accumulate chunk by chunk while the selection reduces each chunk's row
+                # peaks, so v comes from memory once for both.
+                peaks = row_peaks(v, lambda part: memory.accumulate_(
+                    u[part], v[part], g[part], self.momentum, self.nesterov))
             threshold = self._thresholds.setdefault(name, ThresholdState())
             indices, values = select_topk(v, k, self.options.sample_ratio, state=threshold,
-                                          generator=self._rng(v.device))
+                                          generator=self._rng(v.device), peaks=peaks)
         values = values.to(codec.VALUE_DTYPES[self.options.value_dtype])
         memory.mask_(u, v, indices, values, self.options.momentum_masking)
         return indices, values

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +52,10 @@ MIN_SAMPLE_RANK = 64
 # between writing the magnitudes and reducing them, large enough that the per-chunk Python
 # overhead stays small (measured best of 2**13..2**17 rows).
 CHUNK_ROWS = 1 << 15
+# Rows per chunk when the caller also writes x chunk by chunk (``row_peaks``'s ``prepare``):
+# three or four tensors' chunks must then stay in cache together (measured best of
+# 2**11..2**15 rows with DGC's momentum and accumulation, one and two processes).
+PREPARED_CHUNK_ROWS = 1 << 13
 # ThresholdState moves the threshold's rank by at most this many doublings either way.
 MAX_RANK_DOUBLINGS = 3.0
 # Where a plain torch.topk of |x| is as fast (small tensors) or faster (dense selections).
@@ -153,7 +158,8 @@ def uses_exact_topk(numel: int, k: int) -> bool:
 @torch.no_grad()
 def select_topk(x: Tensor, k: int, sample_ratio: float = 0.01, *,
                 state: ThresholdState | None = None,
-                generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+                generator: torch.Generator | None = None,
+                peaks: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Pick k entries of ``x`` of largest magnitude; see the module docstring for guarantees.
 
     Args:
@@ -165,6 +171,7 @@ def select_topk(x: Tensor, k: int, sample_ratio: float = 0.01, *,
         state: per-tensor calibration carried across calls; optional.
         generator: draws the sample's offset (on x's device); without it the sample starts
             at row 0 every call.
+        peaks: ``row_peaks(x)`` if the caller has it already (it then saves a pass over x).
 
     Returns:
         ``(indices, values)``: int64 ``[k]`` distinct positions and ``x[indices]`` (signed,
@@ -176,7 +183,7 @@ def select_topk(x: Tensor, k: int, sample_ratio: float = 0.01, *,
         return indices, x.index_select(0, indices)
     plan = _plan(x.numel(), k, sample_ratio)
     threshold = _threshold(_sample(x, plan, generator), plan, state)
-    positions, magnitudes, used = _candidates(x, threshold, plan)
+    positions, magnitudes, used = _candidates(x, threshold, plan, peaks)
     if state is not None:
         state._update(used.sum(), plan.target)
     best = torch.topk(magnitudes, k, sorted=False).indices
@@ -238,12 +245,15 @@ def _threshold(sample: Tensor, plan: _Plan, state: ThresholdState | None) -> Ten
     return shifted.to(sample.dtype)
 
 
-def _candidates(x: Tensor, threshold: Tensor, plan: _Plan) -> tuple[Tensor, Tensor, Tensor]:
+def _candidates(x: Tensor, threshold: Tensor, plan: _Plan, peaks: Tensor | None
+                ) -> tuple[Tensor, Tensor, Tensor]:
     """Up to ``capacity`` entries with ``|x| > threshold``, then the tail's entries, padded
     to at least k slots: positions (valid even where unused), magnitudes (-inf where unused)
     and a mask of the used slots."""
     body = x[: plan.rows * GROUP].view(plan.rows, GROUP)
-    rows = _nonzero(_row_peaks(body) > threshold, plan.capacity)
+    if peaks is None:
+        peaks = _row_peaks(body)
+    rows = _nonzero(peaks > threshold, plan.capacity)
     # Padding comes last and points past the end, so the real rows come first; clamped,
     # the padding gathers copies of the last row, whose entries only ever land after every
     # real entry, where ``used`` masks them.
@@ -267,7 +277,27 @@ def _candidates(x: Tensor, threshold: Tensor, plan: _Plan) -> tuple[Tensor, Tens
             torch.cat([used, tail_used, used.new_zeros(short)]))
 
 
-def _row_peaks(body: Tensor) -> Tensor:
+def row_peaks(x: Tensor, prepare: Callable[[slice], None] | None = None) -> Tensor:
+    """``max |x|`` of each full row of GROUP entries of 1-D ``x``, for ``select_topk``'s
+    ``peaks``.
+
+    ``prepare(part)``, if given, is called on consecutive slices of x that cover all of it
+    (the tail after the last full row included), each just before its rows are reduced, so
+    the caller can write that part of x while it is in cache: DGC accumulates its residual
+    this way, and the selection then reads nothing from memory a second time. On CPU only;
+    elsewhere ``prepare`` runs once on the whole of x, then the peaks are reduced."""
+    rows = x.numel() // GROUP
+    body = x[: rows * GROUP].view(rows, GROUP)
+    if prepare is None:
+        return _row_peaks(body)
+    if x.device.type != "cpu" or _FORCE_CUDA_PATH:
+        prepare(slice(0, x.numel()))
+        return _row_peaks(body)
+    return _row_peaks(body, prepare, PREPARED_CHUNK_ROWS, x.numel())
+
+
+def _row_peaks(body: Tensor, prepare: Callable[[slice], None] | None = None,
+               chunk_rows: int = CHUNK_ROWS, numel: int = 0) -> Tensor:
     """``max |x|`` of each row. On CPU the rows' magnitudes are written chunk by chunk into
     a cache-sized scratch buffer and reduced from there: one pass over memory, where a max
     and a min would take two. The reduction reads the magnitudes as integers (same order
@@ -276,13 +306,18 @@ def _row_peaks(body: Tensor) -> Tensor:
     if body.device.type != "cpu" or _FORCE_CUDA_PATH:
         return torch.maximum(body.amax(1), body.amin(1).neg_())
     bits = _SAME_SIZE_INT[body.dtype]
-    peaks = body.new_empty(body.shape[0])
-    scratch = body.new_empty(min(body.shape[0], CHUNK_ROWS), GROUP)
-    for start in range(0, body.shape[0], CHUNK_ROWS):
-        chunk = body[start:start + CHUNK_ROWS]
-        part = scratch[: chunk.shape[0]]
-        torch.abs(chunk, out=part)
-        torch.amax(part.view(bits), 1, out=peaks[start:start + chunk.shape[0]].view(bits))
+    rows = body.shape[0]
+    peaks = body.new_empty(rows)
+    scratch = body.new_empty(min(rows, chunk_rows), GROUP)
+    for start in range(0, rows, chunk_rows):
+        stop = min(rows, start + chunk_rows)
+        if prepare is not None:  # the last chunk takes the tail too
+            prepare(slice(start * GROUP, stop * GROUP if stop < rows else numel))
+        part = scratch[: stop - start]
+        torch.abs(body[start:stop], out=part)
+        torch.amax(part.view(bits), 1, out=peaks[start:stop].view(bits))
+    if prepare is not None and rows == 0:
+        prepare(slice(0, numel))
     return peaks
 
 

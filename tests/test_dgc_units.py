@@ -38,6 +38,28 @@ def test_momentum_matches_torch_sgd(nesterov):
         v.zero_()  # everything sent
 
 
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_compressor_accumulating_chunk_by_chunk_equals_one_pass(nesterov):
+    """Compressor.compress folds g into u and v chunk by chunk beside the selection on large
+    tensors; the memory and the selection are those of the plain order (accumulate, then
+    select) step after step."""
+    from dgc.select import ThresholdState, select_topk
+    numel, k = 1_000_003, 1000
+    comp = dgc.Compressor([("w", torch.zeros(numel))], world_size=1, rank=0, momentum=0.9,
+                          nesterov=nesterov, seed=3)
+    u, v = torch.zeros(numel), torch.zeros(numel)
+    state, rng = ThresholdState(), torch.Generator().manual_seed(3 * 1_000_003)
+    for step in range(3):
+        g = torch.randn(numel, generator=torch.Generator().manual_seed(step))
+        indices, values = comp.compress("w", g.clone(), k)
+        memory.accumulate_(u, v, g, 0.9, nesterov)
+        ref_indices, ref_values = select_topk(v, k, state=state, generator=rng)
+        memory.mask_(u, v, ref_indices, ref_values, True)
+        assert torch.equal(indices, ref_indices) and torch.equal(values, ref_values)
+        sd = comp.state_dict()
+        assert torch.equal(sd["momentum"]["w"], u) and torch.equal(sd["accumulation"]["w"], v)
+
+
 def test_mask_zeroes_sent_positions_of_v_and_only_with_masking_u():
     u, v = torch.arange(1.0, 6.0), torch.arange(10.0, 15.0)
     idx = torch.tensor([1, 3])

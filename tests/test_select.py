@@ -162,6 +162,31 @@ def test_state_round_trip():
     assert torch.equal(restored.rank_shift, state.rank_shift)
 
 
+@pytest.mark.parametrize("numel", [20, 32 * select.PREPARED_CHUNK_ROWS * 2 + 77, 1_000_003])
+def test_row_peaks_prepares_every_entry_once_before_reducing_it(code_path, numel):
+    """``prepare`` covers x exactly once, in order, and the peaks are those of x as prepared;
+    select_topk given them picks what it picks without them."""
+    raw = torch.randn(numel, generator=torch.Generator().manual_seed(numel))
+    x = torch.zeros(numel)
+    touched = torch.zeros(numel, dtype=torch.int64)
+    ends = []
+
+    def prepare(part):
+        assert part.start == (ends[-1] if ends else 0)
+        ends.append(part.stop)
+        touched[part] += 1
+        x[part] = raw[part] * 3
+
+    peaks = select.row_peaks(x, prepare)
+    assert ends[-1] == numel and bool((touched == 1).all())
+    rows = numel // select.GROUP
+    expected = x[: rows * select.GROUP].view(rows, select.GROUP).abs().amax(1)
+    assert torch.equal(peaks, expected) and torch.equal(select.row_peaks(x), expected)
+    k = max(1, numel // 1000)
+    if not uses_exact_topk(numel, k):
+        assert torch.equal(select_topk(x, k, peaks=peaks)[0], select_topk(x, k)[0])
+
+
 @pytest.mark.parametrize("count", [1, 40, 300, 1000])
 def test_largest_of_sample_equals_topk(count):
     """The threshold ranks only the sample rows with the largest maxima; that must find the
