@@ -111,17 +111,17 @@ class Compressor:
         return g
 
     def drop_masked_(self, name: str, g: Tensor, mask: Tensor) -> Tensor:
-        """Zero flat gradient ``g`` where ``mask`` (shaped like the parameter) prunes, so it
-        never reaches the residuals; returns ``g``."""
-        flat_mask = mask.reshape(-1)
-        g.mul_(flat_mask)
+        """Zero flat gradient ``g`` where ``mask`` (the sparsifier's mask of ``name``)
+        prunes, so it never reaches the residuals; returns ``g``."""
+        sparsifier = self.masks.sparsifier
+        sparsifier.mask_(name, g)
         applied = self._masked_with.get(name)
         if applied is None or applied[0] is not mask or applied[1] != mask._version:
             # A newly pruned entry may still hold momentum and residual from before; with
             # g zeroed there from now on, they stay zero until the mask changes again.
             for store in (self._u, self._v):
                 if name in store:
-                    store[name].mul_(flat_mask)
+                    sparsifier.mask_(name, store[name])
             self._masked_with[name] = (mask, mask._version)
         return g
 

@@ -130,3 +130,24 @@ def test_detach_stops_mask_updates():
     for x, y in batches(4):
         train_step(model, opt, x, y)
     assert sp.step == 0 and all((p != 0).all() for p in model.parameters())
+
+
+def test_mask_multiplier_follows_the_mask_through_replacement_and_in_place_writes():
+    """mask_ zeroes exactly the pruned entries; its cached factor is remade when the mask is
+    replaced or written in place, never served stale."""
+    sp = attach(method="nm", n=2, m=4, nm_start_step=0)
+    name = next(iter(sp.params))
+    shape = sp.params[name].shape
+
+    def check():
+        t = torch.randn(shape)
+        assert torch.equal(sp.mask_(name, t.clone()), t * sp.masks[name])
+        flat = t.reshape(-1)
+        assert torch.equal(sp.mask_(name, flat.clone()), flat * sp.masks[name].reshape(-1))
+
+    check()
+    sp.masks[name] = torch.rand(shape) < 0.3  # replaced
+    check()
+    sp.masks[name][0].fill_(False)  # written in place
+    check()
+    assert sp.multiplier(name, torch.float64).dtype == torch.float64
