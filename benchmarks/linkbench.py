@@ -46,7 +46,7 @@ import torch  # noqa: E402
 
 from benchmarks import netns  # noqa: E402
 from benchmarks.linkbench_worker import (DGC_OPTIONS, MODELS, ONE_BUCKET_MB,  # noqa: E402
-                                         PROBE_BYTES, SCHEMES)
+                                         POWERSGD_START, PROBE_BYTES, SCHEMES)
 from dgc.options import DGCOptions  # noqa: E402
 from launch.costmodel import traffic as tr  # noqa: E402
 from launch.costmodel.collectives import sequence_time, token_bucket_time  # noqa: E402
@@ -131,8 +131,9 @@ def modelled_traffic(model: str, scheme: str, p: int) -> tr.Traffic | None:
     return tr.dgc(buckets, DGCOptions(**DGC_OPTIONS), p, passes=0, live=live)
 
 
-def with_latency(cluster: Cluster, alpha: float) -> Cluster:
-    link = dataclasses.replace(cluster.inter, latency_us=alpha * 1e6)
+def with_link(cluster: Cluster, **fields) -> Cluster:
+    """``cluster`` with ``fields`` of its (one, flat) link replaced."""
+    link = dataclasses.replace(cluster.inter, **fields)
     return dataclasses.replace(cluster, intra=link, inter=link)
 
 
@@ -160,7 +161,43 @@ def predictions(run: dict, rate: str | None) -> None:
         r["model_collectives"] = calls
         r["predicted_preset_s"] = sequence_time(calls, preset, p, "ring")
         r["predicted_probed_s"] = sequence_time(
-            calls, with_latency(preset, r["alpha_probed_s"]), p, "ring")
+            calls, with_link(preset, latency_us=r["alpha_probed_s"] * 1e6), p, "ring")
+
+
+# Ways to model the emulated links, from the plain Ethernet presets to the one used above:
+# each row of the summary adds one of the corrections the link benchmark led to.
+WIRE_PRESETS = {"100mbit": "cpu-100mbit", "1gbit": "cpu-1gbe"}
+VARIANTS = {
+    "Ethernet preset (cpu-100mbit, cpu-1gbe): line rate, assumed latency, no bucket":
+        lambda run, r: load_cluster(WIRE_PRESETS[run["rate"]]),
+    "netns preset: TCP payload rate and tbf's bucket, preset latency":
+        lambda run, r: load_cluster(PRESETS[run["rate"]]),
+    "netns preset, probed latency, but no bucket":
+        lambda run, r: with_link(load_cluster(PRESETS[run["rate"]]),
+                                 latency_us=r["alpha_probed_s"] * 1e6, burst_kbytes=0.0),
+    "netns preset, probed latency, but line rate":
+        lambda run, r: with_link(load_cluster(PRESETS[run["rate"]]),
+                                 latency_us=r["alpha_probed_s"] * 1e6,
+                                 bandwidth_gbytes=netns.parse_rate(run["rate"]) / 8e9),
+    "netns preset, probed latency (the last column above)":
+        lambda run, r: with_link(load_cluster(PRESETS[run["rate"]]),
+                                 latency_us=r["alpha_probed_s"] * 1e6),
+}
+
+
+def variant_table(runs: list[dict]) -> list[str]:
+    """How many rows each way of modelling the links predicts within the bar."""
+    lines = ["| model of the links | rows within 25% | median abs. error | largest abs. error |",
+             "|---|---:|---:|---:|"]
+    for name, cluster_of in VARIANTS.items():
+        errors = [abs(sequence_time(r["model_collectives"], cluster_of(run, r),
+                                    run["world_size"], "ring") / r["replay_median_s"] - 1)
+                  for run in runs if run["rate"] for r in run["results"]
+                  if "model_collectives" in r and r["replay_median_s"]]
+        if errors:
+            lines.append(f"| {name} | {sum(e <= BAR for e in errors)} of {len(errors)} | "
+                         f"{statistics.median(errors):.0%} | {max(errors):.0%} |")
+    return lines
 
 
 # --- tables -------------------------------------------------------------------------------
@@ -242,6 +279,13 @@ def model_note(run: dict) -> str:
             f"{min(alphas):.0f} to {max(alphas):.0f} us per hop")
 
 
+def report(run: dict) -> list[str]:
+    lines = step_table(run)
+    if run["model"] == "wide_mlp" and run["rate"] == "100mbit":
+        lines += [""] + goals(run)
+    return lines + ["", model_note(run), ""] + MODEL_HEADER + model_rows(run)
+
+
 # --- main ---------------------------------------------------------------------------------
 
 def parse(argv) -> argparse.Namespace:
@@ -261,8 +305,12 @@ def parse(argv) -> argparse.Namespace:
                    help="tiny model, a few steps, p = 2: checks that the script runs")
     p.add_argument("--no-net", action="store_true",
                    help="loopback without namespaces or shaping (the default without root)")
-    p.add_argument("--write", action="store_true", help="put the tables into BENCHMARKS.md")
+    p.add_argument("--write", action="store_true",
+                   help="replace the Link benchmark section of BENCHMARKS.md with the tables")
     p.add_argument("--json", type=Path, help="also write every measurement here")
+    p.add_argument("--from-json", type=Path,
+                   help="measure nothing: print the tables of an earlier --json file, with "
+                        "the cost model as it is now")
     args = p.parse_args(argv)
     if args.quick:
         args.models, args.world_sizes, args.steps, args.warmup = "tiny", "2", 2, 1
@@ -302,6 +350,15 @@ def main(argv=None) -> int:
     except UsageError as err:
         print(f"linkbench: {err}", file=sys.stderr)
         return 2
+    if args.from_json:
+        runs = json.loads(args.from_json.read_text())
+        for run in runs:
+            predictions(run, run["rate"])
+            print("\n".join(report(run)) + "\n")
+        print("\n".join(variant_table(runs)))
+        if args.write:
+            write_section(runs, rerendered(args.from_json, (REPO / "BENCHMARKS.md").read_text()))
+        return 0
     why = netns.need_root()
     if args.no_net or (args.quick and why):
         args.rates = [None]
@@ -331,15 +388,13 @@ def main(argv=None) -> int:
                 run.update(rate=rate, load=(before, os.getloadavg()[0]))
                 predictions(run, rate)
                 runs.append(run)
-                lines = step_table(run)
-                if model == "wide_mlp" and rate == "100mbit":
-                    lines += [""] + goals(run)
-                print("\n".join(lines + ["", model_note(run), ""] + MODEL_HEADER
-                                + model_rows(run)) + "\n", flush=True)
+                print("\n".join(report(run)) + "\n", flush=True)
+    print("\n".join(variant_table(runs)))
     if args.json:
         args.json.write_text(json.dumps(runs))
     if args.write:
-        write_section(runs, argv if argv is not None else sys.argv[1:], started)
+        write_section(runs, measured_by(argv if argv is not None else sys.argv[1:], args,
+                                        started))
     return 0
 
 
@@ -351,21 +406,38 @@ def machine() -> str:
             f"{platform.python_version()}, torch {torch.__version__}")
 
 
-def write_section(runs: list[dict], argv: list[str], started: datetime.datetime) -> None:
+def measured_by(argv: list[str], args, started: datetime.datetime) -> str:
     command = " ".join(["python", "benchmarks/linkbench.py", *argv])
-    body = [SECTION, "",
-            f"`{command}` (as root), {started:%Y-%m-%d %H:%M} to "
-            f"{datetime.datetime.now():%H:%M}, on {machine()}. All ranks share this "
+    return (f"`{command}` (as root), {started:%Y-%m-%d %H:%M} to "
+            f"{datetime.datetime.now():%H:%M}, on {machine()}. Medians of {args.steps} timed "
+            f"steps after {args.warmup} warm-up steps (PowerSGD: until it compresses, "
+            f"{POWERSGD_START + 1} at least). All ranks share this "
             f"machine's cores; the load average before and after each block is in its title. "
-            f"Inputs are synthetic (random tensors of the datasets' shapes, batch 64 per rank).",
-            ""]
+            f"Inputs are synthetic (random tensors of the datasets' shapes, batch 64 per rank).")
+
+
+def rerendered(source: Path, text: str) -> str:
+    """The header of a section re-rendered from ``source``: the measuring run's own header
+    where BENCHMARKS.md still has it."""
+    start = text.find(SECTION)
+    old = text[start:].split("\n\n")[1] if start >= 0 else ""
+    if "benchmarks/linkbench.py" not in old:
+        old = f"Measured earlier into `{source}`."
+    return (old.split(" Tables re-rendered")[0] + f" Tables re-rendered from those measurements "
+            f"by `python benchmarks/linkbench.py --from-json {source} --write` on "
+            f"{datetime.date.today()}, with the cost model as it is in this tree.")
+
+
+def write_section(runs: list[dict], header: str) -> None:
+    body = [SECTION, "", header, ""]
     for run in runs:
         body += step_table(run) + [""]
         if run["model"] == "wide_mlp" and run["rate"] == "100mbit":
             body += goals(run) + [""]
     body += ["### Hardware model against the shaped links", ""]
     body += [f"- {model_note(run)}" for run in runs] + [""]
-    body += MODEL_HEADER + [line for run in runs for line in model_rows(run)]
+    body += MODEL_HEADER + [line for run in runs for line in model_rows(run)] + [""]
+    body += variant_table(runs)
     path = REPO / "BENCHMARKS.md"
     text = path.read_text()
     start = text.find(SECTION)

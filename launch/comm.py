@@ -11,7 +11,7 @@ without indices, and the receiver puts them back in place: a 2:4 model sends hal
 dense bytes. The masked entries would be zeroed before the optimizer step anyway.
 """
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
@@ -29,7 +29,18 @@ class AllreduceStats:
     steps: int = 0  # bucket hooks that ran; the launcher counts optimizer steps itself
 
 
-class CountingAllreduceState:
+class CountsBytes:
+    """Checkpointing of a hook state whose only state is its ``AllreduceStats``."""
+    stats: AllreduceStats
+
+    def state_dict(self) -> dict:
+        return asdict(self.stats)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stats = AllreduceStats(**state)
+
+
+class CountingAllreduceState(CountsBytes):
     def __init__(self, process_group=None, sparsifier=None, model=None):
         """``sparsifier`` (with ``model``, whose parameter names it uses) turns on the
         live-entries-only allreduce under fixed masks."""
@@ -40,13 +51,6 @@ class CountingAllreduceState:
         self.masks = GradientMasks(sparsifier) if sparsifier is not None else None
         self._names = {} if model is None else {
             id(p): n for n, p in getattr(model, "module", model).named_parameters()}
-
-    def state_dict(self) -> dict:
-        return {"bytes_sent": self.stats.bytes_sent, "bytes_dense": self.stats.bytes_dense,
-                "steps": self.stats.steps}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.stats = AllreduceStats(**state)
 
     def live_positions(self, bucket: dist.GradBucket) -> list[torch.Tensor | None] | None:
         """Per tensor of ``bucket``, the flat positions that travel (None: all of it); None
@@ -97,7 +101,7 @@ def _split(buffer: torch.Tensor, bucket: dist.GradBucket) -> list[torch.Tensor]:
     return list(buffer.split([p.numel() for p in bucket.parameters()]))
 
 
-class TorchHookState:
+class TorchHookState(CountsBytes):
     """One of torch's compression hooks (``fp16``, ``bf16``, ``powersgd``) with its wire
     bytes counted, so the baselines DGC is compared with report bytes like every run."""
 
@@ -118,8 +122,7 @@ class TorchHookState:
             raise ValueError(f"unknown torch hook {kind!r}")
 
     def state_dict(self) -> dict:
-        state = {"bytes_sent": self.stats.bytes_sent, "bytes_dense": self.stats.bytes_dense,
-                 "steps": self.stats.steps}
+        state = super().state_dict()
         if self.kind == "powersgd":  # its error feedback, warm-start Ps and Qs, iteration
             state["powersgd"] = {slot: getattr(self.inner, slot)
                                  for slot in self.inner.__slots__ if slot != "process_group"}
@@ -130,7 +133,7 @@ class TorchHookState:
         inner = state.pop("powersgd", None)
         for slot, value in (inner or {}).items():
             setattr(self.inner, slot, value)
-        self.stats = AllreduceStats(**state)
+        super().load_state_dict(state)
 
 
 def counted_torch_hook(state: TorchHookState,

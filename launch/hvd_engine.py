@@ -12,10 +12,10 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from dgc.wire import allreduce_bytes
-from launch.comm import AllreduceStats
+from launch.comm import AllreduceStats, CountsBytes
 
 
-class HorovodAllreduce:
+class HorovodAllreduce(CountsBytes):
     """Dense averaging of every gradient through Horovod, with its wire bytes counted."""
 
     def __init__(self, model: nn.Module, optimizer):
@@ -38,13 +38,6 @@ class HorovodAllreduce:
         for param, handle in self._pending.items():
             param.grad.copy_(self._hvd.synchronize(handle))
         self._pending.clear()
-
-    def state_dict(self) -> dict:
-        return {"bytes_sent": self.stats.bytes_sent, "bytes_dense": self.stats.bytes_dense,
-                "steps": self.stats.steps}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.stats = AllreduceStats(**state)
 
 
 def broadcast_parameters(model: nn.Module) -> None:

@@ -116,12 +116,39 @@ def test_sequence_time_uses_the_shaped_links_bucket_and_sums_collectives_elsewhe
                                    MLP(64, [512, 512, 512], 10)])
 def test_buckets_are_the_ones_ddp_forms(model):
     params = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
-    ours = tr.ddp_buckets(params, 25.0)
+    ours = tr.ddp_buckets(params, 25.0, first_bytes=1 << 20)
     tensors = list(reversed(list(model.parameters())))
     theirs, _ = _compute_bucket_assignment_by_size(tensors, [1 << 20, 25 << 20],
                                                    [False] * len(tensors))
     names = [n for n, _ in reversed(params)]
     assert [[n for n, _ in b] for b in ours] == [[names[i] for i in b] for b in theirs]
+
+
+def _bucket_sizes(rank: int, world_size: int, hidden: list[int], cap_mb: float) -> list[int]:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    model = DDP(MLP(64, hidden, 10), bucket_cap_mb=cap_mb)
+    sizes = []
+
+    def note(_, bucket):
+        sizes.append(bucket.buffer().numel())
+        future = torch.futures.Future()
+        future.set_result(bucket.buffer())
+        return future
+
+    model.register_comm_hook(None, note)
+    for _ in range(2):  # DDP rebuilds its buckets after the first backward
+        sizes.clear()
+        model(torch.randn(4, 64)).sum().backward()
+    return sizes
+
+
+@pytest.mark.parametrize("cap_mb", [0.5, 25.0])
+def test_buckets_match_what_ddp_sends_when_given_a_cap(cap_mb):
+    from tests.distributed import run_ranks
+    hidden = [512, 512, 512]  # 2.25 MB: one bucket at 25 MB unless the first is capped small
+    sent = run_ranks(_bucket_sizes, 1, hidden, cap_mb)[0]
+    params = [(n, tuple(p.shape)) for n, p in MLP(64, hidden, 10).named_parameters()]
+    assert [sum(tr.numel(s) for _, s in b) for b in tr.ddp_buckets(params, cap_mb)] == sent
 
 
 def test_dense_and_fp16_allreduce_every_bucket_at_their_width():

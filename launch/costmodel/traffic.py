@@ -28,8 +28,8 @@ from .collectives import Kind
 
 Param = tuple[str, tuple[int, ...]]  # a parameter's name and shape
 FP32 = 4
-# DDP gives its first bucket a small cap so that communication starts early in the backward
-# (torch.distributed's _DEFAULT_FIRST_BUCKET_BYTES).
+# DDP may give its first bucket a small cap so that communication starts early in the
+# backward (torch.distributed's _DEFAULT_FIRST_BUCKET_BYTES; see first_bucket_bytes).
 FIRST_BUCKET_BYTES = 1024 * 1024
 # torch's PowerSGDState(min_compression_rate=2): compress a matrix only if it shrinks 2x.
 POWERSGD_MIN_COMPRESSION_RATE = 2
@@ -67,16 +67,31 @@ def numel(shape: Sequence[int]) -> int:
     return math.prod(shape)
 
 
-def ddp_buckets(params: Sequence[Param], bucket_cap_mb: float, itemsize: int = FP32
-                ) -> list[list[Param]]:
+def first_bucket_bytes(bucket_cap_mb: float) -> float:
+    """The first bucket's cap when DDP is given ``bucket_cap_mb``, as the launcher does.
+
+    torch releases with ``_BucketCapacityConfig`` (2.13 here) keep the small first bucket
+    for the default cap only and give an explicit cap to every bucket: measured on 2.13, a
+    563,722-parameter MLP went in one bucket at ``bucket_cap_mb=25`` and in two at the
+    default. Older releases cap the first bucket at 1 MiB always."""
+    from torch.nn.parallel import distributed
+    if hasattr(distributed, "_BucketCapacityConfig"):
+        return bucket_cap_mb * 1024 * 1024
+    return FIRST_BUCKET_BYTES
+
+
+def ddp_buckets(params: Sequence[Param], bucket_cap_mb: float, itemsize: int = FP32,
+                first_bytes: float | None = None) -> list[list[Param]]:
     """Buckets as DDP forms them: parameters in reverse order, a bucket closed once it
-    reaches its cap (1 MiB for the first, ``bucket_cap_mb`` MiB after), so it may overflow.
-    Mirrors torch's reducer ``compute_bucket_assignment_by_size`` for one dtype."""
+    reaches its cap (``first_bytes`` for the first, default ``first_bucket_bytes``;
+    ``bucket_cap_mb`` MiB after), so it may overflow. Mirrors torch's reducer
+    ``compute_bucket_assignment_by_size`` for one dtype."""
+    first = first_bucket_bytes(bucket_cap_mb) if first_bytes is None else first_bytes
     buckets, current, size = [], [], 0
     for param in reversed(params):
         current.append(param)
         size += numel(param[1]) * itemsize
-        if size >= (FIRST_BUCKET_BYTES if not buckets else bucket_cap_mb * 1024 * 1024):
+        if size >= (first if not buckets else bucket_cap_mb * 1024 * 1024):
             buckets.append(current)
             current, size = [], 0
     if current:
