@@ -59,22 +59,43 @@ def markdown(rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def _model_of(run: dict) -> str:
+    model = run["config"].get("model")
+    return model.get("name", "") if isinstance(model, dict) else ""
+
+
 def plot(runs: list[dict], out: Path) -> None:
+    """One panel per model, one curve per run (accuracy at the end of each epoch against
+    the bytes sent so far). The accuracy axis starts a little below the worst final
+    accuracy, so that the runs can be told apart; early epochs below it are cut off."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for run in runs:
-        xs = [b for b, _ in run["curve"]]
-        ys = [100 * a for _, a in run["curve"]]
-        ax.plot(xs, ys, marker="o", markersize=3, label=run["name"])
-    ax.set_xscale("log")
-    ax.set_xlabel("cumulative gradient bytes sent per rank")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Accuracy against communication")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    models = sorted({_model_of(r) for r in runs})
+    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 6.5), squeeze=False)
+    colors = plt.get_cmap("tab20").colors
+    markers = "osD^v<>pPX*h"
+    for ax, model in zip(axes[0], models):
+        group = [r for r in runs if _model_of(r) == model and r["curve"]]
+        finals = [100 * r["curve"][-1][1] for r in group]
+        for i, run in enumerate(group):
+            xs = [b for b, _ in run["curve"]]
+            ys = [100 * a for _, a in run["curve"]]
+            ax.plot(xs, ys, color=colors[i % len(colors)], marker=markers[i % len(markers)],
+                    markersize=4, linewidth=1.2, label=f"{run['name']} ({ys[-1]:.2f})")
+        if finals:
+            spread = max(finals) - min(finals)
+            ax.set_ylim(max(0.0, min(finals) - max(1.0, spread)),
+                        min(100.0, max(finals) + max(0.3, spread / 4)))
+        ax.set_xscale("log")
+        ax.set_xlabel("cumulative gradient bytes sent per rank")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(model or "accuracy against communication")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2,
+                  title="run (final test accuracy, %)", title_fontsize=7)
+    fig.suptitle("Test accuracy against gradient bytes sent (left is cheaper)")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
