@@ -13,30 +13,47 @@ from torch import Tensor, nn
 
 from dgc.wire import allreduce_bytes
 from launch.comm import AllreduceStats, CountsBytes
+from sparse_train.live import GradientMasks, gather_live, scatter_live_
 
 
 class HorovodAllreduce(CountsBytes):
-    """Dense averaging of every gradient through Horovod, with its wire bytes counted."""
+    """Dense averaging of every gradient through Horovod, with its wire bytes counted. Given
+    a sparsifier (``use_sparsifier``), gradients of masked weights carry their live entries
+    only once the masks are fixed, as the DDP engine's allreduce does."""
 
     def __init__(self, model: nn.Module, optimizer):
         import horovod.torch as hvd
         self._hvd = hvd
         self.stats = AllreduceStats()
-        self._pending: dict[Tensor, object] = {}
+        self.masks: GradientMasks | None = None
+        self._names = {id(p): n for n, p in model.named_parameters()}
+        self._pending: dict[Tensor, tuple[Tensor | None, object]] = {}
         optimizer.register_step_pre_hook(lambda *_: self.synchronize())
         self._hooks = [p.register_post_accumulate_grad_hook(self._start)
                        for p in model.parameters() if p.requires_grad]
 
+    def use_sparsifier(self, sparsifier) -> None:
+        self.masks = GradientMasks(sparsifier)
+
+    def _live_positions(self, param: Tensor) -> Tensor | None:
+        if self.masks is None or not self.masks.fixed():
+            return None
+        name = self._names[id(param)]
+        mask = self.masks.hard().get(name)
+        return None if mask is None else self.masks.positions(name, mask)
+
     def _start(self, param: Tensor) -> None:
-        wire = allreduce_bytes(param.grad.nbytes, self._hvd.size())
-        self.stats.bytes_sent += wire
-        self.stats.bytes_dense += wire
+        positions = self._live_positions(param)
+        sent = gather_live(param.grad.reshape(-1), positions)
+        size = self._hvd.size()
+        self.stats.bytes_sent += allreduce_bytes(sent.nbytes, size)
+        self.stats.bytes_dense += allreduce_bytes(param.grad.nbytes, size)
         self.stats.steps += not self._pending
-        self._pending[param] = self._hvd.allreduce_async(param.grad, op=self._hvd.Average)
+        self._pending[param] = (positions, self._hvd.allreduce_async(sent, op=self._hvd.Average))
 
     def synchronize(self) -> None:
-        for param, handle in self._pending.items():
-            param.grad.copy_(self._hvd.synchronize(handle))
+        for param, (positions, handle) in self._pending.items():
+            scatter_live_(param.grad.view(-1), positions, self._hvd.synchronize(handle))
         self._pending.clear()
 
 

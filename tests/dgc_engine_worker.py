@@ -1,11 +1,12 @@
-"""Train a small model for a few steps with DGC on one engine, for tests/test_horovod.py.
+"""Train a small model for a few steps with DGC (or, with ``--comm allreduce``, the plain
+averaging) on one engine, for tests/test_horovod.py.
 
     torchrun --standalone --nproc-per-node=2 tests/dgc_engine_worker.py --engine ddp --out A
     horovodrun -np 2 --gloo -H localhost:2 python tests/dgc_engine_worker.py --engine horovod --out B
 
 Both start from the same weights and feed each rank the same batches, so the parameters
 after ``--steps`` steps must agree: the DGC math is shared, only the transport differs.
-Rank 0 writes the final parameters and its DGC byte count with ``torch.save``.
+Rank 0 writes the final parameters and its byte counts with ``torch.save``.
 """
 import argparse
 import sys
@@ -34,6 +35,7 @@ def main() -> int:
     p.add_argument("--engine", choices=["ddp", "horovod"], required=True)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--sparsity", default=None, help="a sparse_train method, e.g. nm")
+    p.add_argument("--comm", choices=["dgc", "allreduce"], default="dgc")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -47,18 +49,30 @@ def main() -> int:
         rank, size = dist.get_rank(), dist.get_world_size()
         wrapped = torch.nn.parallel.DistributedDataParallel(net)
         sp = sparse_train.attach(wrapped, opt, method=args.sparsity) if args.sparsity else None
-        state = dgc.attach(wrapped, opt, sparsifier=sp, **DGC)
-        step_opt, bytes_sent = opt, lambda: state.stats.bytes_sent
+        if args.comm == "dgc":
+            state = dgc.attach(wrapped, opt, sparsifier=sp, **DGC)
+        else:
+            from launch.comm import CountingAllreduceState, counting_allreduce_hook
+            state = CountingAllreduceState(sparsifier=sp, model=wrapped if sp else None)
+            wrapped.register_comm_hook(state, counting_allreduce_hook)
+        step_opt, stats = opt, state.stats
     else:
         import horovod.torch as hvd
         hvd.init()
         rank, size = hvd.rank(), hvd.size()
         wrapped = net
-        sp = sparse_train.attach(net, opt, method=args.sparsity) if args.sparsity else None
-        step_opt = dgc.horovod.DistributedOptimizer(opt, net.named_parameters(),
-                                                    sparsifier=sp, **DGC)
+        if args.comm == "dgc":
+            sp = sparse_train.attach(net, opt, method=args.sparsity) if args.sparsity else None
+            step_opt = dgc.horovod.DistributedOptimizer(opt, net.named_parameters(),
+                                                        sparsifier=sp, **DGC)
+            stats = step_opt.stats
+        else:  # as the launcher does: the exchange first, so it averages before masking
+            from launch.hvd_engine import HorovodAllreduce
+            state = HorovodAllreduce(net, opt)
+            if args.sparsity:
+                state.use_sparsifier(sparse_train.attach(net, opt, method=args.sparsity))
+            step_opt, stats = opt, state.stats
         hvd.broadcast_parameters(net.state_dict(), root_rank=0)
-        bytes_sent = lambda: step_opt.stats.bytes_sent  # noqa: E731
     gen = torch.Generator().manual_seed(100 + rank)
     for _ in range(args.steps):
         x = torch.randn(16, 32, generator=gen)
@@ -68,7 +82,8 @@ def main() -> int:
         step_opt.step()
     if rank == 0:
         torch.save({"params": {n: t.detach().clone() for n, t in net.named_parameters()},
-                    "bytes_sent": bytes_sent(), "world_size": size}, args.out)
+                    "bytes_sent": stats.bytes_sent, "bytes_dense": stats.bytes_dense,
+                    "world_size": size}, args.out)
     return 0
 
 

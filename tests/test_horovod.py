@@ -73,6 +73,20 @@ def test_horovod_with_a_2_4_sparsifier_matches_the_ddp_hook(tmp_path):
             assert float((w == 0).float().mean()) >= 0.5, name
 
 
+def test_horovod_allreduce_sends_only_live_entries_of_a_2_4_model_like_ddp(tmp_path):
+    """Without DGC, engine: horovod averages per tensor; under fixed 2:4 masks it sends the
+    live half of each masked gradient, the same bytes as the DDP engine's allreduce, and
+    trains to the same parameters."""
+    ddp, hvd = _train_both(tmp_path, "--comm", "allreduce", "--sparsity", "nm")
+    _assert_same_params(ddp["params"], hvd["params"])
+    assert hvd["bytes_sent"] == ddp["bytes_sent"]
+    weights = sum(w.numel() for w in hvd["params"].values() if w.dim() == 2)
+    biases = sum(b.numel() for b in hvd["params"].values() if b.dim() == 1)
+    # 2 ranks: an allreduce sends 2(p-1)/p = 1 times its fp32 bytes, over 20 steps
+    assert hvd["bytes_sent"] == 20 * 4 * (weights // 2 + biases)
+    assert hvd["bytes_dense"] == 20 * 4 * (weights + biases)
+
+
 def test_launcher_trains_logs_and_checkpoints_under_horovodrun(tmp_path):
     from launch.checkpoint import load
     from tests.launch_helpers import read_run
