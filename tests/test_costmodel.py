@@ -106,8 +106,25 @@ def test_sequence_time_uses_the_shaped_links_bucket_and_sums_collectives_elsewhe
     link = shaped.inter
     steps = [(6, 1.5e6), (3, 6e4)]
     assert col.sequence_time(calls, shaped, 4) == pytest.approx(
-        col.token_bucket_time(steps, link.latency, link.bandwidth, link.burst))
+        col.token_bucket_time(steps, link.latency, link.bandwidth, link.burst,
+                              link.latency_overlaps))
     assert col.sequence_time(calls, shaped, 1) == 0.0
+
+
+def test_an_overlapping_latency_costs_the_larger_of_latency_and_transfer():
+    alpha, rate = 1e-3, 1e6  # 1 ms a hop, 1 MB/s, no bucket
+    small, large = (2, 1e3), (2, 1e4)  # 1 ms and 10 ms on the wire, 2 ms of hops each
+    assert col.token_bucket_time([small], alpha, rate, 0.0, overlap=True) == pytest.approx(2e-3)
+    assert col.token_bucket_time([large], alpha, rate, 0.0, overlap=True) == pytest.approx(1e-2)
+    assert col.token_bucket_time([large], alpha, rate, 0.0) == pytest.approx(1.2e-2)
+    # with a bucket, only the idle part of a collective refills it: the first sends its 2 kB
+    # burst, then streams 8 kB for 8 ms, which hides its 2 ms of hops and leaves no idle
+    # time, so the next 1 kB waits 1 ms at the rate (added, the hops would refill it)
+    burst, follow = 2e3, (0, 1e3)
+    for overlap, first_s, then_s in [(True, 8e-3, 1e-3), (False, 1e-2, 0.0)]:
+        first = col.token_bucket_time([large], alpha, rate, burst, overlap=overlap)
+        both = col.token_bucket_time([large, follow], alpha, rate, burst, overlap=overlap)
+        assert first == pytest.approx(first_s) and both - first == pytest.approx(then_s)
 
 
 # --- traffic ------------------------------------------------------------------------------

@@ -83,19 +83,23 @@ def break_even_density(p: int, value_bytes: float, index_bytes: float,
 
 
 def token_bucket_time(steps: Iterable[tuple[int, float]], alpha: float, bandwidth: float,
-                      burst: float) -> float:
+                      burst: float, overlap: bool = False) -> float:
     """Seconds for collectives run back to back on links shaped by a token bucket of
     ``burst`` bytes that refills at ``bandwidth``. ``steps``: per collective, its hops and
     the bytes one rank sends (the ring forms above: 2(p-1) and 2(p-1)/p * S for an
     allreduce). The bucket starts full (the link was idle); a collective sends what the
     bucket holds at once and the rest at the rate, and the bucket refills while the
-    collective waits on its hops. With ``burst`` 0 this is the sum of the ring forms."""
+    collective waits on its hops. A collective takes its hops' latency plus its transfer
+    time, or with ``overlap`` the larger of the two. With ``burst`` 0 and no overlap this is
+    the sum of the ring forms."""
     total, tokens = 0.0, burst
     for hops, volume in steps:
         latency = hops * alpha
         free = min(tokens, volume)
-        total += latency + (volume - free) / bandwidth
-        tokens = min(burst, tokens - free + latency * bandwidth)
+        wire = (volume - free) / bandwidth
+        took = max(latency, wire) if overlap else latency + wire
+        total += took
+        tokens = min(burst, tokens - free + (took - wire) * bandwidth)
     return total
 
 
@@ -110,16 +114,17 @@ def _flat_link(cluster: Cluster, p: int) -> tuple[float, float]:
 def sequence_time(collectives: Sequence[tuple[Kind, float]], cluster: Cluster, p: int,
                   algorithm: Algorithm = "auto") -> float:
     """Seconds for ``collectives``, (kind, nbytes) as in ``collective_time``, one after
-    another. On a shaped link (a burst) they run as rings, which is what Gloo runs."""
+    another. On a shaped link (a burst, or a latency that overlaps) they run as rings, which
+    is what Gloo runs."""
     if p <= 1:
         return 0.0
-    burst = (cluster.intra if cluster.nodes(p) == 1 else cluster.inter).burst
-    if not burst:
+    link = cluster.intra if cluster.nodes(p) == 1 else cluster.inter
+    if not link.burst and not link.latency_overlaps:
         return sum(collective_time(kind, nbytes, cluster, p, algorithm)
                    for kind, nbytes in collectives)
     steps = [(2 * (p - 1), 2 * (p - 1) / p * nbytes) if kind == "allreduce"
              else (p - 1, (p - 1) * nbytes) for kind, nbytes in collectives]
-    return token_bucket_time(steps, *_flat_link(cluster, p), burst)
+    return token_bucket_time(steps, *_flat_link(cluster, p), link.burst, link.latency_overlaps)
 
 
 def collective_time(kind: Kind, nbytes: float, cluster: Cluster, p: int,

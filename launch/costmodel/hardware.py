@@ -34,6 +34,11 @@ class Link:
     """Bytes (10^3) a token-bucket shaper lets a rank send at once after an idle spell
     (``tc qdisc ... tbf burst``): the emulated links of benchmarks/linkbench.py have one,
     a wire has none (0)."""
+    latency_overlaps: bool = False
+    """Whether a collective's latency hides behind its transfer (it then takes the larger of
+    its hops' latency and its transfer time, not their sum). True on the emulated links,
+    where the per-hop time is a blocked thread waking up, which streaming data avoids; a
+    wire's latency (the alpha-beta form of nccl-tests) adds."""
 
     def check(self) -> None:
         require(self.bandwidth_gbytes > 0, "bandwidth_gbytes",
