@@ -57,11 +57,8 @@ class CountingAllreduceState(CountsBytes):
         when the whole bucket travels as it is."""
         if self.masks is None or not self.masks.fixed():
             return None
-        hard = self.masks.hard()
-        names = [self._names[id(p)] for p in bucket.parameters()]
-        if not any(n in hard for n in names):
-            return None
-        return [self.masks.positions(n, hard[n]) if n in hard else None for n in names]
+        positions = [self.masks.live_positions(self._names[id(p)]) for p in bucket.parameters()]
+        return None if all(pos is None for pos in positions) else positions
 
 
 # No ``from __future__ import annotations`` here: DDP inspects the hook's ``bucket``

@@ -35,15 +35,9 @@ class HorovodAllreduce(CountsBytes):
     def use_sparsifier(self, sparsifier) -> None:
         self.masks = GradientMasks(sparsifier)
 
-    def _live_positions(self, param: Tensor) -> Tensor | None:
-        if self.masks is None or not self.masks.fixed():
-            return None
-        name = self._names[id(param)]
-        mask = self.masks.hard().get(name)
-        return None if mask is None else self.masks.positions(name, mask)
-
     def _start(self, param: Tensor) -> None:
-        positions = self._live_positions(param)
+        positions = (None if self.masks is None
+                     else self.masks.live_positions(self._names[id(param)]))
         sent = gather_live(param.grad.reshape(-1), positions)
         size = self._hvd.size()
         self.stats.bytes_sent += allreduce_bytes(sent.nbytes, size)

@@ -55,6 +55,16 @@ class GradientMasks:
             entry.positions = mask.reshape(-1).nonzero().squeeze(1)
         return entry.positions
 
+    def live_positions(self, name: str) -> Tensor | None:
+        """What of ``name``'s flat gradient travels: the positions of its live entries under
+        fixed masks; None while all of it does (masks not settled, or ``name`` unmasked)."""
+        if not self.fixed():
+            return None
+        mask = self.sparsifier.masks.get(name)
+        if mask is None or self.count(name, mask) == mask.numel():
+            return None
+        return self.positions(name, mask)
+
     def _entry(self, name: str, mask: Tensor) -> _Live:
         cached = self._live.get(name)
         if cached is None or cached.mask is not mask or cached.version != mask._version:
