@@ -3,6 +3,7 @@ limit, and the hardware cost model checked against the measured communication ti
 
     sudo python benchmarks/linkbench.py --write               # 100 Mbit/s and 1 Gbit/s, p = 2, 4
     sudo python benchmarks/linkbench.py --rates 100mbit --world-sizes 2 --models lenet300
+    sudo python benchmarks/linkbench.py --calibrate --write   # fit the links' alpha and overhead
     python benchmarks/linkbench.py --quick                    # CI: a few steps, tiny model
 
 For each (model, rate, p) it builds a testbed (``benchmarks/netns.py``: one network
@@ -19,6 +20,11 @@ prints two tables.
   scheme (``costmodel.traffic``) on the link preset of the rate (``configs/hardware/
   netns-100mbit.yaml``, ``netns-1gbit.yaml``), once with the preset's latency and once with
   the latency probed on this testbed by 1 KiB collectives timed alongside the replays.
+
+``--calibrate`` measures no model: it times 1 KiB allreduces and allgathers, alone and back to
+back, and fits the two constants of the testbed's preset that are not the wire's, a latency
+per hop and an overhead per collective, by least squares. The rows of the link benchmark
+are not part of that fit, so they check the model out of sample.
 
 Without root, or with ``--no-net``, the ranks talk over loopback without shaping.
 ``--write`` replaces the "Link benchmark" section of BENCHMARKS.md with the tables.
@@ -45,8 +51,8 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from benchmarks import netns  # noqa: E402
-from benchmarks.linkbench_worker import (DGC_OPTIONS, MODELS, ONE_BUCKET_MB,  # noqa: E402
-                                         POWERSGD_START, PROBE_BYTES, SCHEMES)
+from benchmarks.linkbench_worker import (CALIBRATION, DGC_OPTIONS, MODELS,  # noqa: E402
+                                         ONE_BUCKET_MB, POWERSGD_START, PROBE_BYTES, SCHEMES)
 from dgc.options import DGCOptions  # noqa: E402
 from launch.costmodel import traffic as tr  # noqa: E402
 from launch.costmodel.collectives import sequence_time, token_bucket_time  # noqa: E402
@@ -56,6 +62,7 @@ from launch.models import build_model  # noqa: E402
 from sparse_train.options import SparsityOptions  # noqa: E402
 
 SECTION = "## Link benchmark"
+CALIBRATION_SECTION = "## Link calibration"
 LABELS = {"dense": "dense allreduce (fp32)", "fp16": "torch fp16_compress_hook",
           "powersgd1": "torch PowerSGD, rank 1", "powersgd4": "torch PowerSGD, rank 4",
           "dgc": "DGC 0.1%, fp16 values, int32 indices",
@@ -89,11 +96,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_workers(model: str, p: int, args, testbed: netns.Testbed | None) -> dict:
+def scheme_args(model: str, args) -> list[str]:
+    return ["--model", model, "--schemes", args.schemes, "--steps", str(args.steps),
+            "--warmup", str(args.warmup), "--replay", str(args.replay),
+            "--replay-budget", str(args.replay_budget)]
+
+
+def run_workers(worker: list[str], p: int, args, testbed: netns.Testbed | None) -> dict:
+    """Run ``linkbench_worker`` with the arguments ``worker`` on ``p`` ranks; rank 0's JSON."""
     out = Path(tempfile.mkdtemp(prefix="linkbench_")) / "result.json"
-    worker = ["--model", model, "--schemes", args.schemes, "--steps", str(args.steps),
-              "--warmup", str(args.warmup), "--replay", str(args.replay),
-              "--replay-budget", str(args.replay_budget), "--out", str(out)]
+    worker = worker + ["--out", str(out)]
     port = 29500 if testbed else _free_port()  # each testbed has its own port space
     procs = []
     try:
@@ -119,6 +131,14 @@ def run_workers(model: str, p: int, args, testbed: netns.Testbed | None) -> dict
                 proc.kill()
             proc.wait()
     return json.loads(out.read_text())
+
+
+def run_on(rate: str | None, p: int, worker: list[str], args) -> dict:
+    """``run_workers`` on a testbed at ``rate``, or on loopback for None."""
+    if rate is None:
+        return run_workers(worker, p, args, None)
+    with netns.Testbed(p, rate) as testbed:
+        return run_workers(worker, p, args, testbed)
 
 
 # --- the cost model's view ----------------------------------------------------------------
@@ -151,13 +171,12 @@ def with_link(cluster: Cluster, **fields) -> Cluster:
 
 def probed_alpha(probe_s: float, cluster: Cluster, p: int) -> float:
     """Latency per hop from the probe (a 1 KiB allreduce then a 1 KiB allgather) over its
-    2(p-1) + (p-1) hops: its time, less the (burst-free) transfer time unless the link's
-    latency overlaps with transfers (then 1 KiB is all latency)."""
+    2(p-1) + (p-1) hops: its time less the two collectives' overhead and the transfer time
+    (none: 1 KiB fits in the bucket)."""
     link = cluster.inter
-    wire = 0.0 if link.latency_overlaps else token_bucket_time(
-        [(0, 2 * (p - 1) / p * PROBE_BYTES), (0, (p - 1) * PROBE_BYTES)],
-        0.0, link.bandwidth, link.burst)
-    return max(0.0, probe_s - wire) / (3 * (p - 1))
+    wire = token_bucket_time([(2 * (p - 1), PROBE_BYTES / p), (p - 1, PROBE_BYTES)],
+                             0.0, link.bandwidth, link.burst)
+    return max(0.0, probe_s - 2 * link.overhead - wire) / (3 * (p - 1))
 
 
 def predictions(run: dict, rate: str | None) -> None:
@@ -165,6 +184,7 @@ def predictions(run: dict, rate: str | None) -> None:
     p = run["world_size"]
     preset = load_cluster(PRESETS[rate])
     run["preset"], run["alpha_preset_s"] = preset.name, preset.inter.latency
+    run["overhead_preset_s"] = preset.inter.overhead
     for r in run["results"]:
         traffic = modelled_traffic(run["model"], r["scheme"], p)
         if traffic is None:
@@ -178,15 +198,65 @@ def predictions(run: dict, rate: str | None) -> None:
             calls, with_link(preset, latency_us=r["alpha_probed_s"] * 1e6), p, "ring")
 
 
+# --- calibration: the testbed's latency and overhead -----------------------------------------
+
+def calibration_rows(runs: list[dict], overhead: float = 0.0, alpha: float = 0.0) -> list[dict]:
+    """Per (run, shape of CALIBRATION): its collectives, hops, measured mean and the model's
+    time with this ``overhead`` per collective and ``alpha`` per hop."""
+    rows = []
+    for run in runs:
+        p, preset = run["world_size"], load_cluster(PRESETS[run["rate"]])
+        link = with_link(preset, latency_us=alpha * 1e6, overhead_us=overhead * 1e6)
+        for shape, calls in CALIBRATION.items():
+            collectives = [(kind, numel * 4) for kind, numel, _ in calls]
+            rows.append({"rate": run["rate"], "p": p, "shape": shape, "n": len(calls),
+                         "hops": sum(2 * (p - 1) if kind == "allreduce" else p - 1
+                                     for kind, _ in collectives),
+                         "measured": statistics.fmean(run["calibration"][shape]),
+                         "count": len(run["calibration"][shape]),
+                         "predicted": sequence_time(collectives, link, p, "ring")})
+    return rows
+
+
+def fit_calibration(runs: list[dict]) -> tuple[float, float]:
+    """(overhead per collective, latency per hop) in seconds that fit the calibration runs
+    best, by least squares on relative error. The model's time of a shape is n * overhead +
+    hops * alpha + its transfer time, which the shapes' 1 KiB messages keep independent of
+    the two (they fit in the bucket)."""
+    import numpy as np
+    rows = calibration_rows(runs)  # with overhead and alpha 0: the transfer time alone
+    a = np.array([[r["n"] / r["measured"], r["hops"] / r["measured"]] for r in rows])
+    b = np.array([1 - r["predicted"] / r["measured"] for r in rows])
+    overhead, alpha = np.linalg.lstsq(a, b, rcond=None)[0]
+    return max(0.0, float(overhead)), max(0.0, float(alpha))
+
+
+def calibration_report(runs: list[dict]) -> list[str]:
+    overhead, alpha = fit_calibration(runs)
+    lines = [f"Fit over all rows: **overhead {overhead * 1e6:.0f} us per collective, latency "
+             f"{alpha * 1e6:.0f} us per hop** (least squares on relative error).", ""]
+    for rate in dict.fromkeys(run["rate"] for run in runs):
+        o, a = fit_calibration([run for run in runs if run["rate"] == rate])
+        lines.append(f"- {rate or 'loopback'} alone: overhead {o * 1e6:.0f} us, latency "
+                     f"{a * 1e6:.0f} us")
+    lines += ["", "| link | p | collectives (1 KiB each) | hops | measured (ms, mean) "
+              "| fitted model (ms) | error |", "|---|---:|---|---:|---:|---:|---:|"]
+    for r in calibration_rows(runs, overhead, alpha):
+        lines.append(f"| {r['rate'] or 'loopback'} | {r['p']} | {r['shape']} | {r['hops']} | "
+                     f"{_ms(r['measured'])} ({r['count']}) | {_ms(r['predicted'])} | "
+                     f"{_error(r['predicted'], r['measured'])} |")
+    return lines
+
+
 # Ways to model the emulated links, from the plain Ethernet presets to the one used above:
 # each row of the summary adds one of the corrections the link benchmark led to.
 WIRE_PRESETS = {"100mbit": "cpu-100mbit", "1gbit": "cpu-1gbe"}
 VARIANTS = {
     "Ethernet preset (cpu-100mbit, cpu-1gbe): line rate, assumed latency, no bucket":
         lambda run, r: load_cluster(WIRE_PRESETS[run["rate"]]),
-    "netns preset, but latency added to transfer time (no overlap)":
-        lambda run, r: with_link(load_cluster(PRESETS[run["rate"]]), latency_overlaps=False),
-    "netns preset: TCP payload rate, tbf's bucket, preset latency overlapping transfers":
+    "netns preset, but no overhead per collective (latency per hop only)":
+        lambda run, r: with_link(load_cluster(PRESETS[run["rate"]]), overhead_us=0.0),
+    "netns preset: TCP payload rate, tbf's bucket, calibrated latency and overhead":
         lambda run, r: load_cluster(PRESETS[run["rate"]]),
     "netns preset, probed latency, but no bucket":
         lambda run, r: with_link(load_cluster(PRESETS[run["rate"]]),
@@ -291,7 +361,8 @@ def model_rows(run: dict) -> list[str]:
 def model_note(run: dict) -> str:
     alphas = [r["alpha_probed_s"] * 1e6 for r in run["results"] if "alpha_probed_s" in r]
     return (f"{run['model']}, {run['rate'] or 'loopback'}, p = {run['world_size']}: preset "
-            f"{run['preset']} (alpha {run['alpha_preset_s'] * 1e6:.0f} us); probed alpha "
+            f"{run['preset']} (alpha {run['alpha_preset_s'] * 1e6:.0f} us, overhead "
+            f"{run['overhead_preset_s'] * 1e6:.0f} us per collective); probed alpha "
             f"{min(alphas):.0f} to {max(alphas):.0f} us per hop")
 
 
@@ -318,6 +389,9 @@ def parse(argv) -> argparse.Namespace:
     p.add_argument("--replay-budget", type=float, default=30.0,
                    help="seconds of replays per scheme (at least 3 replays)")
     p.add_argument("--timeout", type=float, default=5400, help="seconds per (model, rate, p)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="measure no model: time 1 KiB collectives alone and back to back, "
+                        "--replay rounds, and fit the links' overhead and latency")
     p.add_argument("--quick", action="store_true",
                    help="tiny model, a few steps, p = 2: checks that the script runs")
     p.add_argument("--no-net", action="store_true",
@@ -367,6 +441,9 @@ def main(argv=None) -> int:
     except UsageError as err:
         print(f"linkbench: {err}", file=sys.stderr)
         return 2
+    if args.from_json and args.calibrate:
+        write_calibration(json.loads(args.from_json.read_text()), args.write)
+        return 0
     if args.from_json:
         runs = json.loads(args.from_json.read_text())
         for run in runs:
@@ -390,6 +467,8 @@ def main(argv=None) -> int:
         if stale:
             print(f"removed {len(stale)} namespaces and links of a killed run", flush=True)
     started = datetime.datetime.now()
+    if args.calibrate:
+        return calibrate(args, argv, started)
     runs = []
     for model in args.models.split(","):
         for rate in args.rates:
@@ -397,11 +476,7 @@ def main(argv=None) -> int:
                 print(f"[{time.strftime('%H:%M:%S')}] {model}, {rate or 'loopback'}, "
                       f"p={world_size}", flush=True)
                 before = os.getloadavg()[0]
-                if rate is None:
-                    run = run_workers(model, world_size, args, None)
-                else:
-                    with netns.Testbed(world_size, rate) as testbed:
-                        run = run_workers(model, world_size, args, testbed)
+                run = run_on(rate, world_size, scheme_args(model, args), args)
                 run.update(rate=rate, load=(before, os.getloadavg()[0]))
                 predictions(run, rate)
                 runs.append(run)
@@ -413,6 +488,37 @@ def main(argv=None) -> int:
         write_section(runs, measured_by(argv if argv is not None else sys.argv[1:], args,
                                         started))
     return 0
+
+
+def calibrate(args, argv, started: datetime.datetime) -> int:
+    runs = []
+    for rate in args.rates:
+        for world_size in args.world_sizes:
+            print(f"[{time.strftime('%H:%M:%S')}] calibration, {rate or 'loopback'}, "
+                  f"p={world_size}", flush=True)
+            run = run_on(rate, world_size, ["--calibrate", str(args.replay)], args)
+            runs.append(dict(run, rate=rate))
+    command = " ".join(["python", "benchmarks/linkbench.py",
+                        *(argv if argv is not None else sys.argv[1:])])
+    header = (f"`{command}` (as root), {started:%Y-%m-%d %H:%M} to "
+              f"{datetime.datetime.now():%H:%M}, on {machine()}. Each shape timed "
+              f"{args.replay} times in turn with the others, after an idle spell and a barrier, "
+              f"as the replays of the link benchmark are.")
+    for run in runs:
+        run["measured_by"] = header
+    if args.json:
+        args.json.write_text(json.dumps(runs))
+    write_calibration(runs, args.write)
+    return 0
+
+
+def write_calibration(runs: list[dict], write: bool) -> None:
+    """Print the calibration's fit and table; with ``write``, also into BENCHMARKS.md."""
+    lines = calibration_report(runs)
+    print("\n".join(lines))
+    if write:
+        replace_section(CALIBRATION_SECTION, [CALIBRATION_SECTION, "",
+                                              runs[0]["measured_by"], ""] + lines)
 
 
 def machine() -> str:
@@ -455,9 +561,15 @@ def write_section(runs: list[dict], header: str) -> None:
     body += [f"- {model_note(run)}" for run in runs] + [""]
     body += MODEL_HEADER + [line for run in runs for line in model_rows(run)] + [""]
     body += variant_table(runs)
+    replace_section(SECTION, body)
+
+
+def replace_section(title: str, body: list[str]) -> None:
+    """Put ``body`` (which starts with ``title``) in BENCHMARKS.md in place of the section
+    ``title``, or at the end."""
     path = REPO / "BENCHMARKS.md"
     text = path.read_text()
-    start = text.find(SECTION)
+    start = text.find(title)
     end = text.find("\n## ", start + 1) if start >= 0 else -1
     section = "\n".join(body).rstrip() + "\n"
     if start < 0:

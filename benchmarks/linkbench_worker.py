@@ -13,7 +13,8 @@ communication time of one step. Each replay is paired with a latency probe, a 1 
 allreduce and a 1 KiB allgather (all latency: they fit in the shaper's burst and every hop
 of Gloo's rings carries data), timed the same way just before it, so that the alpha of the
 cost model is measured under the same load as the row it predicts. Rank 0 writes
-everything as JSON to ``--out``.
+everything as JSON to ``--out``. With ``--calibrate ROUNDS`` it times only the small
+collectives of ``CALIBRATION``, for ``linkbench.py --calibrate``.
 """
 # No ``from __future__ import annotations``: DDP checks local_hook's annotations.
 import argparse
@@ -49,6 +50,16 @@ POWERSGD_START = 2
 # mismatch (its Q allreduce is started from a future callback, see ../shared/STYLE.md).
 ONE_BUCKET_MB = 4096
 PROBE_BYTES = 1024
+# Calibration of the testbed (``linkbench.py --calibrate``): small collectives alone and back
+# to back, whose times separate a per-collective overhead from a per-hop latency.
+_SMALL = PROBE_BYTES // 4
+CALIBRATION = {
+    "allreduce": [("allreduce", _SMALL, "torch.float32")],
+    "allgather": [("allgather", _SMALL, "torch.float32")],
+    "allreduce + allgather": [("allreduce", _SMALL, "torch.float32"),
+                              ("allgather", _SMALL, "torch.float32")],
+    "3 allreduces": [("allreduce", _SMALL, "torch.float32")] * 3,
+}
 # Idle time before each replay so that the shaper's bucket is full, as after a backward
 # pass: at least burst / rate (1.25 ms on the testbed, benchmarks/netns.py).
 IDLE_S = 0.005
@@ -168,6 +179,19 @@ def replay(calls: list, max_repeats: int, budget_s: float, min_repeats: int = 3
     return times, probes
 
 
+def calibrate(rounds: int) -> dict[str, list[float]]:
+    """Seconds of each shape of ``CALIBRATION``, timed in turn for ``rounds`` rounds so that
+    a drift of the machine touches every shape alike."""
+    shapes = {name: _buffers(calls) for name, calls in CALIBRATION.items()}
+    for buffers in shapes.values():
+        _run(buffers)
+    times = {name: [] for name in shapes}
+    for _ in range(rounds):
+        for name, buffers in shapes.items():
+            times[name].append(_timed(buffers))
+    return times
+
+
 def run_scheme(scheme: str, args) -> dict:
     ddp, opt, state = build(scheme, args.model, args.seed)
     _, shape = MODELS[args.model]
@@ -203,7 +227,9 @@ def run_scheme(scheme: str, args) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", choices=sorted(MODELS), required=True)
+    p.add_argument("--model", choices=sorted(MODELS))
+    p.add_argument("--calibrate", type=int, metavar="ROUNDS",
+                   help="time the small collectives of CALIBRATION, no model")
     p.add_argument("--schemes", default=",".join(SCHEMES))
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=2)
@@ -217,6 +243,15 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=1800))
     rank, world = dist.get_rank(), dist.get_world_size()
+    if args.calibrate:
+        times = calibrate(args.calibrate)
+        if rank == 0:
+            args.out.write_text(json.dumps({"world_size": world, "calibration": times}))
+        dist.barrier()
+        dist.destroy_process_group()
+        return 0
+    if args.model is None:
+        p.error("--model is required unless --calibrate")
     results = []
     for scheme in args.schemes.split(","):
         results.append(run_scheme(scheme, args))

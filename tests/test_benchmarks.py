@@ -90,3 +90,26 @@ def test_linkbench_quick_on_a_shaped_link_leaves_no_namespace_or_link_behind():
     mine = [n for n in netns.namespaces() + netns.links() if n.startswith(netns.PREFIX)]
     assert not [n for n in mine if netns._NAME.match(n)
                 and not netns._alive(int(netns._NAME.match(n).group(1)))], mine
+
+
+def test_linkbench_calibration_quick_fits_overhead_and_latency_on_loopback():
+    out = _quick("benchmarks/linkbench.py", "--calibrate", "--quick", "--no-net")
+    assert "Fit over all rows: **overhead " in out, out
+    shapes = [line.split(" | ")[2] for line in out.splitlines() if line.startswith("| loopback")]
+    assert shapes == ["allreduce", "allgather", "allreduce + allgather", "3 allreduces"], out
+
+
+def test_the_calibration_fit_recovers_the_overhead_and_latency_it_was_made_with():
+    sys.path.insert(0, str(REPO))
+    from benchmarks import linkbench
+    from benchmarks.linkbench_worker import CALIBRATION
+    runs = [{"rate": rate, "world_size": p, "calibration": {shape: [0.0] for shape in
+                                                           CALIBRATION}}
+            for rate in ("100mbit", "1gbit") for p in (2, 4)]
+    truth = linkbench.calibration_rows(runs, overhead=0.7e-3, alpha=1.1e-3)
+    for run in runs:
+        for row in truth:
+            if (row["rate"], row["p"]) == (run["rate"], run["world_size"]):
+                run["calibration"][row["shape"]] = [row["predicted"]] * 3
+    overhead, alpha = linkbench.fit_calibration(runs)
+    assert overhead == pytest.approx(0.7e-3) and alpha == pytest.approx(1.1e-3)

@@ -1,6 +1,7 @@
 """The cost model's formulas against hand-computed values, presets, and estimate_run."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -81,20 +82,35 @@ def test_a_flat_ring_across_nodes_runs_at_the_inter_node_link():
                        for a in ("ring", "tree", "hierarchical"))
 
 
-def test_without_a_burst_back_to_back_collectives_cost_the_sum_of_the_ring_forms():
-    steps = [(2, 1e6), (1, 4e6)]  # an allreduce and an allgather at p = 2
+def test_without_a_burst_back_to_back_collectives_cost_the_ring_forms_plus_overheads():
+    steps = [(2, 5e5), (1, 4e6)]  # an allreduce of 1 MB and an allgather of 2 x 4 MB at p = 2
     expected = col.ring_allreduce(1e6, 2, 5 * US, 1 * GB) + col.allgather(8e6, 2, 5 * US, 1 * GB)
     assert col.token_bucket_time(steps, 5 * US, 1 * GB, 0.0) == pytest.approx(expected)
+    assert col.token_bucket_time(steps, 5 * US, 1 * GB, 0.0, overhead=7 * US) == \
+        pytest.approx(expected + 2 * 7 * US)
 
 
-def test_a_token_bucket_sends_its_burst_at_once_then_refills_only_during_latency():
-    alpha, rate, burst = 100 * US, 1e6, 10e3  # 1 MB/s, 10 kB bucket
-    # 8 kB fit the full bucket: the first collective costs its 2 hops only; 2 kB are left,
-    # 200 B come back during those hops, so the next 8 kB wait for 5.8 kB at the rate.
-    first = col.token_bucket_time([(2, 8e3)], alpha, rate, burst)
-    both = col.token_bucket_time([(2, 8e3), (2, 8e3)], alpha, rate, burst)
-    assert first == pytest.approx(200 * US)
-    assert both - first == pytest.approx(200 * US + 5.8e3 / rate)
+def test_a_token_bucket_sends_its_burst_at_once_then_refills_while_hops_wait():
+    alpha, rate, burst = 100 * US, 1e6, 10e3  # 1 MB/s, 10 kB bucket: a mean wait adds 100 B
+    # 8 kB fit the full bucket: the first collective costs its hop's wait only. 2 kB are
+    # left and about 100 B come back during the next wait, so the next 8 kB wait for
+    # 5.9 kB at the rate.
+    first = col.token_bucket_time([(1, 8e3)], alpha, rate, burst)
+    both = col.token_bucket_time([(1, 8e3), (1, 8e3)], alpha, rate, burst)
+    assert first == pytest.approx(alpha)
+    assert both - first == pytest.approx(alpha + 5.9e3 / rate)
+
+
+def test_a_chunk_the_size_of_a_mean_waits_refill_is_late_by_the_short_waits():
+    # A mean wait of 1 ms refills 1 kB. A fixed wait would send a 1 kB chunk on time; with
+    # exponential waits it is late by E[max(0, 1 kB - refill)] = 1 kB / e.
+    alpha, rate, burst = 1e-3, 1e6, 2e3
+    drain = col.token_bucket_time([(1, 2e3)], alpha, rate, burst)  # empties the full bucket
+    both = col.token_bucket_time([(1, 2e3), (1, 1e3)], alpha, rate, burst)
+    assert both - drain == pytest.approx(alpha + 1e3 / math.e / rate)
+    waits = torch.distributions.Exponential(1 / alpha).sample((400_000,)).double()
+    late = (1e3 - (waits * rate).clamp(max=burst)).clamp(min=0) / rate
+    assert both - drain == pytest.approx(alpha + late.mean().item(), rel=0.01)
 
 
 def test_sequence_time_uses_the_shaped_links_bucket_and_sums_collectives_elsewhere():
@@ -104,27 +120,20 @@ def test_sequence_time_uses_the_shaped_links_bucket_and_sums_collectives_elsewhe
         sum(col.collective_time(k, n, plain, 4) for k, n in calls))
     shaped = load_cluster("netns-1gbit")
     link = shaped.inter
-    steps = [(6, 1.5e6), (3, 6e4)]
+    hops = [(6, 1e6 / 4), (3, 2e4)]
+    assert link.overhead > 0
     assert col.sequence_time(calls, shaped, 4) == pytest.approx(
-        col.token_bucket_time(steps, link.latency, link.bandwidth, link.burst,
-                              link.latency_overlaps))
+        col.token_bucket_time(hops, link.latency, link.bandwidth, link.burst, link.overhead))
     assert col.sequence_time(calls, shaped, 1) == 0.0
 
 
-def test_an_overlapping_latency_costs_the_larger_of_latency_and_transfer():
-    alpha, rate = 1e-3, 1e6  # 1 ms a hop, 1 MB/s, no bucket
-    small, large = (2, 1e3), (2, 1e4)  # 1 ms and 10 ms on the wire, 2 ms of hops each
-    assert col.token_bucket_time([small], alpha, rate, 0.0, overlap=True) == pytest.approx(2e-3)
-    assert col.token_bucket_time([large], alpha, rate, 0.0, overlap=True) == pytest.approx(1e-2)
-    assert col.token_bucket_time([large], alpha, rate, 0.0) == pytest.approx(1.2e-2)
-    # with a bucket, only the idle part of a collective refills it: the first sends its 2 kB
-    # burst, then streams 8 kB for 8 ms, which hides its 2 ms of hops and leaves no idle
-    # time, so the next 1 kB waits 1 ms at the rate (added, the hops would refill it)
-    burst, follow = 2e3, (0, 1e3)
-    for overlap, first_s, then_s in [(True, 8e-3, 1e-3), (False, 1e-2, 0.0)]:
-        first = col.token_bucket_time([large], alpha, rate, burst, overlap=overlap)
-        both = col.token_bucket_time([large, follow], alpha, rate, burst, overlap=overlap)
-        assert first == pytest.approx(first_s) and both - first == pytest.approx(then_s)
+def test_a_links_overhead_is_paid_once_per_collective():
+    link = Link(bandwidth_gbytes=1.0, latency_us=2.0, overhead_us=30.0)
+    cluster = Cluster("flat", Accelerator(), 8, link, link, 8)
+    bare = dataclasses.replace(cluster, intra=dataclasses.replace(link, overhead_us=0.0))
+    for kind in ("allreduce", "allgather"):
+        assert col.collective_time(kind, 1e6, cluster, 8, "ring") == pytest.approx(
+            col.collective_time(kind, 1e6, bare, 8, "ring") + 30 * US)
 
 
 # --- traffic ------------------------------------------------------------------------------
@@ -328,6 +337,7 @@ def test_the_emulated_links_carry_tcp_payload_at_1448_of_1514_frame_bytes():
 @pytest.mark.parametrize("link,error", [
     ("{bandwidth_gbytes: 0, latency_us: 2}", "bandwidth_gbytes.*must be > 0"),
     ("{bandwidth_gbytes: 1, burst_kbytes: -1}", "burst_kbytes.*must be >= 0"),
+    ("{bandwidth_gbytes: 1, overhead_us: -1}", "overhead_us.*must be >= 0"),
 ])
 def test_a_bad_link_in_a_preset_file_is_a_config_error(tmp_path, link, error):
     preset = tmp_path / "bad.yaml"

@@ -17,9 +17,14 @@ p ranks, S the size of the reduced tensor and S_total the size of the gathered o
 Across nodes a flat ring or tree runs at the slowest hop: the inter-node latency and the
 smaller of the intra-node bandwidth and a rank's share of its node's NICs.
 
+Every collective also costs a fixed ``Link.overhead_us`` whatever its size (LogP's o,
+Culler et al. 1993): starting it and waking its caller when it is done. It is 0 on the
+hardware presets, whose per-hop latency is taken as the whole fixed cost.
+
 Links shaped by a token bucket (``Link.burst_kbytes``: tc's tbf on the emulated links of
-benchmarks/linkbench.py) let a rank send the bucket's bytes at once after an idle spell;
-``sequence_time`` carries the bucket from one collective to the next.
+benchmarks/linkbench.py) let a rank send the bucket's bytes at once after an idle spell.
+``token_bucket_time`` follows the bucket hop by hop: it refills while a hop waits out its
+latency (an exponential wait there) and carries over from one collective to the next.
 """
 from __future__ import annotations
 
@@ -82,24 +87,46 @@ def break_even_density(p: int, value_bytes: float, index_bytes: float,
     return 2 * dense / (p * (value_bytes + index_bytes))
 
 
-def token_bucket_time(steps: Iterable[tuple[int, float]], alpha: float, bandwidth: float,
-                      burst: float, overlap: bool = False) -> float:
-    """Seconds for collectives run back to back on links shaped by a token bucket of
-    ``burst`` bytes that refills at ``bandwidth``. ``steps``: per collective, its hops and
-    the bytes one rank sends (the ring forms above: 2(p-1) and 2(p-1)/p * S for an
-    allreduce). The bucket starts full (the link was idle); a collective sends what the
-    bucket holds at once and the rest at the rate, and the bucket refills while the
-    collective waits on its hops. A collective takes its hops' latency plus its transfer
-    time, or with ``overlap`` the larger of the two. With ``burst`` 0 and no overlap this is
-    the sum of the ring forms."""
+def _expected_min(cap: float, mean: float) -> float:
+    """E[min(cap, X)] for X exponential with this mean; 0 for a mean of 0."""
+    return -mean * math.expm1(-cap / mean) if mean > 0 else 0.0
+
+
+def token_bucket_time(collectives: Iterable[tuple[int, float]], alpha: float, bandwidth: float,
+                      burst: float, overhead: float = 0.0) -> float:
+    """Expected seconds for collectives run back to back on links shaped by a token bucket
+    of ``burst`` bytes that refills at ``bandwidth``. ``collectives``: per collective, its
+    hops and the bytes one rank sends at each hop (a ring allreduce: 2(p-1) hops of S/p; a
+    ring allgather: p-1 hops of one rank's share).
+
+    Each collective first costs ``overhead``. Each hop then waits for the previous hop's
+    data, and sends its own: what the bucket holds at once, the rest at the rate. The link
+    idles while a hop waits, so the bucket refills then, by the wait times the rate. The
+    wait is taken as exponential with mean ``alpha``: on the emulated links it is a thread
+    waking up, fast or after a timer tick (its spread is close to its mean in the link
+    calibration, BENCHMARKS.md), and a chunk about the size of a mean wait's refill is
+    late only after short waits, which a fixed wait of ``alpha`` would miss. The bucket
+    starts full (the link was idle before) and carries its expected fill from hop to hop.
+    With ``burst`` 0 this is the sum of the ring forms, plus an overhead per collective."""
     total, tokens = 0.0, burst
-    for hops, volume in steps:
-        latency = hops * alpha
-        free = min(tokens, volume)
-        wire = (volume - free) / bandwidth
-        took = max(latency, wire) if overlap else latency + wire
-        total += took
-        tokens = min(burst, tokens - free + (took - wire) * bandwidth)
+    refill = alpha * bandwidth  # bytes a mean wait adds to the bucket
+    for hops, chunk in collectives:
+        total += overhead
+        tokens = min(burst, tokens + overhead * bandwidth)
+        room = max(0.0, burst - chunk)  # the most a hop can leave in the bucket
+        for hop in range(hops):
+            short = chunk - tokens  # bytes the bucket lacks before the wait
+            if short > 0:
+                late = short - _expected_min(min(short, burst - tokens), refill)
+                left = math.exp(-short / refill) * _expected_min(room, refill) if refill else 0.0
+            else:
+                late = 0.0
+                left = -short + _expected_min(burst - tokens, refill)
+            took = alpha + late / bandwidth
+            if abs(left - tokens) <= 1e-9 * burst:  # every hop left will be this one again
+                total += took * (hops - hop)
+                break
+            total, tokens = total + took, left
     return total
 
 
@@ -111,20 +138,27 @@ def _flat_link(cluster: Cluster, p: int) -> tuple[float, float]:
             min(cluster.intra.bandwidth, cluster.inter_bandwidth_per_rank()))
 
 
+def _overhead(cluster: Cluster, p: int) -> float:
+    """Seconds each collective costs whatever its size (``Link.overhead_us``)."""
+    if cluster.nodes(p) == 1:
+        return cluster.intra.overhead
+    return max(cluster.intra.overhead, cluster.inter.overhead)
+
+
 def sequence_time(collectives: Sequence[tuple[Kind, float]], cluster: Cluster, p: int,
                   algorithm: Algorithm = "auto") -> float:
     """Seconds for ``collectives``, (kind, nbytes) as in ``collective_time``, one after
-    another. On a shaped link (a burst, or a latency that overlaps) they run as rings, which
-    is what Gloo runs."""
+    another. On a link shaped by a token bucket they run as rings, which is what Gloo runs,
+    and the bucket carries over from one to the next."""
     if p <= 1:
         return 0.0
     link = cluster.intra if cluster.nodes(p) == 1 else cluster.inter
-    if not link.burst and not link.latency_overlaps:
+    if not link.burst:
         return sum(collective_time(kind, nbytes, cluster, p, algorithm)
                    for kind, nbytes in collectives)
-    steps = [(2 * (p - 1), 2 * (p - 1) / p * nbytes) if kind == "allreduce"
-             else (p - 1, (p - 1) * nbytes) for kind, nbytes in collectives]
-    return token_bucket_time(steps, *_flat_link(cluster, p), link.burst, link.latency_overlaps)
+    hops = [(2 * (p - 1), nbytes / p) if kind == "allreduce" else (p - 1, nbytes)
+            for kind, nbytes in collectives]
+    return token_bucket_time(hops, *_flat_link(cluster, p), link.burst, _overhead(cluster, p))
 
 
 def collective_time(kind: Kind, nbytes: float, cluster: Cluster, p: int,
@@ -149,4 +183,5 @@ def collective_time(kind: Kind, nbytes: float, cluster: Cluster, p: int,
         options = {"ring": ring, "tree": ring,  # NCCL has no tree allgather
                    "hierarchical": hierarchical_allgather(nbytes, per_node, nodes, intra, inter)
                    if nodes > 1 else ring}
-    return min(options.values()) if algorithm == "auto" else options[algorithm]
+    took = min(options.values()) if algorithm == "auto" else options[algorithm]
+    return _overhead(cluster, p) + took

@@ -34,17 +34,18 @@ class Link:
     """Bytes (10^3) a token-bucket shaper lets a rank send at once after an idle spell
     (``tc qdisc ... tbf burst``): the emulated links of benchmarks/linkbench.py have one,
     a wire has none (0)."""
-    latency_overlaps: bool = False
-    """Whether a collective's latency hides behind its transfer (it then takes the larger of
-    its hops' latency and its transfer time, not their sum). True on the emulated links,
-    where the per-hop time is a blocked thread waking up, which streaming data avoids; a
-    wire's latency (the alpha-beta form of nccl-tests) adds."""
+    overhead_us: float = 0.0
+    """Microseconds each collective costs whatever its size and the number of ranks: starting
+    it and waking its caller when it completes (LogP's o). 0 on the real links, whose
+    latency is taken as the whole fixed cost; on the emulated links it is Gloo's threads
+    waking up (fitted by ``benchmarks/linkbench.py --calibrate``)."""
 
     def check(self) -> None:
         require(self.bandwidth_gbytes > 0, "bandwidth_gbytes",
                 f"must be > 0, got {self.bandwidth_gbytes}")
         require(self.latency_us >= 0, "latency_us", f"must be >= 0, got {self.latency_us}")
         require(self.burst_kbytes >= 0, "burst_kbytes", f"must be >= 0, got {self.burst_kbytes}")
+        require(self.overhead_us >= 0, "overhead_us", f"must be >= 0, got {self.overhead_us}")
 
     @property
     def bandwidth(self) -> float:
@@ -55,6 +56,11 @@ class Link:
     def latency(self) -> float:
         """Seconds per hop."""
         return self.latency_us * 1e-6
+
+    @property
+    def overhead(self) -> float:
+        """Seconds per collective."""
+        return self.overhead_us * 1e-6
 
     @property
     def burst(self) -> float:
