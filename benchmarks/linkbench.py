@@ -48,6 +48,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks import netns  # noqa: E402
@@ -208,7 +209,8 @@ def calibration_rows(runs: list[dict], overhead: float = 0.0, alpha: float = 0.0
         p, preset = run["world_size"], load_cluster(PRESETS[run["rate"]])
         link = with_link(preset, latency_us=alpha * 1e6, overhead_us=overhead * 1e6)
         for shape, calls in CALIBRATION.items():
-            collectives = [(kind, numel * 4) for kind, numel, _ in calls]
+            collectives = [(kind, numel * getattr(torch, dtype.split(".")[-1]).itemsize)
+                           for kind, numel, dtype in calls]
             rows.append({"rate": run["rate"], "p": p, "shape": shape, "n": len(calls),
                          "hops": sum(2 * (p - 1) if kind == "allreduce" else p - 1
                                      for kind, _ in collectives),
@@ -223,7 +225,6 @@ def fit_calibration(runs: list[dict]) -> tuple[float, float]:
     best, by least squares on relative error. The model's time of a shape is n * overhead +
     hops * alpha + its transfer time, which the shapes' 1 KiB messages keep independent of
     the two (they fit in the bucket)."""
-    import numpy as np
     rows = calibration_rows(runs)  # with overhead and alpha 0: the transfer time alone
     a = np.array([[r["n"] / r["measured"], r["hops"] / r["measured"]] for r in rows])
     b = np.array([1 - r["predicted"] / r["measured"] for r in rows])
@@ -498,10 +499,7 @@ def calibrate(args, argv, started: datetime.datetime) -> int:
                   f"p={world_size}", flush=True)
             run = run_on(rate, world_size, ["--calibrate", str(args.replay)], args)
             runs.append(dict(run, rate=rate))
-    command = " ".join(["python", "benchmarks/linkbench.py",
-                        *(argv if argv is not None else sys.argv[1:])])
-    header = (f"`{command}` (as root), {started:%Y-%m-%d %H:%M} to "
-              f"{datetime.datetime.now():%H:%M}, on {machine()}. Each shape timed "
+    header = (f"{ran(argv if argv is not None else sys.argv[1:], started)} Each shape timed "
               f"{args.replay} times in turn with the others, after an idle spell and a barrier, "
               f"as the replays of the link benchmark are.")
     for run in runs:
@@ -529,10 +527,15 @@ def machine() -> str:
             f"{platform.python_version()}, torch {torch.__version__}")
 
 
-def measured_by(argv: list[str], args, started: datetime.datetime) -> str:
+def ran(argv: list[str], started: datetime.datetime) -> str:
+    """The command line of this run, when and where it ran."""
     command = " ".join(["python", "benchmarks/linkbench.py", *argv])
     return (f"`{command}` (as root), {started:%Y-%m-%d %H:%M} to "
-            f"{datetime.datetime.now():%H:%M}, on {machine()}. Medians of {args.steps} timed "
+            f"{datetime.datetime.now():%H:%M}, on {machine()}.")
+
+
+def measured_by(argv: list[str], args, started: datetime.datetime) -> str:
+    return (f"{ran(argv, started)} Medians of {args.steps} timed "
             f"steps after {args.warmup} warm-up steps (PowerSGD: until it compresses, "
             f"{POWERSGD_START + 1} at least). All ranks share this "
             f"machine's cores; the load average before and after each block is in its title. "

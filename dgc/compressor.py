@@ -24,6 +24,7 @@ from dgc.options import DGCOptions
 from dgc.schedule import topk_count, warmup_density
 from dgc.select import ThresholdState, row_peaks, select_topk, uses_exact_topk
 from launch.schema import build
+from sparse_train.live import PerMask
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class Compressor:
         self._v: dict[str, Tensor] = {}
         self._wd_u: dict[str, Tensor] = {}
         self._thresholds: dict[str, ThresholdState] = {}
-        self._masked_with: dict[str, tuple[Tensor, int]] = {}
+        self._masked_with: PerMask[None] = PerMask()  # masks the memories were cut to
         self._generator: torch.Generator | None = None
         self._pending_generator_state: Tensor | None = None
 
@@ -115,15 +116,15 @@ class Compressor:
         prunes, so it never reaches the residuals; returns ``g``."""
         sparsifier = self.masks.sparsifier
         sparsifier.mask_(name, g)
-        applied = self._masked_with.get(name)
-        if applied is None or applied[0] is not mask or applied[1] != mask._version:
-            # A newly pruned entry may still hold momentum and residual from before; with
-            # g zeroed there from now on, they stay zero until the mask changes again.
-            for store in (self._u, self._v):
-                if name in store:
-                    sparsifier.mask_(name, store[name])
-            self._masked_with[name] = (mask, mask._version)
+        # A newly pruned entry may still hold momentum and residual from before; with g
+        # zeroed there from now on, they stay zero until the mask changes again.
+        self._masked_with.get(name, mask, lambda: self._mask_memories(name))
         return g
+
+    def _mask_memories(self, name: str) -> None:
+        for store in (self._u, self._v):
+            if name in store:
+                self.masks.sparsifier.mask_(name, store[name])
 
     def compress(self, name: str, g: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """Fold flat gradient ``g`` into ``name``'s memory and take out the ``k`` entries to
@@ -207,5 +208,5 @@ class Compressor:
         for name, sd in state["thresholds"].items():
             self._thresholds[name] = ThresholdState()
             self._thresholds[name].load_state_dict(sd)
-        self._masked_with = {}
+        self._masked_with = PerMask()
         self._generator, self._pending_generator_state = None, state["generator"]

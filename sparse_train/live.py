@@ -12,15 +12,34 @@ write), so a fixed mask costs one host sync per change, not one per step.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from torch import Tensor
+
+T = TypeVar("T")
+
+
+class PerMask(Generic[T]):
+    """Values made from masks, each made again only when its mask changes: a new tensor, or
+    an in-place write (which moves the tensor's ``_version``)."""
+
+    def __init__(self):
+        # key -> (mask, its version, value); the mask is held so that an identity check
+        # cannot match a recycled id
+        self._entries: dict[Hashable, tuple[Tensor, int, T]] = {}
+
+    def get(self, key: Hashable, mask: Tensor, make: Callable[[], T]) -> T:
+        """The value under ``key`` for ``mask``; ``make()`` it if ``mask`` is new or changed."""
+        entry = self._entries.get(key)
+        if entry is None or entry[0] is not mask or entry[1] != mask._version:
+            entry = self._entries[key] = (mask, mask._version, make())
+        return entry[2]
 
 
 @dataclass
 class _Live:
-    mask: Tensor       # held so that ``mask is cached.mask`` cannot match a recycled id
-    version: int
     count: int
     positions: Tensor | None = None  # flat indices of the live entries, made on first use
 
@@ -30,7 +49,7 @@ class GradientMasks:
 
     def __init__(self, sparsifier):
         self.sparsifier = sparsifier
-        self._live: dict[str, _Live] = {}
+        self._live: PerMask[_Live] = PerMask()
 
     def hard(self) -> dict[str, Tensor]:
         """Masks that drop gradients now, by parameter name; empty while the method needs
@@ -66,10 +85,7 @@ class GradientMasks:
         return self.positions(name, mask)
 
     def _entry(self, name: str, mask: Tensor) -> _Live:
-        cached = self._live.get(name)
-        if cached is None or cached.mask is not mask or cached.version != mask._version:
-            self._live[name] = _Live(mask, mask._version, int(mask.sum()))
-        return self._live[name]
+        return self._live.get(name, mask, lambda: _Live(int(mask.sum())))
 
 
 def gather_live(t: Tensor, positions: Tensor | None) -> Tensor:
@@ -84,4 +100,4 @@ def scatter_live_(t: Tensor, positions: Tensor | None, values: Tensor) -> Tensor
     return t.zero_().index_copy_(0, positions, values.to(t.dtype))
 
 
-__all__ = ["GradientMasks", "gather_live", "scatter_live_"]
+__all__ = ["GradientMasks", "PerMask", "gather_live", "scatter_live_"]

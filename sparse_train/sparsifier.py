@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from launch.schema import ConfigError
 
 from .formats import storage_bytes
+from .live import PerMask
 from .masks import nm_compliant
 from .methods import build_method
 from .options import SparsityOptions
@@ -111,7 +112,7 @@ class Sparsifier:
         self.masks: dict[str, Tensor] = {
             name: torch.ones_like(p, dtype=torch.bool) for name, p in self.params.items()}
         self._dense: dict[str, Tensor] = {}
-        self._multipliers: dict[tuple[str, torch.dtype], tuple[Tensor, int, Tensor]] = {}
+        self._multipliers: PerMask[Tensor] = PerMask()  # by (name, dtype)
         self.step = 0
         self._refresh()
         self._hooks = [optimizer.register_step_pre_hook(self._before_step),
@@ -180,10 +181,7 @@ class Sparsifier:
         mask = self.masks[name]
         if mask.device.type != "cpu":
             return mask
-        cached = self._multipliers.get((name, dtype))
-        if cached is None or cached[0] is not mask or cached[1] != mask._version:
-            cached = self._multipliers[(name, dtype)] = (mask, mask._version, mask.to(dtype))
-        return cached[2]
+        return self._multipliers.get((name, dtype), mask, lambda: mask.to(dtype))
 
     # --- read-outs ------------------------------------------------------------------------
 

@@ -151,3 +151,19 @@ def test_mask_multiplier_follows_the_mask_through_replacement_and_in_place_write
     sp.masks[name][0].fill_(False)  # written in place
     check()
     assert sp.multiplier(name, torch.float64).dtype == torch.float64
+
+
+def test_per_mask_values_are_made_again_only_when_their_mask_changes():
+    from sparse_train.live import PerMask
+    made = []
+    cache = PerMask()
+
+    def value(mask):
+        return cache.get("w", mask, lambda: made.append(int(mask.sum())) or len(made))
+
+    mask = torch.tensor([True, False, True])
+    assert value(mask) == value(mask) == 1 and made == [2]  # same tensor, unchanged: kept
+    mask[1] = True  # written in place
+    assert value(mask) == 2 and made == [2, 3]
+    mask = mask.clone()  # equal contents, but a new tensor
+    assert value(mask) == 3 and made == [2, 3, 3]
