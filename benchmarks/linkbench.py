@@ -53,10 +53,11 @@ import torch  # noqa: E402
 
 from benchmarks import netns  # noqa: E402
 from benchmarks.linkbench_worker import (CALIBRATION, DGC_OPTIONS, MODELS,  # noqa: E402
-                                         ONE_BUCKET_MB, POWERSGD_START, PROBE_BYTES, SCHEMES)
+                                         ONE_BUCKET_MB, POWERSGD_START, PROBE, SCHEMES)
 from dgc.options import DGCOptions  # noqa: E402
 from launch.costmodel import traffic as tr  # noqa: E402
-from launch.costmodel.collectives import sequence_time, token_bucket_time  # noqa: E402
+from launch.costmodel.collectives import (ring_hops, sequence_time,  # noqa: E402
+                                          token_bucket_time)
 from launch.costmodel.hardware import Cluster, load_cluster  # noqa: E402
 from launch.costmodel.storage import expected_masks  # noqa: E402
 from launch.models import build_model  # noqa: E402
@@ -170,14 +171,20 @@ def with_link(cluster: Cluster, **fields) -> Cluster:
     return dataclasses.replace(cluster, intra=link, inter=link)
 
 
+def _collectives(calls: list) -> list[tuple[str, float]]:
+    """(kind, nbytes) for the cost model of the worker's (kind, numel, dtype) calls."""
+    return [(kind, numel * getattr(torch, dtype.split(".")[-1]).itemsize)
+            for kind, numel, dtype in calls]
+
+
 def probed_alpha(probe_s: float, cluster: Cluster, p: int) -> float:
-    """Latency per hop from the probe (a 1 KiB allreduce then a 1 KiB allgather) over its
-    2(p-1) + (p-1) hops: its time less the two collectives' overhead and the transfer time
-    (none: 1 KiB fits in the bucket)."""
+    """Latency per hop from the probe (a 1 KiB allreduce then a 1 KiB allgather): its time
+    less the two collectives' overhead and the transfer time (none: 1 KiB fits in the
+    bucket), over its hops."""
     link = cluster.inter
-    wire = token_bucket_time([(2 * (p - 1), PROBE_BYTES / p), (p - 1, PROBE_BYTES)],
-                             0.0, link.bandwidth, link.burst)
-    return max(0.0, probe_s - 2 * link.overhead - wire) / (3 * (p - 1))
+    hops = [ring_hops(kind, nbytes, p) for kind, nbytes in _collectives(PROBE)]
+    wire = token_bucket_time(hops, 0.0, link.bandwidth, link.burst)
+    return max(0.0, probe_s - len(hops) * link.overhead - wire) / sum(h for h, _ in hops)
 
 
 def predictions(run: dict, rate: str | None) -> None:
@@ -209,11 +216,10 @@ def calibration_rows(runs: list[dict], overhead: float = 0.0, alpha: float = 0.0
         p, preset = run["world_size"], load_cluster(PRESETS[run["rate"]])
         link = with_link(preset, latency_us=alpha * 1e6, overhead_us=overhead * 1e6)
         for shape, calls in CALIBRATION.items():
-            collectives = [(kind, numel * getattr(torch, dtype.split(".")[-1]).itemsize)
-                           for kind, numel, dtype in calls]
+            collectives = _collectives(calls)
             rows.append({"rate": run["rate"], "p": p, "shape": shape, "n": len(calls),
-                         "hops": sum(2 * (p - 1) if kind == "allreduce" else p - 1
-                                     for kind, _ in collectives),
+                         "hops": sum(ring_hops(kind, nbytes, p)[0]
+                                     for kind, nbytes in collectives),
                          "measured": statistics.fmean(run["calibration"][shape]),
                          "count": len(run["calibration"][shape]),
                          "predicted": sequence_time(collectives, link, p, "ring")})

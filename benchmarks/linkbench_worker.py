@@ -49,17 +49,12 @@ POWERSGD_START = 2
 # On Gloo, PowerSGD needs one bucket: with two it failed here with a collective size
 # mismatch (its Q allreduce is started from a future callback, see ../shared/STYLE.md).
 ONE_BUCKET_MB = 4096
-PROBE_BYTES = 1024
-# Calibration of the testbed (``linkbench.py --calibrate``): small collectives alone and back
-# to back, whose times separate a per-collective overhead from a per-hop latency.
-_SMALL = PROBE_BYTES // 4
-CALIBRATION = {
-    "allreduce": [("allreduce", _SMALL, "torch.float32")],
-    "allgather": [("allgather", _SMALL, "torch.float32")],
-    "allreduce + allgather": [("allreduce", _SMALL, "torch.float32"),
-                              ("allgather", _SMALL, "torch.float32")],
-    "3 allreduces": [("allreduce", _SMALL, "torch.float32")] * 3,
-}
+# Calibration of the testbed (``linkbench.py --calibrate``): 1 KiB collectives alone and
+# back to back, whose times separate a per-collective overhead from a per-hop latency.
+_AR, _AG = ("allreduce", 256, "torch.float32"), ("allgather", 256, "torch.float32")
+CALIBRATION = {"allreduce": [_AR], "allgather": [_AG], "allreduce + allgather": [_AR, _AG],
+               "3 allreduces": [_AR] * 3}
+PROBE = CALIBRATION["allreduce + allgather"]  # timed beside every replay
 # Idle time before each replay so that the shaper's bucket is full, as after a backward
 # pass: at least burst / rate (1.25 ms on the testbed, benchmarks/netns.py).
 IDLE_S = 0.005
@@ -166,8 +161,7 @@ def replay(calls: list, max_repeats: int, budget_s: float, min_repeats: int = 3
     """Seconds of each replay of ``calls`` and of the latency probe timed before it; as many
     pairs as fit in ``budget_s`` (the same count on every rank)."""
     buffers = _buffers(calls)
-    probe = _buffers([("allreduce", PROBE_BYTES // 4, "torch.float32"),
-                      ("allgather", PROBE_BYTES // 4, "torch.float32")])
+    probe = _buffers(PROBE)
     _run(probe)
     first = torch.tensor([_timed(buffers)], dtype=torch.float64)  # pays for set-up, untimed
     dist.all_reduce(first, op=dist.ReduceOp.MAX)
@@ -240,35 +234,30 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
+    if args.model is None and not args.calibrate:
+        p.error("--model is required unless --calibrate")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=1800))
     rank, world = dist.get_rank(), dist.get_world_size()
     if args.calibrate:
-        times = calibrate(args.calibrate)
-        if rank == 0:
-            args.out.write_text(json.dumps({"world_size": world, "calibration": times}))
-        dist.barrier()
-        dist.destroy_process_group()
-        return 0
-    if args.model is None:
-        p.error("--model is required unless --calibrate")
-    results = []
-    for scheme in args.schemes.split(","):
-        results.append(run_scheme(scheme, args))
-        if rank == 0:
-            r = results[-1]
-            print(f"  [{time.strftime('%H:%M:%S')}] {args.model} p={world} {scheme}: step "
-                  f"{r['step_median_s'] * 1e3:.1f} ms, {r['bytes_per_step'] / 1e6:.4g} MB/step, "
-                  f"replayed comm {r['replay_median_s'] * 1e3:.1f} ms "
-                  f"({len(r['replay_s'])} replays, probe "
-                  f"{(r['probe_median_s'] or 0) * 1e3:.2f} ms)", flush=True)
+        out = {"world_size": world, "calibration": calibrate(args.calibrate)}
+    else:
+        results = []
+        for scheme in args.schemes.split(","):
+            results.append(run_scheme(scheme, args))
+            if rank == 0:
+                r = results[-1]
+                print(f"  [{time.strftime('%H:%M:%S')}] {args.model} p={world} {scheme}: step "
+                      f"{r['step_median_s'] * 1e3:.1f} ms, {r['bytes_per_step'] / 1e6:.4g} "
+                      f"MB/step, replayed comm {r['replay_median_s'] * 1e3:.1f} ms "
+                      f"({len(r['replay_s'])} replays, probe "
+                      f"{(r['probe_median_s'] or 0) * 1e3:.2f} ms)", flush=True)
+        out = {"world_size": world, "model": args.model, "results": results}
     if rank == 0:
-        args.out.write_text(json.dumps({"world_size": world, "model": args.model,
-                                        "results": results}))
+        args.out.write_text(json.dumps(out))
     dist.barrier()
     dist.destroy_process_group()
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -138,6 +138,14 @@ def _flat_link(cluster: Cluster, p: int) -> tuple[float, float]:
             min(cluster.intra.bandwidth, cluster.inter_bandwidth_per_rank()))
 
 
+def ring_hops(kind: Kind, nbytes: float, p: int) -> tuple[int, float]:
+    """A ring collective's hops and the bytes one rank sends at each (``nbytes`` as in
+    ``collective_time``): an allreduce 2(p-1) hops of S/p, an allgather p-1 of one share."""
+    if kind == "allreduce":
+        return 2 * (p - 1), nbytes / p
+    return p - 1, nbytes
+
+
 def _overhead(cluster: Cluster, p: int) -> float:
     """Seconds each collective costs whatever its size (``Link.overhead_us``)."""
     if cluster.nodes(p) == 1:
@@ -156,8 +164,7 @@ def sequence_time(collectives: Sequence[tuple[Kind, float]], cluster: Cluster, p
     if not link.burst:
         return sum(collective_time(kind, nbytes, cluster, p, algorithm)
                    for kind, nbytes in collectives)
-    hops = [(2 * (p - 1), nbytes / p) if kind == "allreduce" else (p - 1, nbytes)
-            for kind, nbytes in collectives]
+    hops = [ring_hops(kind, nbytes, p) for kind, nbytes in collectives]
     return token_bucket_time(hops, *_flat_link(cluster, p), link.burst, _overhead(cluster, p))
 
 
