@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dgc.hook import DGCState, dgc_hook
 from dgc.options import DGCOptions
-from launch.schema import build
+from sparse_comm.schema import build
 
 # Stored in each param group, so a later attach (e.g. after optimizer.load_state_dict of a
 # checkpoint saved with DGC attached) finds the settings the group's zeros replaced.

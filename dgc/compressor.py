@@ -23,7 +23,7 @@ from dgc import codec, memory
 from dgc.options import DGCOptions
 from dgc.schedule import topk_count, warmup_density
 from dgc.select import ThresholdState, row_peaks, select_topk, uses_exact_topk
-from launch.schema import build
+from sparse_comm.schema import build
 from sparse_train.live import PerMask
 
 log = logging.getLogger(__name__)

@@ -38,7 +38,7 @@ from dgc import codec, wire
 from dgc.compressor import Compressor
 from dgc.options import DGCOptions
 from dgc.schedule import topk_count
-from launch.schema import ConfigError, build
+from sparse_comm.schema import ConfigError, build
 from sparse_train.live import gather_live, scatter_live_
 
 

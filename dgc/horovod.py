@@ -39,7 +39,7 @@ from dgc.compressor import Compressor
 from dgc.hook import DGCStats
 from dgc.options import DGCOptions
 from dgc.wire import allgather_bytes, allreduce_bytes
-from launch.schema import ConfigError, build
+from sparse_comm.schema import ConfigError, build
 
 
 class DistributedOptimizer:

@@ -2,7 +2,7 @@
 
 The field names are the option names everywhere: ``dgc.attach(model, opt, density=0.01)``,
 ``dgc.DGCState(model=model, density=0.01)`` and the launcher's ``dgc:`` section all go through
-``launch.schema.build(DGCOptions, ...)``, so a mistake is reported the same way (a one-line
+``sparse_comm.schema.build(DGCOptions, ...)``, so a mistake is reported the same way (a one-line
 ``ConfigError`` naming the key) wherever it is made.
 
 Momentum, Nesterov and weight decay are not options here: they belong to the optimizer and
@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from launch.schema import require
+from sparse_comm.schema import require
 
 
 @dataclass

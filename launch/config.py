@@ -16,7 +16,7 @@ from dgc.options import DGCOptions
 from launch.costmodel.hardware import HardwareConfig
 from launch.data import DataConfig
 from launch.models import ModelConfig
-from launch.schema import ConfigError, build, require, to_dict
+from sparse_comm.schema import ConfigError, build, require, to_dict
 from sparse_train.options import SparsityOptions
 
 

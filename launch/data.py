@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Sampler, TensorDataset
 from tqdm import tqdm
 
-from launch.schema import require
+from sparse_comm.schema import require
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from typing import Mapping
 import torch
 import torch.distributed as dist
 
-from launch.schema import ConfigError
+from sparse_comm.schema import ConfigError
 
 RENDEZVOUS_VARS = ("MASTER_ADDR", "MASTER_PORT")
 MPI_EXTRA = 'pip install -e ".[mpi]"'

@@ -22,7 +22,7 @@ from launch.costmodel.hardware import HardwareConfig, load_cluster, preset_names
 from launch.costmodel.run import cluster_times, compare, meta_model, workload
 from launch.costmodel.storage import FORMATS, expected_masks, model_storage
 from launch.costmodel.traffic import FP32
-from launch.schema import ConfigError, build, to_dict
+from sparse_comm.schema import ConfigError, build, to_dict
 
 PROG = "launch.estimate"
 

@@ -14,7 +14,7 @@ from typing import Literal
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from launch.schema import require
+from sparse_comm.schema import require
 
 # The large setting: wide_mlp with these on MNIST (784 inputs, 10 classes) has 28,980,010
 # parameters, more than ResNet-50's 25.6M, the model DGC reports its largest savings on.

@@ -34,7 +34,7 @@ from launch.config import Config, config_to_dict, load_config
 from launch.costmodel import estimate_run
 from launch.data import load_datasets, make_loaders
 from launch.models import build_model
-from launch.schema import ConfigError
+from sparse_comm.schema import ConfigError
 
 log = logging.getLogger("launch.train")
 

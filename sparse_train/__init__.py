@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from launch.schema import build
+from sparse_comm.schema import build
 
 from .export import export
 from .formats import NMCompressed, compress_nm, storage_bytes
@@ -39,7 +39,7 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer,
 
     Options come from ``options`` (a SparsityOptions or a mapping, e.g. the launcher's
     ``sparsity:`` section) overridden by keyword ``fields``; mistakes raise
-    ``launch.schema.ConfigError`` naming the key. The first masks are applied at once.
+    ``sparse_comm.schema.ConfigError`` naming the key. The first masks are applied at once.
     """
     merged = dataclasses.asdict(options) if dataclasses.is_dataclass(options) \
         else dict(options or {})

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from launch.schema import require
+from sparse_comm.schema import require
 
 Method = Literal["magnitude", "gmp", "dns", "iht", "dsd", "nm", "block"]
 METHODS: tuple[str, ...] = Method.__args__

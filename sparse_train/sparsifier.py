@@ -36,7 +36,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from launch.schema import ConfigError
+from sparse_comm.schema import ConfigError
 
 from .formats import storage_bytes
 from .live import PerMask

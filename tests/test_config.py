@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from launch.config import Config, apply_override, load_config
-from launch.schema import ConfigError
+from sparse_comm.schema import ConfigError
 from tests.launch_helpers import REPO
 
 

@@ -21,7 +21,7 @@ from launch.costmodel.run import estimate_run, step_estimate
 from launch.costmodel.storage import (csc_bytes, dia_bytes, dns_density, expected_masks,
                                       layer_storage, weight_sharing_rate)
 from launch.models import MLP
-from launch.schema import ConfigError, build
+from sparse_comm.schema import ConfigError, build
 from sparse_train.masks import nm_compliant
 from sparse_train.options import SparsityOptions
 from tests.launch_helpers import REPO

