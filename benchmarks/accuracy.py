@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Overrides that turn a LeNet-5 run into the LeNet-300-100 configs' variant of the same name.
 _DGC = ["dgc.density=0.001", "dgc.warmup_epochs=4", "dgc.value_dtype=fp16",
-        "dgc.index_dtype=int32", "dgc.min_numel=1000"]  # as mnist_lenet300_dgc.yaml
+        "dgc.index_dtype=int32"]  # as mnist_lenet300_dgc.yaml
 _NM24 = ["sparsity.method=nm", "sparsity.nm_start_step=1955"]  # mnist_lenet300_nm24.yaml
 _LENET5_VARIANTS = {
     "dense": ("mnist_lenet5_dense.yaml", []),
