@@ -243,6 +243,8 @@ def run(cfg: Config, env: distenv.DistEnv, resume_from: Path | None, device) -> 
         optimizer, lr_lambda(cfg, steps_per_epoch, schedule_steps))
     plugins = attach_plugins(cfg, ddp, optimizer)
     comm = plugins["comm"]
+    if hasattr(comm, "set_total_steps"):  # DGC's warmup_fraction is of the planned run
+        comm.set_total_steps(schedule_steps)
 
     progress = {"epoch": 0, "batch": 0, "step": 0, "wall_time_s": 0.0, "loss_sum": 0.0}
     if resume_from is not None:
