@@ -2,7 +2,7 @@
 
     python -m launch.sweep --config configs/mnist_lenet300_dgc.yaml \\
         --grid dgc.warmup_epochs=1,4 --grid dgc.warmup_densities=[0.01],paper \\
-        --seeds 0,1,2 --nproc 2 [--out-dir runs/sweeps/NAME] [--set key=value ...]
+        --seeds 0,1,2 --nproc 2 [--out-dir runs/sweeps/NAME] [--set key=value ...] [--lock F]
 
 Every combination of the ``--grid`` values (their Cartesian product) is trained once per
 seed with ``launch.train`` (through torchrun when ``--nproc`` > 1), one run after another:
@@ -20,11 +20,12 @@ exit status 2). Values are YAML, separated by commas outside brackets, so
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import itertools
 import json
 import os
 import re
-import statistics
 import subprocess
 import sys
 import time
@@ -115,13 +116,29 @@ def train_command(config: Path, sets: list[str], nproc: int, resume: Path | None
     return cmd
 
 
-def run_one(config: Path, sets: list[str], nproc: int, where: Path, log: Path) -> int:
+def run_one(config: Path, sets: list[str], nproc: int, where: Path, log: Path,
+            lock: Path | None = None) -> int:
     resume = where if (where / "checkpoint.pt").is_file() else None
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
-    with open(log, "a") as out:
+    with open(log, "a") as out, _held(lock):
         return subprocess.run(train_command(config, sets, nproc, resume), env=env,
                               stdout=out, stderr=subprocess.STDOUT).returncode
+
+
+@contextlib.contextmanager
+def _held(lock: Path | None):
+    """An exclusive ``flock`` on ``lock`` for the duration (nothing without one), so that
+    sweeps and benchmarks sharing a machine run one heavy job at a time."""
+    if lock is None:
+        yield
+        return
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def summarise(out_dir: Path, points: list[Setting], seeds: list[int]) -> list[dict]:
@@ -163,6 +180,9 @@ def main(argv=None) -> int:
                    help="an override applied to every run (repeatable)")
     p.add_argument("--out-dir", type=Path, help="default: runs/sweeps/<config name>")
     p.add_argument("--name", help="the sweep's wandb group (default: the out dir's name)")
+    p.add_argument("--lock", type=Path, metavar="FILE",
+                   help="hold an flock on FILE during each run (one heavy job at a time on "
+                        "a shared machine)")
     args = p.parse_args(argv)
     try:
         seeds = [int(s) for s in split_values(args.seeds)]
@@ -192,7 +212,7 @@ def main(argv=None) -> int:
             f"train.seed={seed}", f"out_dir={where}", f"run_name={name}-{point.name}-s{seed}",
             f"wandb.group={name}"]
         started = time.perf_counter()
-        code = run_one(args.config, sets, args.nproc, where, where / "train.log")
+        code = run_one(args.config, sets, args.nproc, where, where / "train.log", args.lock)
         if code != 0 or not (where / "summary.json").is_file():
             failed.append(label)
             print(f"{label}: FAILED (exit {code}), see {where / 'train.log'}", flush=True)
