@@ -24,6 +24,7 @@ import contextlib
 import fcntl
 import itertools
 import json
+import statistics
 import os
 import re
 import subprocess
