@@ -24,9 +24,9 @@ import contextlib
 import fcntl
 import itertools
 import json
-import statistics
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
