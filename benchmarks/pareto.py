@@ -64,9 +64,12 @@ def main(argv=None) -> int:
         subprocess.run(cmd, cwd=REPO, check=True)
     dense = json.loads((root / "dense" / "sweep.json").read_text())["rows"][0]
     target = args.target if args.target is not None else dense["accuracy_mean"] - 0.1
-    subprocess.run([sys.executable, "-m", "launch.compare", str(root), "--target",
-                    f"{target:.2f}", "--out", str(root / "front.png"), "--curves",
-                    str(root / "curves.png"), "--wandb-mode", "offline"], cwd=REPO, check=True)
+    shown = subprocess.run([sys.executable, "-m", "launch.compare", str(root), "--target",
+                            f"{target:.2f}", "--out", str(root / "front.png"), "--curves",
+                            str(root / "curves.png"), "--wandb-mode", "offline"], cwd=REPO,
+                           check=True, capture_output=True, text=True).stdout
+    (root / "front.md").write_text(shown)
+    print(shown)
     return 0
 
 
