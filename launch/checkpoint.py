@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from sparse_comm.schema import ConfigError
+
 
 def save_atomic(obj: Any, path: str | Path) -> None:
     """``torch.save`` to a temporary file beside ``path``, fsync it, then rename over ``path``."""
@@ -34,6 +36,23 @@ def save_atomic(obj: Any, path: str | Path) -> None:
 
 def load(path: str | Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_weights(model: torch.nn.Module, path: str | Path, key: str) -> None:
+    """Load ``model``'s weights from ``path``: a run directory, its checkpoint.pt (the
+    ``model`` entry) or a file holding a plain state dict. A missing file or weights of
+    another model raise ConfigError under config ``key``."""
+    path = Path(path)
+    path = path / "checkpoint.pt" if path.is_dir() else path
+    if not path.is_file():
+        raise ConfigError(key, f"no checkpoint or weights file at {path}")
+    state = load(path)
+    state = state.get("model", state) if isinstance(state, dict) else state
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError):
+        raise ConfigError(key, f"{path} does not hold weights of this model "
+                               f"({type(model).__name__})") from None
 
 
 def rng_state() -> dict:

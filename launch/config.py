@@ -35,6 +35,9 @@ class TrainConfig:
     lr_warmup_epochs: float = 0.0
     log_every: int = 20  # steps between metric records
     checkpoint_every: int | None = None  # steps; a checkpoint is also written every epoch
+    # Start from the model weights in this file (a run's checkpoint.pt or a plain state
+    # dict) instead of the seeded initialisation: a lottery ticket, a pruned model.
+    init_from: str | None = None
 
     def check(self):
         require(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")

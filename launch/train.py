@@ -226,6 +226,8 @@ def run(cfg: Config, env: distenv.DistEnv, resume_from: Path | None, device) -> 
     total_steps = min(schedule_steps, cfg.train.max_steps or schedule_steps)
 
     model = build_model(cfg.model, info.input_shape, info.num_classes).to(device)
+    if cfg.train.init_from:
+        checkpoint.load_weights(model, cfg.train.init_from, "train.init_from")
     if cfg.engine == "horovod":
         if env.launcher != "horovod":
             raise ConfigError("engine", f"'horovod' needs horovodrun; this is a "

@@ -7,7 +7,14 @@
 
 Methods: ``magnitude`` (one-shot), ``gmp`` (gradual, Zhu & Gupta), ``dns`` (dynamic
 network surgery), ``iht`` (iterative hard thresholding), ``dsd`` (dense-sparse-dense),
-``nm`` (N:M structured, 2:4 by default) and ``block``. Options: :class:`SparsityOptions`.
+``nm`` (N:M structured, 2:4 by default), ``block``, ``bank`` (bank-balanced), ``nonzero``
+(keep a sparse model's zeros) and the channel-removing ``channel`` (filter norms),
+``slimming`` (BatchNorm scales under an L1 penalty) and ``group_lasso`` (structured
+sparsity learning). Options: :class:`SparsityOptions`. After channel removal,
+
+    small = sparse_train.shrink(model, sparsifier)  # a smaller dense model, same outputs
+
+and ``sparse_train.regularizers`` has the penalty terms for any training loop.
 
 For a gradient-compression hook, ``Sparsifier.fixed_masks()`` gives the masks by
 parameter name when they are settled and identical on every rank, else None, and
@@ -26,9 +33,11 @@ from torch import nn
 
 from sparse_comm.schema import build
 
+from . import regularizers
 from .export import export
 from .formats import NMCompressed, compress_nm, storage_bytes
 from .options import SparsityOptions
+from .shrink import shrink
 from .sparsifier import Sparsifier
 
 
@@ -47,5 +56,5 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer,
     return Sparsifier(model, optimizer, build(SparsityOptions, merged))
 
 
-__all__ = ["attach", "export", "storage_bytes", "compress_nm", "NMCompressed",
-           "Sparsifier", "SparsityOptions"]
+__all__ = ["attach", "export", "shrink", "regularizers", "storage_bytes", "compress_nm",
+           "NMCompressed", "Sparsifier", "SparsityOptions"]

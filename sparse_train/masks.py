@@ -23,6 +23,7 @@ layout torch's BSR tensors and im2col convolutions use.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
@@ -31,12 +32,16 @@ from torch import Tensor
 Scope = Literal["layer", "global"]
 
 
-def keep_largest(scores: dict[str, Tensor], sparsity: float, scope: Scope = "layer"
+Sparsity = float | Mapping[str, float]
+
+
+def keep_largest(scores: dict[str, Tensor], sparsity: Sparsity, scope: Scope = "layer"
                  ) -> dict[str, Tensor]:
     """Keep the largest scores, pruning ``round(sparsity * count)`` entries, but never a
     layer's last one.
 
-    With ``scope="layer"`` each tensor loses that fraction of its own entries; with
+    ``sparsity`` is one fraction, or (scope "layer") one per layer by name. With
+    ``scope="layer"`` each tensor loses that fraction of its own entries; with
     ``"global"`` the fraction is taken over all entries together, so layers with small
     scores lose more. Either way every tensor keeps at least its largest entry (as
     torch.ao.pruning keeps at least one block): a layer pruned away entirely would cut the
@@ -45,8 +50,12 @@ def keep_largest(scores: dict[str, Tensor], sparsity: float, scope: Scope = "lay
     """
     assert scope in ("layer", "global"), scope
     if scope == "layer":
-        return {name: _keep_top(s.flatten(), max(1, s.numel() - round(sparsity * s.numel())))
-                .view(s.shape) for name, s in scores.items()}
+        def kept(name: str, count: int) -> int:
+            fraction = sparsity[name] if isinstance(sparsity, Mapping) else sparsity
+            return max(1, count - round(fraction * count))
+        return {name: _keep_top(s.flatten(), kept(name, s.numel())).view(s.shape)
+                for name, s in scores.items()}
+    assert not isinstance(sparsity, Mapping), "one sparsity per layer needs scope 'layer'"
     flat = torch.cat([s.flatten() for s in scores.values()])
     keep = _keep_top(flat, flat.numel() - round(sparsity * flat.numel()))
     sizes = [s.numel() for s in scores.values()]
@@ -65,7 +74,7 @@ def _keep_top(scores: Tensor, count: int) -> Tensor:
     return keep
 
 
-def magnitude_masks(weights: dict[str, Tensor], sparsity: float, scope: Scope = "layer"
+def magnitude_masks(weights: dict[str, Tensor], sparsity: Sparsity, scope: Scope = "layer"
                     ) -> dict[str, Tensor]:
     """Unstructured magnitude pruning: keep the largest ``|w|``."""
     return keep_largest({name: w.detach().abs() for name, w in weights.items()},
@@ -123,6 +132,25 @@ def nm_compliant(weight: Tensor, n: int, m: int) -> bool:
     return bool(((_groups(weight, m) != 0).sum(-1) <= n).all())
 
 
+# --- banks ------------------------------------------------------------------------------
+# Bank-balanced sparsity (Cao et al., FPGA 2019) cuts each row into banks and keeps the
+# same count in every bank: N:M with m = bank_size and n = the count kept, in N:M's layout.
+
+def bank_keep(bank_size: int, sparsity: float) -> int:
+    """Weights each bank of ``bank_size`` keeps at ``sparsity`` (rounded, at least one)."""
+    return max(1, bank_size - round(sparsity * bank_size))
+
+
+def bank_mask(weight: Tensor, sparsity: float, bank_size: int) -> Tensor:
+    """Keep the ``bank_keep(bank_size, sparsity)`` largest ``|w|`` of every bank."""
+    return nm_mask(weight, bank_keep(bank_size, sparsity), bank_size)
+
+
+def bank_counts(mask: Tensor, bank_size: int) -> Tensor:
+    """Kept entries of every bank, shaped [rows, banks per row]."""
+    return _groups(mask, bank_size).sum(-1)
+
+
 # --- blocks -----------------------------------------------------------------------------
 
 def block_skip_reason(shape: torch.Size | tuple[int, ...], block: tuple[int, int]
@@ -156,7 +184,7 @@ def expand_blocks(block_mask: Tensor, block: tuple[int, int], shape: torch.Size)
     return matrix.reshape(shape)
 
 
-def block_masks(weights: dict[str, Tensor], sparsity: float, block: tuple[int, int],
+def block_masks(weights: dict[str, Tensor], sparsity: Sparsity, block: tuple[int, int],
                 norm: str = "l2", scope: Scope = "layer") -> dict[str, Tensor]:
     """Prune whole blocks with the smallest norm; ``sparsity`` is the fraction of blocks."""
     scores = {name: block_scores(w, block, norm) for name, w in weights.items()}

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from sparse_comm.schema import ConfigError
 
+from .channels import PRODUCERS
 from .formats import storage_bytes
 from .live import PerMask
 from .masks import nm_compliant
@@ -47,7 +48,7 @@ from .options import SparsityOptions
 log = logging.getLogger(__name__)
 
 GradMaskPolicy = Literal["keep", "drop"]
-PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+PRUNABLE = PRODUCERS  # the layers whose weights are sparsified by default
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -96,15 +97,9 @@ class Sparsifier:
         self.method = build_method(options)
         self.optimizer = optimizer
         selected = select_weights(unwrap(model), options.layers)
-        self.skipped: dict[str, str] = {}
-        self.params: dict[str, nn.Parameter] = {}
-        for name, p in selected.items():
-            reason = self.method.skip_reason(p.shape)
-            if reason is None:
-                self.params[name] = p
-            else:
-                self.skipped[name] = reason
-                log.info("sparse_train: %s stays dense: %s", name, reason)
+        self.params, self.skipped = self.method.bind(unwrap(model), selected)
+        for name, reason in self.skipped.items():
+            log.info("sparse_train: %s stays dense: %s", name, reason)
         if not self.params:
             raise ConfigError("layers", f"no selected layer can take method "
                               f"{options.method!r}: " + "; ".join(
@@ -122,6 +117,7 @@ class Sparsifier:
 
     @torch.no_grad()
     def _before_step(self, optimizer, args, kwargs) -> None:
+        self.method.regularize(self.step)
         for name, p in self.params.items():
             if name in self._dense:
                 p.copy_(self._dense[name])
@@ -222,7 +218,8 @@ class Sparsifier:
                 "floor": "every layer keeps at least one weight (one block for block "
                          "sparsity), whatever the target",
                 "density": kept / total if total else 1.0,
-                "layers": layers, "skipped": dict(self.skipped)}
+                "layers": layers, "skipped": dict(self.skipped),
+                **self.method.describe(self.masks)}
 
     # --- checkpoints ----------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ SCHEDULES = {
     "iht": dict(target=0.5, iht_s1=3, iht_s2=4, iht_cycles=2, iht_end="sparse"),
     "dsd": dict(target=0.5, dsd_dense_steps=4, dsd_sparse_steps=6),
     "nm": dict(nm_start_step=3),
-    "block": dict(target=0.5, block=[2, 4], block_schedule="gmp", end_step=12, frequency=4),
+    "block": dict(target=0.5, block=[2, 4], schedule="gmp", end_step=12, frequency=4),
 }
 METHODS = list(SCHEDULES)
 

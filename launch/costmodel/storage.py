@@ -11,7 +11,6 @@ structure a ``sparsity:`` section leads to, for storage and traffic estimates.
 """
 from __future__ import annotations
 
-import fnmatch
 import math
 from collections.abc import Mapping
 
@@ -21,7 +20,7 @@ from torch import Tensor, nn
 from sparse_train.formats import storage_bytes
 from sparse_train.masks import expand_blocks, nm_skip_reason, nm_unmatrix
 from sparse_train.methods import build_method
-from sparse_train.options import SparsityOptions
+from sparse_train.options import SparsityOptions, per_layer
 from sparse_train.sparsifier import select_weights
 
 FORMATS = ("dense", "coo", "csr", "csc", "bsr", "ell", "dia", "nm24")
@@ -137,12 +136,8 @@ def expected_density(options: SparsityOptions, name: str) -> float:
     if options.method == "nm":
         return options.n / options.m
     if options.method == "dns":
-        c = options.dns_c
-        if isinstance(c, list):
-            c = next(v for pattern, v in zip(options.layers, c)
-                     if fnmatch.fnmatchcase(name, pattern))
-        return dns_density(c)
-    return 1.0 - options.target
+        return dns_density(per_layer(name, options.dns_c, options.layers))
+    return 1.0 - options.layer_target(name)
 
 
 def expected_masks(model: nn.Module, options: SparsityOptions, seed: int = 0

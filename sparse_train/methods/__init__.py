@@ -8,11 +8,19 @@ from .dsd import DSD
 from .gmp import Pruning, cubic_sparsity
 from .iht import IHT, iht_phase
 from .nm import NM
+from .nonzero import NonZero
+from .structured import ChannelPruning, GroupLasso
 
 
 def build_method(options: SparsityOptions) -> Method:
-    if options.method in ("magnitude", "gmp", "block"):
+    if options.method in ("magnitude", "gmp", "block", "bank"):
         return Pruning(options)
+    if options.method in ("channel", "slimming"):
+        return ChannelPruning(options)
+    if options.method == "group_lasso":
+        return GroupLasso(options)
+    if options.method == "nonzero":
+        return NonZero(options)
     if options.method == "nm":
         return NM(options)
     if options.method == "dns":
@@ -24,4 +32,4 @@ def build_method(options: SparsityOptions) -> Method:
 
 
 __all__ = ["Method", "build_method", "cubic_sparsity", "iht_phase",
-           "Pruning", "NM", "DNS", "IHT", "DSD"]
+           "Pruning", "NM", "DNS", "IHT", "DSD", "ChannelPruning", "GroupLasso", "NonZero"]

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 class Method:
@@ -18,6 +18,29 @@ class Method:
     def skip_reason(self, shape: torch.Size) -> str | None:
         """Why a weight of ``shape`` must stay dense under this method, or None."""
         return None
+
+    def bind(self, model: nn.Module, selected: dict[str, nn.Parameter]
+             ) -> tuple[dict[str, nn.Parameter], dict[str, str]]:
+        """The parameters to mask, given the (unwrapped) model and the weights the user
+        selected, and why each selected weight left out stays dense. By default: the
+        selected weights this method can take. Structured methods also mask the weights
+        coupled to the selected ones (the next layer's inputs)."""
+        params, skipped = {}, {}
+        for name, p in selected.items():
+            reason = self.skip_reason(p.shape)
+            if reason is None:
+                params[name] = p
+            else:
+                skipped[name] = reason
+        return params, skipped
+
+    def regularize(self, step: int) -> None:
+        """Add a penalty's gradient to the parameters' gradients before optimizer step
+        ``step`` (as if the penalty were part of the loss); most methods have none."""
+
+    def describe(self, masks: dict[str, Tensor]) -> dict:
+        """Method-specific figures for ``Sparsifier.report()`` (kept channels, say)."""
+        return {}
 
     def update(self, step: int, weights: dict[str, Tensor], masks: dict[str, Tensor]
                ) -> dict[str, Tensor] | None:

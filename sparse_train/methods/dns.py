@@ -25,13 +25,11 @@ them as hard masks.
 """
 from __future__ import annotations
 
-import fnmatch
-
 from torch import Tensor
 
 from sparse_comm import draws
 
-from ..options import SparsityOptions
+from ..options import SparsityOptions, per_layer
 from .base import Method
 
 
@@ -58,14 +56,6 @@ def update_probability(step: int, gamma: float, power: float) -> float:
     return (1.0 + gamma * step) ** -power
 
 
-def layer_c(name: str, c: float | list[float], patterns: list[str]) -> float:
-    """The c of parameter ``name``: ``c`` itself, or the entry of its first matching pattern."""
-    if not isinstance(c, list):
-        return c
-    return next(value for pattern, value in zip(patterns, c)
-                if fnmatch.fnmatchcase(name, pattern))
-
-
 class DNS(Method):
     def __init__(self, options: SparsityOptions):
         self.c, self.patterns = options.dns_c, options.layers
@@ -78,7 +68,7 @@ class DNS(Method):
         if not self.start <= step < self.iter_stop:
             return None
         if not self.thresholds:
-            self.thresholds = {name: dns_threshold(w, layer_c(name, self.c, self.patterns),
+            self.thresholds = {name: dns_threshold(w, per_layer(name, self.c, self.patterns),
                                                    self.nonzero_only)
                                for name, w in weights.items()}
         chance = update_probability(step - self.start, self.gamma, self.power)

@@ -19,4 +19,4 @@ class DSD(IHT):
     @classmethod
     def from_options(cls, o: SparsityOptions) -> "DSD":
         return cls(o.target, o.scope, o.dsd_dense_steps, o.dsd_sparse_steps,
-                   cycles=1, end="dense")
+                   cycles=1, end="dense", patterns=o.layers)

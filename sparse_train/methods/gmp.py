@@ -1,14 +1,18 @@
-"""Magnitude pruning, one-shot or gradual (Zhu & Gupta 2017), unstructured or by blocks.
+"""Pruning to a sparsity that a one-shot or cubic (Zhu & Gupta 2017) schedule sets.
 
-Covers the ``magnitude``, ``gmp`` and ``block`` methods: the same schedule drives either
-rule. Masks only ever grow sparser: a pruned weight is zero, so it ranks last at the next
+Covers ``magnitude`` and ``gmp`` (unstructured), ``block`` and ``bank``: the same schedule
+drives each rule, and the structured methods (``sparse_train.methods.structured``) reuse
+it. Masks only ever grow sparser: a pruned weight is zero, so it ranks last at the next
 update and stays pruned.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from torch import Tensor
 
 from .. import masks as rules
+from ..masks import Sparsity
 from ..options import SparsityOptions
 from .base import Method
 
@@ -27,19 +31,22 @@ def cubic_sparsity(step: int, start: int, end: int, initial: float, final: float
 
 
 class Pruning(Method):
-    """Keep the largest weights (or blocks) at a sparsity given by a one-shot or cubic schedule."""
+    """Keep the largest weights (blocks, bank entries; subclasses: channels, groups) at a
+    sparsity given by a one-shot or cubic schedule."""
 
     def __init__(self, options: SparsityOptions):
         self.options = options
-        self.by_block = options.method == "block"
         self.gradual = options.method == "gmp" or (
-            self.by_block and options.block_schedule == "gmp")
+            options.method != "magnitude" and options.schedule == "gmp")
         self.start = options.start_step
         self.end = options.end_step if self.gradual else options.start_step
 
     def skip_reason(self, shape):
-        if self.by_block:
+        if self.options.method == "block":
             return rules.block_skip_reason(shape, tuple(self.options.block))
+        if self.options.method == "bank":
+            reason = rules.nm_skip_reason(shape, self.options.bank_size)
+            return reason and reason.replace("m =", "bank_size =")
         return None
 
     def is_update_step(self, step: int) -> bool:
@@ -47,19 +54,46 @@ class Pruning(Method):
             return False
         return step == self.end or (step - self.start) % self.options.frequency == 0
 
-    def sparsity(self, step: int) -> float:
+    def sparsity(self, step: int, target: float) -> float:
+        initial = self.options.initial_sparsity if self.gradual else target
+        return cubic_sparsity(step, self.start, self.end, initial, target)
+
+    def levels(self, step: int, names) -> Sparsity:
+        """The sparsity at ``step``: one value, or one per name when ``target`` is a list."""
         o = self.options
-        return cubic_sparsity(step, self.start, self.end,
-                              o.initial_sparsity if self.gradual else o.target, o.target)
+        if not isinstance(o.target, list):
+            return self.sparsity(step, o.target)
+        return {name: self.sparsity(step, o.layer_target(name)) for name in names}
 
     def update(self, step: int, weights: dict[str, Tensor], masks: dict[str, Tensor]):
         if not self.is_update_step(step):
             return None
+        return self.prune(self.levels(step, weights), weights, masks)
+
+    def prune(self, sparsity: Sparsity, weights: dict[str, Tensor],
+              masks: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The masks of this method's rule at ``sparsity``."""
         o = self.options
-        if self.by_block:
-            return rules.block_masks(weights, self.sparsity(step), tuple(o.block),
-                                     o.block_norm, o.scope)
-        return rules.magnitude_masks(weights, self.sparsity(step), o.scope)
+        if o.method == "block":
+            return rules.block_masks(weights, sparsity, tuple(o.block), o.block_norm, o.scope)
+        if o.method == "bank":
+            return {name: rules.bank_mask(w, _of(sparsity, name), o.bank_size)
+                    for name, w in weights.items()}
+        return rules.magnitude_masks(weights, sparsity, o.scope)
 
     def fixed(self, step: int) -> bool:
         return step >= self.end
+
+    def describe(self, masks: dict[str, Tensor]) -> dict:
+        if self.options.method != "bank":
+            return {}
+        size = self.options.bank_size
+        kept = {name: rules.bank_counts(mask, size) for name, mask in masks.items()}
+        return {"banks": {name: {"bank_size": size, "kept_per_bank": sorted(set(k.flatten()
+                                                                                .tolist())),
+                                 "balanced": bool((k == k.flatten()[0]).all())}
+                          for name, k in kept.items()}}
+
+
+def _of(sparsity: Sparsity, name: str) -> float:
+    return sparsity[name] if isinstance(sparsity, Mapping) else sparsity

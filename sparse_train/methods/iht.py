@@ -15,7 +15,7 @@ from typing import Literal
 from torch import Tensor
 
 from .. import masks as rules
-from ..options import SparsityOptions
+from ..options import SparsityOptions, per_layer
 from .base import Method, all_kept
 
 Phase = Literal["dense", "sparse"]
@@ -36,14 +36,14 @@ def iht_phase(step: int, dense_steps: int, sparse_steps: int, cycles: int, end: 
 
 
 class IHT(Method):
-    def __init__(self, target: float, scope: str, dense_steps: int, sparse_steps: int,
-                 cycles: int, end: Phase):
-        self.target, self.scope = target, scope
+    def __init__(self, target: float | list[float], scope: str, dense_steps: int,
+                 sparse_steps: int, cycles: int, end: Phase, patterns: list[str] = ()):
+        self.target, self.scope, self.patterns = target, scope, list(patterns)
         self.phases = (dense_steps, sparse_steps, cycles, end)
 
     @classmethod
     def from_options(cls, o: SparsityOptions) -> "IHT":
-        return cls(o.target, o.scope, o.iht_s1, o.iht_s2, o.iht_cycles, o.iht_end)
+        return cls(o.target, o.scope, o.iht_s1, o.iht_s2, o.iht_cycles, o.iht_end, o.layers)
 
     def phase(self, step: int) -> tuple[Phase, int]:
         return iht_phase(step, *self.phases)
@@ -54,7 +54,9 @@ class IHT(Method):
             return None
         if phase == "dense":
             return all_kept(weights)
-        return rules.magnitude_masks(weights, self.target, self.scope)
+        sparsity = self.target if not isinstance(self.target, list) else {
+            name: per_layer(name, self.target, self.patterns) for name in weights}
+        return rules.magnitude_masks(weights, sparsity, self.scope)
 
     def fixed(self, step: int) -> bool:
         return self.phase(step)[0] == "sparse"
