@@ -88,7 +88,7 @@ def propose(base: float, table: dict[str, dict[float, float]], max_drop: float
     for layer, row in table.items():
         chosen[layer] = 0.0
         for ratio in sorted(row):
-            if 100 * (base - row[ratio]) > max_drop:
+            if 100 * (base - row[ratio]) > max_drop + 1e-9:  # 1e-9: float noise in points
                 break
             chosen[layer] = ratio
     return chosen
