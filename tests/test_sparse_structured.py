@@ -46,6 +46,12 @@ def image_batches(count: int, seed: int = 1, size: int = 16):
     return out
 
 
+def attached(model, method: str, **options):
+    """``model``, its SGD-with-momentum optimizer and a sparsifier running ``method``."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    return model, opt, sparse_train.attach(model, opt, method=method, **options)
+
+
 def flops(model, x) -> int:
     with FlopCounterMode(display=False) as counter:
         model(x)
@@ -152,9 +158,7 @@ def test_bank_masks_keep_the_same_count_in_every_bank():
 
 
 def test_bank_training_keeps_every_bank_balanced_through_the_schedule():
-    model = mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    sp = sparse_train.attach(model, opt, method="bank", **STRUCTURED["bank"])
+    model, opt, sp = attached(mlp(), "bank", **STRUCTURED["bank"])
     counts_seen = set()
     for x, y in batches(16):
         train_step(model, opt, x, y)
@@ -204,9 +208,7 @@ def test_the_methods_penalty_equals_adding_the_term_to_the_loss(method):
 
 
 def test_group_lasso_removes_groups_its_penalty_zeroed_and_couples_channels():
-    model = conv_net()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    sp = sparse_train.attach(model, opt, method="group_lasso", **STRUCTURED["group_lasso"])
+    model, opt, sp = attached(conv_net(), "group_lasso", **STRUCTURED["group_lasso"])
     for x, y in image_batches(16):
         train_step(model, opt, x, y)
     removed = sp.report()["groups_removed"]
@@ -280,11 +282,9 @@ def test_structured_state_dict_round_trip_resumes_identically(method):
     data = image_batches(14)
 
     def fresh(seed):
-        model = conv_net(seed)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         options = dict(STRUCTURED[method], bank_size=8) if method == "bank" \
             else STRUCTURED[method]
-        return model, opt, sparse_train.attach(model, opt, method=method, **options)
+        return attached(conv_net(seed), method, **options)
 
     model, opt, sp = fresh(0)
     for x, y in data[:5]:
@@ -313,8 +313,7 @@ def test_nonzero_method_keeps_the_zeros_the_weights_start_with():
             if p.dim() == 2:
                 p.mul_(torch.rand_like(p) < 0.3)
     zeros = {n: p == 0 for n, p in model.named_parameters() if p.dim() == 2}
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    sp = sparse_train.attach(model, opt, method="nonzero")
+    model, opt, sp = attached(model, "nonzero")
     for x, y in batches(5):
         train_step(model, opt, x, y)
     for name, p in sp.params.items():
@@ -330,9 +329,7 @@ def _structured_on_ranks(rank, world_size):
     from torch.nn.parallel import DistributedDataParallel
     out = {}
     for method, options in STRUCTURED.items():
-        model = DistributedDataParallel(conv_net(seed=0))
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        sp = sparse_train.attach(model, opt, method=method, **options)
+        model, opt, sp = attached(DistributedDataParallel(conv_net(seed=0)), method, **options)
         torch.manual_seed(100 + rank)  # each rank its own data and global RNG stream
         sums = []
         for x, y in image_batches(14, seed=10 + rank):
