@@ -12,6 +12,10 @@ SCHEDULES = {
     "dsd": dict(target=0.5, dsd_dense_steps=4, dsd_sparse_steps=6),
     "nm": dict(nm_start_step=3),
     "block": dict(target=0.5, block=[2, 4], schedule="gmp", end_step=12, frequency=4),
+    "bank": dict(target=0.5, bank_size=4, schedule="gmp", end_step=12, frequency=4),
+    "channel": dict(target=0.5, start_step=2, schedule="gmp", end_step=12, frequency=4),
+    "group_lasso": dict(penalty=0.05, group_threshold=0.6, start_step=4, schedule="gmp",
+                        end_step=12, frequency=4),
 }
 METHODS = list(SCHEDULES)
 

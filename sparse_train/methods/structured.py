@@ -5,7 +5,9 @@
 * ``slimming`` (Liu et al., ICCV 2017, "Learning efficient convolutional networks through
   network slimming"): train with an L1 penalty on the BatchNorm scales gamma, then remove
   the channels with the smallest |gamma| (the paper takes one threshold over all layers:
-  ``scope: global``).
+  ``scope: global``). The authors' PyTorch code applies the penalty the way this module
+  does, as ``s * sign(gamma)`` added to gamma's gradient between backward and the step
+  (``updateBN`` in Eric-mingjie/network-slimming, ``main.py``).
 * ``group_lasso`` (Wen et al., NIPS 2016, structured sparsity learning): train with a
   group-lasso penalty over filters, channels and filter shapes, then remove the groups
   it has driven to (near) zero.
