@@ -4,6 +4,8 @@ Between optimizer steps every selected parameter holds ``W * mask``: that is wha
 forward sees, what ``model.state_dict()`` saves and what a DDP gradient hook receives
 gradients for. Around each ``optimizer.step()``:
 
+* pre-hook, penalties (slimming, group lasso): first add the penalty's gradient, which
+  is what adding the penalty to the loss would do, after DDP has averaged the gradients;
 * pre-hook, hard masks: zero the gradient at masked positions, so momentum and Adam
   moments never build up there;
 * pre-hook, soft masks (DNS while it is revising masks): copy the dense W, kept in this
@@ -83,8 +85,9 @@ class Sparsifier:
 
     * ``fixed_masks()``: the boolean masks by parameter name when they are settled and
       known to every rank (N:M from ``nm_start_step``, an IHT or DSD sparse phase, a
-      magnitude / gmp / block schedule past its last update, DNS after ``dns_iter_stop``),
-      else None (dense phases, a gmp schedule in progress, DNS while it revises masks).
+      magnitude / gmp / block / bank / structured schedule past its last update, DNS
+      after ``dns_iter_stop``), else None (dense phases, a gmp schedule in progress, DNS
+      while it revises masks).
       They describe the current step; ask again every step.
     * ``grad_mask_policy``: ``"keep"`` while gradients at masked positions are needed
       (DNS before ``dns_iter_stop``: splicing needs the pruned weights to keep training),
