@@ -148,8 +148,9 @@ class SparsityOptions:
             require(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
         for key in ("frequency", "iht_s2", "iht_cycles", "dsd_sparse_steps"):
             require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
-        require(self.end_step >= self.start_step, "end_step",
-                f"must be >= start_step = {self.start_step}, got {self.end_step}")
+        if self.method == "gmp" or (self.schedule == "gmp" and self.method != "magnitude"):
+            require(self.end_step >= self.start_step, "end_step",
+                    f"must be >= start_step = {self.start_step}, got {self.end_step}")
         require(len(self.block) == 2 and min(self.block) >= 1, "block",
                 f"must be two positive ints [rows, cols], got {self.block}")
         require(self.dns_iter_stop >= self.dns_start_step, "dns_iter_stop",
