@@ -184,6 +184,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     ax.axhline(100 * rows[0]["test_accuracy"], color="grey", linestyle="--", linewidth=1,
                label="dense")
     ax.set_xscale("log")
+    ticks = [t for t in (100, 50, 20, 10, 5, 2, 1, 0.5) if t >= 0.8 * 100 * rows[-1]["density"]]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
     ax.invert_xaxis()
     ax.set_xlabel("weights kept (%)")
     ax.set_ylabel("test accuracy (%)")
