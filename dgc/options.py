@@ -69,8 +69,11 @@ class DGCOptions:
     one 4-byte allreduce per bucket, so it is off unless you train with a loss scaler."""
 
     seed: int = 0
-    """Seed of the generator that samples the top-k threshold (offset by rank); kept apart
-    from the global generator so DGC does not perturb dropout or data order."""
+    """Seed of the threshold's samples. Each sample's offset is a hash of (seed, rank,
+    parameter name, selection count) (``sparse_comm.draws``), never a stream shared across
+    tensors, so a tensor's selection does not depend on which tensors DDP handed the hook
+    before it, and a resumed run into a rebuilt DDP model repeats the uninterrupted one.
+    The global generator is untouched: DGC does not perturb dropout or data order."""
 
     def check(self) -> None:
         require(0.0 < self.density <= 1.0, "density", f"must be in (0, 1], got {self.density}")
