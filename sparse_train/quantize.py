@@ -33,21 +33,22 @@ wants a learning rate well below training's.
 
 Under DDP the hooks see gradients DDP has already averaged, and k-means is a
 deterministic function of the weights, which DDP keeps identical; random initialisation
-draws from a generator seeded by (seed, layer name). So every rank holds the same
-codebooks and assignments at every step without communicating.
+draws from a generator seeded by a hash of (seed, layer name) (``sparse_comm.draws``).
+So every rank holds the same codebooks and assignments at every step without
+communicating.
 """
 from __future__ import annotations
 
 import fnmatch
 import logging
 import math
-import zlib
 from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from sparse_comm import draws
 from sparse_comm.schema import ConfigError, require
 
 from .sparsifier import select_weights, unwrap
@@ -101,11 +102,6 @@ def kmeans_1d(values: Tensor, centroids: Tensor, max_iter: int = 100) -> tuple[T
         counts = torch.bincount(clusters, minlength=k)
         centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
     return centroids, clusters
-
-
-def layer_seed(seed: int, name: str) -> int:
-    """A seed for ``name``'s random draws, the same on every rank and in every process."""
-    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 63)
 
 
 class WeightSharing:
@@ -304,7 +300,8 @@ def share_weights(model: nn.Module, bits: int = 5,
         problem = codebook_problem(name, len(live_values), b)
         if problem:
             raise ConfigError(key, problem)
-        generator = torch.Generator().manual_seed(layer_seed(seed, name))
+        # The same draws on every rank, whatever other layers drew (no shared stream).
+        generator = torch.Generator().manual_seed(draws.integer(seed, "kmeans-init", name))
         start = init_centroids(live_values.cpu(), 2 ** b, init, generator)
         centroids, clusters = kmeans_1d(live_values.cpu(), start, max_iter)
         assignment = torch.full(p.shape, -1, dtype=torch.int32)

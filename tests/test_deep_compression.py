@@ -12,7 +12,7 @@ from sparse_train import codec
 from tests.launch_helpers import REPO, launch_env, read_run, train
 from tests.wandb_offline import read_offline_run
 
-SYNTHETIC = ["data.name=synthetic", "data.synthetic_train_size=512",
+SYNTHETIC = ["data.name=synthetic", "quantize.bits.fc=5", "data.synthetic_train_size=512",
              "data.synthetic_test_size=200", "train.batch_size=32", "train.epochs=2",
              "sparsity.start_step=2", "sparsity.end_step=10", "sparsity.frequency=2",
              "quantize.epochs=1", "train.log_every=4"]

@@ -158,15 +158,16 @@ def _ddp_fine_tune(rank, world_size):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return sharing.state_dict(), {n: p.detach().clone() for n, p in model.named_parameters()}
+    # Plain lists: tensors sent through the result queue need the sender alive to unpickle.
+    layers = {name: {key: value.tolist() for key, value in layer.items() if key != "bits"}
+              for name, layer in sharing.state_dict()["layers"].items()}
+    return layers, {n: p.detach().tolist() for n, p in model.named_parameters()}
 
 
 def test_ranks_hold_identical_codebooks_and_weights_under_ddp():
-    (state0, weights0), (state1, weights1) = run_ranks(_ddp_fine_tune, 2)
-    for name, layer in state0["layers"].items():
-        assert torch.equal(layer["codebook"], state1["layers"][name]["codebook"])
-        assert torch.equal(layer["assignment"], state1["layers"][name]["assignment"])
-        live = layer["assignment"] >= 0
-        assert torch.equal(weights0[name][live], layer["codebook"][layer["assignment"][live].long()])
-    for name in weights0:
-        assert torch.equal(weights0[name], weights1[name]), name
+    (layers0, weights0), (layers1, weights1) = run_ranks(_ddp_fine_tune, 2)
+    assert layers0 == layers1 and weights0 == weights1  # bit for bit
+    for name, layer in layers0.items():
+        codebook, assignment = torch.tensor(layer["codebook"]), torch.tensor(layer["assignment"])
+        live = assignment >= 0
+        assert torch.equal(torch.tensor(weights0[name])[live], codebook[assignment[live].long()])
