@@ -37,7 +37,6 @@ import fnmatch
 import json
 import os
 import struct
-import tempfile
 import zlib
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -49,6 +48,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from sparse_comm.atomic import replace_atomic
 from sparse_comm.schema import ConfigError, require
 
 from . import huffman
@@ -182,18 +182,8 @@ class CompressedModel:
     def save(self, path: str | os.PathLike) -> int:
         """Write the file atomically (a reader sees the old file or the new one); returns
         its size in bytes."""
-        path, data = Path(path), self.to_bytes()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        data = self.to_bytes()
+        replace_atomic(path, lambda f: f.write(data))
         return len(data)
 
     def storage_report(self) -> StorageReport:
