@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     print(json.dumps({"file": args.file, "model": compressed.model_name,
                       "file_bytes": file_bytes, "dense_fp32_bytes": dense,
                       "ratio": dense / file_bytes, "test_accuracy": acc,
-                      "test_error": 1 - acc, "test_examples": len(test_set)}))
+                      "test_error": round(1 - acc, 6), "test_examples": len(test_set)}))
     return 0
 
 

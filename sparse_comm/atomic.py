@@ -14,6 +14,7 @@ def replace_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from others
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -27,3 +28,9 @@ def replace_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) 
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
