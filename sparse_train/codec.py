@@ -256,14 +256,15 @@ def encode(model: nn.Module, sharing: WeightSharing | None = None,
 
 
 def _index_bits(name: str, weight: Tensor, index_bits: int | Mapping[str, int] | None) -> int:
-    default = PAPER_INDEX_BITS["conv" if weight.dim() > 2 else "fc"]
     if isinstance(index_bits, int):
         bits, key = index_bits, "index_bits"
     else:
         table = dict(index_bits or {})
         keys = [k for k in table if k == name] or \
                [k for k in table if fnmatch.fnmatchcase(name, k)]
-        bits, key = (table[keys[0]], f"index_bits.{keys[0]}") if keys else (default, "")
+        if not keys:
+            return PAPER_INDEX_BITS["conv" if weight.dim() > 2 else "fc"]
+        bits, key = table[keys[0]], f"index_bits.{keys[0]}"
     require(isinstance(bits, int) and 1 <= bits <= MAX_BITS, key,
             f"must be an int in [1, {MAX_BITS}], got {bits!r}")
     return bits

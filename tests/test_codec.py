@@ -2,11 +2,14 @@
 and the storage report (sparse_train.huffman, sparse_train.codec, sparse_train.storage_report)."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from sparse_comm.schema import ConfigError
 from sparse_train import codec, huffman
 from sparse_train.quantize import share_weights
 from tests.test_quantize import pruned_model
@@ -159,3 +162,10 @@ def test_storage_report_adds_up_to_the_file_and_follows_the_stages():
     assert f"| ratio |  |  |  | 1.0x | {report.ratio('pruned'):.1f}x" in text
     metrics = report.metrics("dc/")
     assert metrics["dc/huffman_bytes"] == report.file_bytes
+
+
+@pytest.mark.parametrize("index_bits, key", [(0, "index_bits"), ({"0.*": 17}, "index_bits.0.*")])
+def test_an_index_width_outside_1_to_16_is_a_config_error(index_bits, key):
+    model, masks = pruned_model()
+    with pytest.raises(ConfigError, match=f"config key '{re.escape(key)}': must be an int in"):
+        codec.encode(model, masks=masks, index_bits=index_bits)
