@@ -380,6 +380,11 @@ def run(cfg: Config, env: distenv.DistEnv, resume_from: Path | None, device) -> 
         "parameters": sum(p.numel() for p in model.parameters()),
         "run_name": cfg.run_name,
     }
+    if cfg.quantize is not None:  # Deep Compression stages: launch/deep_compression.py
+        from launch.deep_compression import compress
+        summary.update(compress(cfg, ddp, optimizer, plugins, train_loader, sampler,
+                                lambda m: evaluate(m, test_loader, device), writer,
+                                info.input_shape, info.num_classes))
     if rank0:
         summary.update(estimate_run(
             cfg, model, world_size=env.world_size,
