@@ -71,6 +71,9 @@ class Compressor:
         self._masked_with: PerMask[None] = PerMask()  # masks the memories were cut to
         self._selections: dict[str, int] = {}  # sampled selections made, per name
         self._pieces: dict[str, tuple[int, int]] = {}  # name -> (start, numel) held here
+        # names whose u is the momentum of the averaged gradient (dense tensors): the same
+        # on every rank, unlike a compressed tensor's local momentum
+        self._global_u: set[str] = set()
         self._piece_counts: PerMask[int] = PerMask()
 
     # -- schedule -----------------------------------------------------------------------
@@ -182,6 +185,7 @@ class Compressor:
         send: (positions in ``g``, values in the wire dtype). ``k`` is below ``g.numel()``
         (``sparse_k`` sends a tensor dense otherwise)."""
         assert 1 <= k < g.numel(), (name, k, g.numel())
+        self._global_u.discard(name)
         u = self._buffer(self._u, name, g)
         v = self._buffer(self._v, name, g)
         peaks = None
@@ -206,6 +210,7 @@ class Compressor:
         """Turn the averaged gradient ``g`` of a dense tensor into its update, in place.
         Momentum comes after averaging, so every rank's buffer agrees."""
         u = self._buffer(self._u, name, g)
+        self._global_u.add(name)
         return g.copy_(memory.momentum_step_(u, g, self.momentum, self.nesterov))
 
     def weight_decay_update(self, name: str, param: Tensor) -> Tensor | None:
@@ -237,6 +242,8 @@ class Compressor:
             "weight_decay_momentum": dict(self._wd_u),
             "thresholds": {n: t.state_dict() for n, t in self._thresholds.items()},
             "selections": dict(self._selections),
+            "global_momentum": sorted(self._global_u),
+            "pieces": dict(self._pieces),
         }
 
     def load_state_dict(self, state: Mapping) -> None:
@@ -252,3 +259,5 @@ class Compressor:
         self._masked_with = PerMask()
         self._piece_counts = PerMask()
         self._selections = dict(state["selections"])
+        self._global_u = set(state.get("global_momentum", ()))
+        self._pieces = dict(state.get("pieces", {}))

@@ -37,6 +37,11 @@ class TrainConfig:
     lr_warmup_epochs: float = 0.0
     log_every: int = 20  # steps between metric records
     checkpoint_every: int | None = None  # steps; a checkpoint is also written every epoch
+    # A non-finite loss or gradient: "stop" (exit status 3 with one line, no checkpoint of
+    # the non-finite weights; read at log and checkpoint steps, no host sync per step) or
+    # "skip" the step on every rank and count it (one host sync per step; with DGC it turns
+    # dgc.check_finite on so that residuals stay finite).
+    on_nonfinite: Literal["stop", "skip"] = "stop"
 
     def check(self):
         require(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")

@@ -282,6 +282,19 @@ def _horovod_store(env: DistEnv, timeout: datetime.timedelta) -> dist.Store:
     return dist.TCPStore(host, port, env.world_size, is_master=False, timeout=timeout)
 
 
+def _torchrun_store(env: DistEnv, timeout: datetime.timedelta) -> dist.Store:
+    """torchrun's store, its keys prefixed by the restart count. Workers restarted by
+    ``--max-restarts`` find the agent's store still holding the previous attempt's keys,
+    and Gloo (torch 2.13) would connect its mesh to the dead attempt's ports; a fresh
+    prefix per attempt gives each attempt its own keys."""
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(env.master_addr, env.master_port, env.world_size,
+                          is_master=not agent and env.rank == 0, timeout=timeout,
+                          wait_for_workers=False)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"sparse-comm/attempt-{attempt}", store)
+
+
 def init(env: DistEnv, timeout_s: float = 600.0) -> torch.device:
     """Start the default process group (NCCL with CUDA, else Gloo) and pick this rank's device."""
     timeout = datetime.timedelta(seconds=timeout_s)
@@ -292,7 +305,8 @@ def init(env: DistEnv, timeout_s: float = 600.0) -> torch.device:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if env.launcher == "torchrun":
-        dist.init_process_group(backend, timeout=timeout)
+        dist.init_process_group(backend, store=_torchrun_store(env, timeout), rank=env.rank,
+                                world_size=env.world_size, timeout=timeout)
         return device
     if env.launcher == "single":
         store = dist.HashStore()
