@@ -74,6 +74,7 @@ class Compressor:
         # names whose u is the momentum of the averaged gradient (dense tensors): the same
         # on every rank, unlike a compressed tensor's local momentum
         self._global_u: set[str] = set()
+        self._seeds: dict[str, Tensor] = {}  # momenta to start from (seed_momentum)
         self._piece_counts: PerMask[int] = PerMask()
 
     # -- schedule -----------------------------------------------------------------------
@@ -222,8 +223,27 @@ class Compressor:
         return memory.momentum_step_(u, param.detach() * wd, self.momentum, self.nesterov)
 
     # -- buffers ----------------------------------------------------------------------------
+    def rescale_memory(self, factor: float) -> None:
+        """Multiply every momentum and residual by ``factor``: under a GradScaler the hook
+        sees scaled gradients, so when the scale changes the memory must follow it."""
+        for store in (self._u, self._v, self._seeds):
+            for t in store.values():
+                t.mul_(factor)
+
+    def seed_momentum(self, name: str, value: Tensor) -> None:
+        """Start ``name``'s momentum ``u`` at ``value`` (the whole tensor; a rank holding a
+        piece takes its piece) when it is next used: Adam's frozen-variance mode hands over
+        the warm-up's first moment this way."""
+        self._seeds[name] = value.detach().reshape(-1).clone()
+        self._u.pop(name, None)
+
     def _buffer(self, store: dict[str, Tensor], name: str, like: Tensor) -> Tensor:
         buf = store.get(name)
+        if buf is None and store is self._u and name in self._seeds:
+            seed = self._seeds.pop(name)
+            piece = self._pieces.get(name)
+            part = seed if piece is None else seed.narrow(0, *piece)
+            buf = store[name] = part.to(like, copy=True)
         if buf is None:
             buf = store[name] = torch.zeros_like(like)
         elif buf.device != like.device or buf.dtype != like.dtype:
@@ -244,6 +264,7 @@ class Compressor:
             "selections": dict(self._selections),
             "global_momentum": sorted(self._global_u),
             "pieces": dict(self._pieces),
+            "seeds": dict(self._seeds),
         }
 
     def load_state_dict(self, state: Mapping) -> None:
@@ -261,3 +282,4 @@ class Compressor:
         self._selections = dict(state["selections"])
         self._global_u = set(state.get("global_momentum", ()))
         self._pieces = dict(state.get("pieces", {}))
+        self._seeds = {n: t.clone() for n, t in state.get("seeds", {}).items()}

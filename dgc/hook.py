@@ -103,6 +103,13 @@ class DGCState(Compressor):
             self.intra, self.inter = _node_groups(process_group, self, self.ranks_per_node,
                                                   nodes)
         self._run = TOPOLOGIES[opts.topology]
+        # Set by an Adam controller (dgc.adam) while it lets Adam estimate its variance: the
+        # hook then only averages, densely, and DGC's memory is untouched.
+        self.passthrough = False
+        self.adam = None
+        # The loss scale the gradients arrive with (a GradScaler's; set by the training
+        # loop): the weight-decay term added to them must carry it too.
+        self.grad_scale = 1.0
         self._entries: dict[tuple[int, ...], tuple[_Entry, ...]] = {}
         self._shards: dict[tuple[str, ...], Shards] = {}
         self._plans: dict[tuple, Plan] = {}  # by bucket composition, live counts, density
@@ -179,12 +186,17 @@ class DGCState(Compressor):
 
     # -- checkpoints and read-outs -----------------------------------------------------------
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "stats": dataclasses.asdict(self.stats)}
+        state = {**super().state_dict(), "stats": dataclasses.asdict(self.stats)}
+        if self.adam is not None:
+            state["adam"] = self.adam.state_dict()
+        return state
 
     def load_state_dict(self, state: Mapping) -> None:
         super().load_state_dict(state)
         self.stats = DGCStats(**state["stats"])
         self._plans = {}
+        if self.adam is not None and "adam" in state:
+            self.adam.load_state_dict(state["adam"])
 
     def compression_stats(self) -> dict[str, float]:
         s = self.stats
@@ -224,6 +236,9 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
     masks = state.hard_masks()
     fixed = bool(masks) and state.masks.fixed()
     state.stats.bytes_dense += wire.allreduce_bytes(flat.nbytes, state.world_size)
+    if state.passthrough:  # Adam estimating its variance (dgc.adam): plain averaging
+        _end_of_step(state, bucket)
+        return state.world.allreduce(flat).then(lambda _: flat.div_(state.world_size))
     if state.options.check_finite and not _finite_on_all_ranks(state, flat):
         state.stats.nonfinite_buckets += 1
         _end_of_step(state, bucket)
@@ -251,7 +266,7 @@ def _add_weight_decay(state: DGCState, bucket: dist.GradBucket, flat: Tensor) ->
         for e, p, view in zip(state.entries(bucket), bucket.parameters(), bucket.gradients()):
             update = state.weight_decay_update(e.name, p)
             if update is not None:
-                view.add_(update)
+                view.add_(update, alpha=state.grad_scale)
     return flat
 
 

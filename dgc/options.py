@@ -101,6 +101,17 @@ class DGCOptions:
     it under mpirun, Slurm and horovodrun). Also splits every run's bytes into intra- and
     inter-node ones."""
 
+    adam_mode: Literal["frozen_variance", "error_feedback"] = "frozen_variance"
+    """How DGC works with ``torch.optim.Adam``/``AdamW`` (``dgc.adam``): ``frozen_variance``
+    averages densely for ``adam_warmup_steps`` while Adam estimates its second moment, then
+    freezes it and compresses the first moment with DGC's momentum correction (1-bit Adam's
+    scheme); ``error_feedback`` compresses raw gradients with a residual and leaves Adam
+    untouched. Ignored with SGD."""
+
+    adam_warmup_steps: int = 1000
+    """Dense steps before ``frozen_variance`` freezes Adam's second moment (1-bit Adam warms
+    up for 15-25% of BERT pre-training; a few hundred steps settle it on small models)."""
+
     seed: int = 0
     """Seed of the threshold's samples. Each sample's offset is a hash of (seed, rank,
     parameter name, selection count) (``sparse_comm.draws``), never a stream shared across
@@ -132,5 +143,7 @@ class DGCOptions:
         require(0.0 < self.sample_ratio <= 1.0, "sample_ratio",
                 f"must be in (0, 1], got {self.sample_ratio}")
         require(self.min_numel >= 1, "min_numel", f"must be >= 1, got {self.min_numel}")
+        require(self.adam_warmup_steps >= 1, "adam_warmup_steps",
+                f"must be >= 1, got {self.adam_warmup_steps}")
         require(self.ranks_per_node is None or self.ranks_per_node >= 1, "ranks_per_node",
                 f"must be >= 1 or null, got {self.ranks_per_node}")

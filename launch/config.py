@@ -27,11 +27,17 @@ class TrainConfig:
     epochs: int = 10
     max_steps: int | None = None  # a cap on optimizer steps, for quick runs
     seed: int = 0
+    optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 0.0
-    batch_size: int = 64  # per process
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False  # sgd
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
+    eps: float = 1e-8  # adamw
+    weight_decay: float = 0.0  # sgd: L2 in the gradient; adamw: decoupled
+    batch_size: int = 64  # per process, per micro-step
+    grad_accum_steps: int = 1  # micro-steps per optimizer step (DDP no_sync on all but the last)
+    amp: Literal["none", "bf16", "fp16"] = "none"  # autocast; fp16 adds a GradScaler
+    clip_grad_norm: float | None = None  # global L2 norm; with DGC, its local clipping
     lr_schedule: Literal["constant", "cosine", "step"] = "cosine"
     lr_milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # epoch fractions, "step"
     lr_warmup_epochs: float = 0.0
@@ -51,6 +57,13 @@ class TrainConfig:
         require(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
         require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas",
+                f"must be two numbers in [0, 1), got {self.betas}")
+        require(self.eps > 0, "eps", f"must be > 0, got {self.eps}")
+        require(self.grad_accum_steps >= 1, "grad_accum_steps",
+                f"must be >= 1, got {self.grad_accum_steps}")
+        require(self.clip_grad_norm is None or self.clip_grad_norm > 0, "clip_grad_norm",
+                f"must be > 0 or null, got {self.clip_grad_norm}")
         require(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
         require(self.checkpoint_every is None or self.checkpoint_every >= 1, "checkpoint_every",
                 f"must be >= 1 or null, got {self.checkpoint_every}")
@@ -115,6 +128,12 @@ class Config:
         if self.engine == "horovod" and self.ddp.comm_hook != "allreduce":
             raise ConfigError("ddp.comm_hook", f"{self.ddp.comm_hook!r} is a DDP hook; "
                                                f"engine 'horovod' does not use DDP")
+        if self.engine == "horovod" and self.train.grad_accum_steps > 1:
+            raise ConfigError("train.grad_accum_steps", "engine 'horovod' averages every "
+                                                        "backward; use engine: ddp")
+        if self.dgc is not None and self.train.clip_grad_norm and self.dgc.clip_norm:
+            raise ConfigError("train.clip_grad_norm", "with DGC it sets dgc.clip_norm "
+                                                      "(local clipping); set one of them")
         if self.dgc is not None and self.ddp.comm_hook != "allreduce":
             raise ConfigError("ddp.comm_hook", f"{self.ddp.comm_hook!r} and a dgc: section "
                                                f"both set the communication hook; keep one")

@@ -23,15 +23,15 @@ class Diverged(Exception):
 
 
 class NonFiniteGuard:
-    def __init__(self, mode: str, device: torch.device):
-        self.mode = mode
+    def __init__(self, mode: str, device: torch.device, gradients: bool = True):
+        self.mode, self.gradients = mode, gradients
         self.first_bad = torch.full((), _NONE, dtype=torch.int64, device=device)
         self.skipped = 0
 
     def _bad(self, loss: Tensor, model: nn.Module) -> Tensor:
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         finite = torch.isfinite(loss.detach())
-        if grads:
+        if grads and self.gradients:
             norms = torch.stack(torch._foreach_norm(grads))
             finite = finite & torch.isfinite(norms).all()
         return finite.logical_not()

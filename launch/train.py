@@ -171,8 +171,11 @@ def attach_plugins(cfg: Config, model: DDP, optimizer,
         import dgc
         options = config_to_dict(cfg.dgc)
         options["ranks_per_node"] = options["ranks_per_node"] or ranks_per_node
-        if cfg.train.on_nonfinite == "skip":  # a skipped step must leave the residuals alone
+        if cfg.train.on_nonfinite == "skip" or cfg.train.amp == "fp16":
+            # a skipped step (ours, or a GradScaler's) must leave the residuals alone
             options["check_finite"] = True
+        if cfg.train.clip_grad_norm:  # the paper's local clipping, per rank and tensor
+            options["clip_norm"] = cfg.train.clip_grad_norm
         with _config_section("dgc"):
             plugins["comm"] = dgc.attach(model, optimizer, sparsifier=plugins.get("sparsity"),
                                          **options)
@@ -233,6 +236,42 @@ def plugin_rows(plugins: dict) -> dict:
     return row
 
 
+def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    t = cfg.train
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.eps,
+                                 weight_decay=t.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum,
+                           nesterov=t.nesterov, weight_decay=t.weight_decay)
+
+
+def micro_steps(loader, accum: int):
+    """The loader's batches in groups of ``accum``, one group per optimizer step; a
+    trailing group shorter than that is dropped."""
+    group = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == accum:
+            yield group
+            group = []
+
+
+def forward_backward(ddp, micro: list, device, amp, scaler) -> torch.Tensor:
+    """Forward and backward of one step's micro-batches, gradients averaged over them; DDP
+    (or DGC) communicates only on the last (``no_sync`` before it). Returns the mean loss."""
+    total = torch.zeros((), device=device)
+    for i, (x, y) in enumerate(micro):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        last = i == len(micro) - 1
+        sync = contextlib.nullcontext() if last or not hasattr(ddp, "no_sync") else ddp.no_sync()
+        with sync:
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                loss = F.cross_entropy(ddp(x), y) / len(micro)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        total += loss.detach().float()
+    return total
+
+
 def layout(cfg: Config, plugins: dict, ranks_per_node: int | None) -> dict:
     """What a checkpoint's per-rank shards depend on besides the world size."""
     comm = "dgc" if cfg.dgc is not None else (
@@ -269,7 +308,11 @@ def run(cfg: Config, env: distenv.DistEnv, resume_from: str | Path | None, devic
     train_loader, sampler, test_loader = make_loaders(
         train_set, test_set, cfg.train.batch_size, env.rank, env.world_size, cfg.train.seed,
         num_workers=cfg.data.num_workers)
-    steps_per_epoch = len(train_loader)
+    accum = cfg.train.grad_accum_steps
+    steps_per_epoch = len(train_loader) // accum
+    if steps_per_epoch == 0:
+        raise ConfigError("train.grad_accum_steps", f"{accum} micro-batches per step, but an "
+                                                    f"epoch has {len(train_loader)} per rank")
     epoch_samples = len(sampler) * env.world_size
     schedule_steps = cfg.train.epochs * steps_per_epoch  # max_steps stops early, same schedule
     # the epochs end the run; max_steps, if set, caps the optimizer steps before that
@@ -287,8 +330,7 @@ def run(cfg: Config, env: distenv.DistEnv, resume_from: str | Path | None, devic
         ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                   bucket_cap_mb=cfg.ddp.bucket_cap_mb, static_graph=cfg.ddp.static_graph,
                   find_unused_parameters=cfg.ddp.find_unused_parameters)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
-                                nesterov=cfg.train.nesterov, weight_decay=cfg.train.weight_decay)
+    optimizer = build_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(cfg, steps_per_epoch, schedule_steps))
     ranks_per_node = launch_ranks_per_node(cfg, env)
@@ -323,7 +365,10 @@ def run(cfg: Config, env: distenv.DistEnv, resume_from: str | Path | None, devic
                                  config_to_dict(cfg), group=cfg.wandb.group,
                                  entity=cfg.wandb.entity, tags=cfg.wandb.tags)
     writer = RunWriter(out_dir, tracker, rank0)
-    guard = NonFiniteGuard(cfg.train.on_nonfinite, device)
+    amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.amp]
+    scaler = torch.amp.GradScaler(device.type) if cfg.train.amp == "fp16" else None
+    # a GradScaler skips overflowing steps itself: the guard then watches the loss only
+    guard = NonFiniteGuard(cfg.train.on_nonfinite, device, gradients=scaler is None)
 
     def save_checkpoint():
         guard.check()  # never a checkpoint of non-finite weights
@@ -360,18 +405,29 @@ def run(cfg: Config, env: distenv.DistEnv, resume_from: str | Path | None, devic
         bar = tqdm(total=steps_per_epoch, initial=progress["batches"], disable=not show_bars,
                    leave=False, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", mininterval=1.0)
         finished = True
-        for x, y in train_loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss = F.cross_entropy(ddp(x), y)
+        for micro in micro_steps(train_loader, accum):
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            progress["epoch_samples"] += len(y) * env.world_size
+            if scaler is not None and hasattr(comm, "grad_scale"):
+                comm.grad_scale = scaler.get_scale()
+            loss = forward_backward(ddp, micro, device, amp, scaler)
+            progress["epoch_samples"] += sum(len(y) for _, y in micro) * env.world_size
             progress["batches"] += 1
             bar.update(1)
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            if cfg.train.clip_grad_norm and cfg.dgc is None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad_norm)
             if guard.should_skip(step + 1, loss, model):
                 optimizer.zero_grad(set_to_none=True)
                 continue
-            optimizer.step()
+            if scaler is not None:
+                scale = scaler.get_scale()
+                scaler.step(optimizer)
+                scaler.update()
+                if hasattr(comm, "rescale_memory") and scaler.get_scale() != scale:
+                    comm.rescale_memory(scaler.get_scale() / scale)  # residuals are scaled
+            else:
+                optimizer.step()
             scheduler.step()
             step += 1
             progress["step"] = step
