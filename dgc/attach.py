@@ -11,9 +11,11 @@ from __future__ import annotations
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from dgc.guards import OneBackwardPerStep, unwrap_for_attach
 from dgc.hook import DGCState, dgc_hook
 from dgc.options import DGCOptions
 from sparse_comm.schema import build
+from sparse_comm.wrappers import unwrap_model
 
 # Stored in each param group, so a later attach (e.g. after optimizer.load_state_dict of a
 # checkpoint saved with DGC attached) finds the settings the group's zeros replaced.
@@ -31,13 +33,17 @@ def attach(ddp_model: DistributedDataParallel, optimizer: torch.optim.Optimizer,
     ``optimizer`` must be a ``torch.optim.SGD`` with dampening 0, not maximizing, and one
     momentum and Nesterov setting across its groups (weight decay may differ per group).
     ``options`` are the fields of ``DGCOptions``; a bad one raises ``ConfigError``.
+
+    What Accelerate's ``prepare`` returns is accepted as it is (the DDP model and the
+    ``AcceleratedOptimizer``), and so is ``torch.compile`` around or inside the DDP model.
     """
     build(DGCOptions, options)  # report option mistakes before anything else
+    ddp_model, optimizer = unwrap_for_attach(ddp_model, optimizer)
     momentum, nesterov = _sgd_momentum(optimizer)
     if not isinstance(ddp_model, DistributedDataParallel):
         raise TypeError(f"dgc.attach: expected a DistributedDataParallel model, "
                         f"got {type(ddp_model).__name__}")
-    state = DGCState(ddp_model.process_group, model=ddp_model, momentum=momentum,
+    state = DGCState(ddp_model.process_group, model=unwrap_model(ddp_model), momentum=momentum,
                      nesterov=nesterov, weight_decay=_weight_decay_by_name(ddp_model, optimizer),
                      **options)
     if sparsifier is not None:
@@ -49,6 +55,7 @@ def attach(ddp_model: DistributedDataParallel, optimizer: torch.optim.Optimizer,
                               "weight_decay": _settings(group)["weight_decay"]}
         group.update(momentum=0.0, nesterov=False, weight_decay=0.0)
     optimizer.register_step_pre_hook(_check_still_plain_sgd)
+    optimizer.register_step_pre_hook(OneBackwardPerStep(state))
     return state
 
 
@@ -57,7 +64,7 @@ def _check_sparsifier(sparsifier, ddp_model) -> None:
     if not isinstance(sparsifier, Sparsifier):
         raise TypeError(f"dgc.attach: sparsifier must be a sparse_train.Sparsifier, "
                         f"got {type(sparsifier).__name__}")
-    params = dict(ddp_model.module.named_parameters())
+    params = dict(unwrap_model(ddp_model).named_parameters())
     stray = [n for n, p in sparsifier.params.items() if params.get(n) is not p]
     if stray:
         raise ValueError(f"dgc.attach: the sparsifier masks {', '.join(stray)}, which are "
@@ -93,7 +100,7 @@ def _sgd_momentum(optimizer) -> tuple[float, bool]:
 
 
 def _weight_decay_by_name(ddp_model, optimizer) -> dict[str, float]:
-    names = {id(p): n for n, p in ddp_model.module.named_parameters()}
+    names = {id(p): n for n, p in unwrap_model(ddp_model).named_parameters()}
     return {names[id(p)]: float(_settings(group)["weight_decay"])
             for group in optimizer.param_groups for p in group["params"]
             if id(p) in names and _settings(group)["weight_decay"]}

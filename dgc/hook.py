@@ -36,6 +36,7 @@ from torch import Tensor
 
 from dgc import codec, wire
 from dgc.compressor import Compressor
+from dgc.guards import PER_PARAMETER_HOOK
 from dgc.options import DGCOptions
 from dgc.schedule import topk_count
 from sparse_comm.schema import ConfigError, build
@@ -200,6 +201,8 @@ class DGCState(Compressor):
 
 def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook: compress, exchange and average one bucket (see module doc)."""
+    if not isinstance(bucket, dist.GradBucket):
+        raise TypeError(f"dgc_hook: {PER_PARAMETER_HOOK}")
     flat = bucket.buffer()
     masks = state.hard_masks()
     fixed = bool(masks) and state.masks.fixed()

@@ -1,0 +1,80 @@
+"""PyTorch Lightning on 2 Gloo ranks under torchrun: ``dgc.lightning.DGCStrategy`` and
+``sparse_train.lightning.SparsityCallback`` train to the same bits as the plain torchrun +
+DDP loop, log through Lightning's logger, and resume from Lightning's checkpoint to the same
+bits as an uninterrupted run. The ranks run ``tests/lightning_worker.py``."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pytorch_lightning  # noqa: F401  (the 'lightning' extra; a missing one fails here)
+from tests.launch_helpers import REPO, launch_env
+
+
+def _torchrun(phase: str, out) -> list[dict]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "tests.lightning_worker", phase, str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [torch.load(out / f"{phase}-rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lightning")
+    fit = _torchrun("fit", out)
+    resume = _torchrun("resume", out)  # new processes, from the first epoch's checkpoint
+    return out, fit, resume
+
+
+def _assert_same_bits(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert a.shape == b.shape and torch.equal(a, b), (a - b).abs().max()
+
+
+def test_dgc_strategy_equals_plain_ddp_loop_bitwise_and_the_hook_ran(runs):
+    _, fit, _ = runs
+    for rank in fit:
+        (plain, _, plain_stats), (lit, _, lit_stats) = rank["dgc"]["plain"], rank["dgc"]["lightning"]
+        _assert_same_bits(plain, lit)
+        assert lit_stats["steps"] == 10
+        assert lit_stats["bytes_sent"] == plain_stats["bytes_sent"]
+        assert lit_stats["bytes_sent"] < lit_stats["bytes_dense"] / 2  # it compressed
+
+
+def test_compression_stats_reach_lightnings_logger(runs):
+    _, fit, _ = runs
+    rows = [r for r in fit[0]["logged"]["dgc"] if r.get("dgc/steps")]
+    assert [float(r["dgc/steps"]) for r in rows] == list(range(1, 11))
+    assert float(rows[0]["dgc/density"]) > 0.05  # the warm-up epoch
+    assert float(rows[-1]["dgc/density"]) == pytest.approx(0.05)  # logged as float32
+    assert float(rows[-1]["dgc/compression_ratio"]) > 2
+
+
+@pytest.mark.parametrize("method", ["nm", "iht", "dns", "dgc+nm"])
+def test_sparsity_callback_equals_plain_ddp_loop_bitwise(runs, method):
+    _, fit, _ = runs
+    for rank in fit:
+        (plain, plain_momenta, _), (lit, lit_momenta, _) = (rank[method]["plain"],
+                                                            rank[method]["lightning"])
+        _assert_same_bits(plain, lit)
+        _assert_same_bits(plain_momenta, lit_momenta)  # none built up at masked weights
+    density = [float(r["sparsity/density"]) for r in fit[0]["logged"][method]
+               if r.get("sparsity/density")]
+    assert len(density) == 10 and density[-1] < 0.6  # the masks were on
+
+
+def test_resume_from_lightning_checkpoint_equals_uninterrupted_run_bitwise(runs):
+    out, fit, resume = runs
+    for rank_fit, rank_resume in zip(fit, resume):
+        (uninterrupted, _, stats), (resumed, _, resumed_stats) = (rank_fit["dgc"]["lightning"],
+                                                                  rank_resume["resumed"])
+        _assert_same_bits(uninterrupted, resumed)
+        assert resumed_stats["steps"] == stats["steps"] == 10
+        assert resumed_stats["bytes_sent"] == stats["bytes_sent"]
+    # rank 0 wrote the file; it holds both ranks' residuals, which differ
+    states = torch.load(out / "ckpt" / "epochepoch=0.ckpt", weights_only=False)["dgc_states"]
+    assert len(states) == 2
+    name = next(iter(states[0]["accumulation"]))
+    assert not torch.equal(states[0]["accumulation"][name], states[1]["accumulation"][name])
