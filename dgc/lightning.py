@@ -13,8 +13,8 @@ with it (``ModelCheckpoint`` deleting all but the top k, ``save_last``, ``ckpt_p
 copying it to another machine or an fsspec store) keeps the DGC state with it; per-rank side
 files would be left behind or deleted by none of those, and on nodes without a shared file
 system rank 0 could not even see them. The launcher's checkpoints do the same. The price:
-rank 0 holds, and the file stores, about ``8 * parameters * world_size`` bytes more (fp32
-``u`` and ``v`` per rank), and every rank reads the whole file on resume.
+rank 0 holds, and the file stores, 8 bytes per parameter and rank (fp32 momentum and
+residual; 12 with weight decay), and every rank reads the whole file on resume.
 """
 from __future__ import annotations
 
@@ -119,15 +119,20 @@ class DGCStrategy(DDPStrategy):
         super().load_optimizer_state_dict(checkpoint)
         if self.dgc_state is None:
             return
-        states = checkpoint.get(CHECKPOINT_KEY)
-        if states is None:
-            raise ValueError("DGCStrategy: the checkpoint holds no DGC state (saved without "
-                             "DGCStrategy?); DGC's momentum and residuals cannot be restored")
-        if len(states) != self.world_size:
-            raise ValueError(f"DGCStrategy: the checkpoint holds the DGC state of "
-                             f"{len(states)} ranks and this run has {self.world_size}; "
-                             f"residuals are per rank, resume with the same world size")
-        self.dgc_state.load_state_dict(states[self.global_rank])
+        self.dgc_state.load_state_dict(
+            rank_state(checkpoint.get(CHECKPOINT_KEY), self.world_size, self.global_rank))
+
+
+def rank_state(states: list[dict] | None, world_size: int, rank: int) -> dict:
+    """This rank's entry of a checkpoint's ``dgc_states``, or a one-line error saying why not."""
+    if states is None:
+        raise ValueError("DGCStrategy: the checkpoint holds no DGC state (saved without "
+                         "DGCStrategy?); DGC's momentum and residuals cannot be restored")
+    if len(states) != world_size:
+        raise ValueError(f"DGCStrategy: the checkpoint holds the DGC state of {len(states)} "
+                         f"ranks and this run has {world_size}; residuals are per rank, "
+                         f"resume with the same number")
+    return states[rank]
 
 
 class DGCStatsLogger(Callback):

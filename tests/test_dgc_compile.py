@@ -13,8 +13,8 @@ import dgc
 from tests.distributed import run_ranks
 
 OPTIONS = dict(density=0.05, warmup_epochs=0, min_numel=100)
-# aot_eager traces forward and backward as inductor does, without its minutes of C++ builds
-# on a cold cache; SPARSE_COMM_COMPILE_BACKEND=inductor runs the same checks with inductor.
+# aot_eager traces forward and backward as inductor does, without inductor's C++ kernel
+# builds; SPARSE_COMM_COMPILE_BACKEND=inductor runs the same checks with inductor.
 BACKEND = os.environ.get("SPARSE_COMM_COMPILE_BACKEND", "aot_eager")
 
 

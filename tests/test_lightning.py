@@ -9,7 +9,38 @@ import pytest
 import torch
 
 import pytorch_lightning  # noqa: F401  (the 'lightning' extra; a missing one fails here)
+from dgc.lightning import DGCStrategy, rank_state
+from sparse_comm.schema import ConfigError
+from sparse_train.lightning import SparsityCallback
 from tests.launch_helpers import REPO, launch_env
+
+
+@pytest.mark.parametrize("make,key", [
+    (lambda: DGCStrategy(density=0), "density"),
+    (lambda: DGCStrategy(densty=0.1), "densty"),  # neither DGC's nor DDP's
+    (lambda: DGCStrategy(ddp_comm_hook=print), "ddp_comm_hook"),
+    (lambda: SparsityCallback("nm", n=5), "n"),
+    (lambda: SparsityCallback("lottery"), "method"),
+])
+def test_option_mistakes_are_one_line_config_errors_before_training(make, key):
+    with pytest.raises(ConfigError) as info:
+        make()
+    assert info.value.key == key and "\n" not in str(info.value)
+
+
+def test_dgc_and_ddp_options_go_their_own_ways():
+    strategy = DGCStrategy(density=0.01, value_dtype="fp16", find_unused_parameters=True,
+                           process_group_backend="gloo")
+    assert strategy.dgc_options == {"density": 0.01, "value_dtype": "fp16"}
+    assert strategy._ddp_kwargs == {"find_unused_parameters": True}
+
+
+def test_resuming_needs_dgc_state_for_every_rank():
+    assert rank_state([{"r": 0}, {"r": 1}], 2, 1) == {"r": 1}
+    with pytest.raises(ValueError, match="holds no DGC state"):
+        rank_state(None, 2, 0)
+    with pytest.raises(ValueError, match="DGC state of 2 ranks and this run has 4"):
+        rank_state([{}, {}], 4, 3)
 
 
 def _torchrun(phase: str, out) -> list[dict]:
