@@ -4,8 +4,9 @@
 
 * ``fit``: the plain torchrun + DDP loop and a Lightning Trainer on the same data, model and
   settings, for DGC (``DGCStrategy``), each of N:M, IHT and DNS (``SparsityCallback``) and
-  N:M under DGC; the DGC Trainer checkpoints at the end of each epoch;
-* ``resume``: a new Trainer, in new processes, continuing from the first epoch's checkpoint.
+  N:M under DGC; the Trainers with DGC checkpoint at the end of each epoch;
+* ``resume``: new Trainers, in new processes, continuing the DGC and DGC + N:M runs from their
+  first epoch's checkpoints.
 
 Each rank saves what it ran to ``OUT/PHASE-rank<r>.pt``: final parameters, SGD momentum
 buffers and DGC stats by run, and the Lightning runs' logged metrics (rank 0 only, read back
@@ -103,7 +104,7 @@ def lightning_run(out: Path, name: str, use_dgc: bool, method: str | None,
                 else pl.strategies.DDPStrategy(bucket_cap_mb=BUCKET_MB))
     callbacks = [SparsityCallback(method, **SCHEDULES[method])] if method else []
     if ckpt_dir is not None:
-        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="epoch{epoch}",
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="{epoch}",
                                          save_top_k=-1, every_n_epochs=1))
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=EPOCHS,
                          callbacks=callbacks, logger=CSVLogger(out, name=name, version=0),
@@ -125,12 +126,13 @@ def main(phase: str, out: Path) -> None:
     if phase == "fit":
         for use_dgc, method in [(True, None), *((False, m) for m in SPARSE_METHODS), (True, "nm")]:
             key = "+".join(k for k in ("dgc" if use_dgc else "", method or "") if k)
-            ckpt_dir = out / "ckpt" if key == "dgc" else None
+            ckpt_dir = out / "ckpt" / key if use_dgc else None
             results[key] = {"plain": plain_loop(use_dgc, method),
                             "lightning": lightning_run(out, key, use_dgc, method, ckpt_dir)}
     else:
-        ckpt = out / "ckpt" / "epochepoch=0.ckpt"
-        results["resumed"] = lightning_run(out, "resumed", True, None, resume=ckpt)
+        for key, method in (("dgc", None), ("dgc+nm", "nm")):
+            ckpt = out / "ckpt" / key / "epoch=0.ckpt"
+            results[key] = lightning_run(out, f"resumed-{key}", True, method, resume=ckpt)
     if dist.get_rank() == 0:
         results["logged"] = {name.name: logged(out, name.name) for name in out.iterdir()
                              if (name / "version_0" / "metrics.csv").exists()}

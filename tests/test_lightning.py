@@ -96,16 +96,17 @@ def test_sparsity_callback_equals_plain_ddp_loop_bitwise(runs, method):
     assert len(density) == 10 and density[-1] < 0.6  # the masks were on
 
 
-def test_resume_from_lightning_checkpoint_equals_uninterrupted_run_bitwise(runs):
+@pytest.mark.parametrize("run", ["dgc", "dgc+nm"])
+def test_resume_from_lightning_checkpoint_equals_uninterrupted_run_bitwise(runs, run):
     out, fit, resume = runs
     for rank_fit, rank_resume in zip(fit, resume):
-        (uninterrupted, _, stats), (resumed, _, resumed_stats) = (rank_fit["dgc"]["lightning"],
-                                                                  rank_resume["resumed"])
+        (uninterrupted, _, stats), (resumed, _, resumed_stats) = (rank_fit[run]["lightning"],
+                                                                  rank_resume[run])
         _assert_same_bits(uninterrupted, resumed)
         assert resumed_stats["steps"] == stats["steps"] == 10
         assert resumed_stats["bytes_sent"] == stats["bytes_sent"]
     # rank 0 wrote the file; it holds both ranks' residuals, which differ
-    states = torch.load(out / "ckpt" / "epochepoch=0.ckpt", weights_only=False)["dgc_states"]
+    states = torch.load(out / "ckpt" / run / "epoch=0.ckpt", weights_only=False)["dgc_states"]
     assert len(states) == 2
     name = next(iter(states[0]["accumulation"]))
     assert not torch.equal(states[0]["accumulation"][name], states[1]["accumulation"][name])
