@@ -20,6 +20,7 @@ its slowest thread. Compare min columns, or use ``--threads 1``, there.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -30,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dgc.select import ThresholdState, select_topk  # noqa: E402
+from sparse_comm import draws  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SUFFIXES = {"K": 10**3, "M": 10**6, "G": 10**9}
@@ -61,14 +63,15 @@ METHODS = {"read": "read pass (x.sum)", "topk": "torch.topk(|x|)", "sort": "torc
 
 def methods(x: torch.Tensor, k: int, sample_ratio: float, chosen: list[str]) -> dict:
     state = ThresholdState()
-    generator = torch.Generator(device=x.device).manual_seed(0)
+    calls = itertools.count()  # each call its own draw, as the compressor keys them
     table = {
         "read": lambda: x.sum(),
         "topk": lambda: torch.topk(x.abs(), k, sorted=False),
         "sort": lambda: torch.sort(x.abs()),
         "naive": lambda: naive_select(x, k, sample_ratio),
         "select": lambda: select_topk(x, k, sample_ratio),
-        "state": lambda: select_topk(x, k, sample_ratio, state=state, generator=generator),
+        "state": lambda: select_topk(x, k, sample_ratio, state=state,
+                                     draw=draws.integer(0, 0, "x", next(calls))),
     }
     if x.numel() > SORT_MAX_NUMEL:
         chosen = [m for m in chosen if m != "sort"]

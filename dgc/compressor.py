@@ -2,8 +2,9 @@
 
 ``Compressor`` owns what Deep Gradient Compression keeps between steps for each parameter,
 keyed by name: the momentum ``u``, the accumulated update ``v`` (Lin et al., ICLR 2018,
-Sec. 3.2), the weight-decay momentum, the sampled-threshold state and the sampling
-generator, plus the warm-up schedule. Its per-tensor methods are the whole algorithm on one
+Sec. 3.2), the weight-decay momentum, the sampled-threshold state and the count of
+selections made (which, with the seed, rank and name, picks each sample: no random stream
+is shared across tensors), plus the warm-up schedule. Its per-tensor methods are the whole algorithm on one
 rank; a transport (``dgc.hook`` for DDP, ``dgc.horovod`` for Horovod) only decides which
 tensors go sparse, moves what ``compress`` returns, and sums it.
 
@@ -13,7 +14,6 @@ pushed by an old residual; k counts the live entries only.
 """
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -21,12 +21,11 @@ from torch import Tensor
 
 from dgc import codec, memory
 from dgc.options import DGCOptions
-from dgc.schedule import topk_count, warmup_density
+from dgc.schedule import sparse_count, warmup_density
 from dgc.select import ThresholdState, row_peaks, select_topk, uses_exact_topk
+from sparse_comm import draws
 from sparse_comm.schema import build
 from sparse_train.live import PerMask
-
-log = logging.getLogger(__name__)
 
 
 class Compressor:
@@ -35,8 +34,8 @@ class Compressor:
     Args:
         named_parameters: the model's parameters; state is keyed by these names, so it
             survives a bucket rebuild and a restart.
-        world_size, rank: where this rank sits (the rank seeds the threshold sampler; the
-            world size scales local clipping).
+        world_size, rank: where this rank sits (the rank keys the threshold's samples;
+            the world size scales local clipping).
         momentum, nesterov: the SGD momentum applied here (``torch.optim.SGD`` semantics,
             dampening 0); the optimizer must then run without momentum.
         weight_decay: a float for all parameters or a mapping name -> float. Weight decay is
@@ -66,8 +65,7 @@ class Compressor:
         self._wd_u: dict[str, Tensor] = {}
         self._thresholds: dict[str, ThresholdState] = {}
         self._masked_with: PerMask[None] = PerMask()  # masks the memories were cut to
-        self._generator: torch.Generator | None = None
-        self._pending_generator_state: Tensor | None = None
+        self._selections: dict[str, int] = {}  # sampled selections made, per name
 
     # -- schedule -----------------------------------------------------------------------
     @property
@@ -80,14 +78,10 @@ class Compressor:
         """Move the warm-up schedule to ``epoch``; call it on every rank, like a sampler's."""
         self.epoch = float(epoch)
 
-    def compresses(self, shape: torch.Size) -> bool:
-        """Whether a tensor of ``shape`` is sparsified (else it goes dense, as in the paper:
-        1-D tensors and those under ``min_numel`` entries)."""
-        return len(shape) > 1 and shape.numel() >= self.options.min_numel
-
-    def k(self, numel: int) -> int:
-        """Entries to send this step from a tensor with ``numel`` live entries."""
-        return topk_count(numel, self.density)
+    def sparse_k(self, shape: torch.Size, live: int) -> int | None:
+        """Entries to send this step from a tensor of ``shape`` with ``live`` unmasked
+        entries, or None when it goes dense (``dgc.schedule.sparse_count``)."""
+        return sparse_count(shape, live, self.density, self.options.min_numel)
 
     # -- masks from a sparsifier ----------------------------------------------------------
     def use_sparsifier(self, sparsifier) -> None:
@@ -128,24 +122,25 @@ class Compressor:
 
     def compress(self, name: str, g: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """Fold flat gradient ``g`` into ``name``'s memory and take out the ``k`` entries to
-        send: (positions in ``g``, values in the wire dtype)."""
+        send: (positions in ``g``, values in the wire dtype). ``k`` is below ``g.numel()``
+        (``sparse_k`` sends a tensor dense otherwise)."""
+        assert 1 <= k < g.numel(), (name, k, g.numel())
         u = self._buffer(self._u, name, g)
         v = self._buffer(self._v, name, g)
-        if k >= g.numel():  # nothing to select: send everything (density 1.0)
+        peaks = None
+        if uses_exact_topk(g.numel(), k):
             memory.accumulate_(u, v, g, self.momentum, self.nesterov)
-            indices, values = torch.arange(g.numel(), device=v.device), v.clone()
         else:
-            peaks = None
-            if uses_exact_topk(g.numel(), k):
-                memory.accumulate_(u, v, g, self.momentum, self.nesterov)
-            else:
-                # Accumulate chunk by chunk while the selection reduces each chunk's row
-                # peaks, so v comes from memory once for both.
-                peaks = row_peaks(v, lambda part: memory.accumulate_(
-                    u[part], v[part], g[part], self.momentum, self.nesterov))
-            threshold = self._thresholds.setdefault(name, ThresholdState())
-            indices, values = select_topk(v, k, self.options.sample_ratio, state=threshold,
-                                          generator=self._rng(v.device), peaks=peaks)
+            # Accumulate chunk by chunk while the selection reduces each chunk's row
+            # peaks, so v comes from memory once for both.
+            peaks = row_peaks(v, lambda part: memory.accumulate_(
+                u[part], v[part], g[part], self.momentum, self.nesterov))
+        step = self._selections.get(name, 0)
+        self._selections[name] = step + 1
+        threshold = self._thresholds.setdefault(name, ThresholdState())
+        indices, values = select_topk(
+            v, k, self.options.sample_ratio, state=threshold, peaks=peaks,
+            draw=draws.integer(self.options.seed, self.rank, name, step))
         values = values.to(codec.VALUE_DTYPES[self.options.value_dtype])
         memory.mask_(u, v, indices, values, self.options.momentum_masking)
         return indices, values
@@ -173,18 +168,6 @@ class Compressor:
             buf = store[name] = buf.to(like)
         return buf
 
-    def _rng(self, device: torch.device) -> torch.Generator:
-        if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device)
-            self._generator.manual_seed(self.options.seed * 1_000_003 + self.rank)
-            if self._pending_generator_state is not None:
-                try:
-                    self._generator.set_state(self._pending_generator_state)
-                except RuntimeError:  # saved on another device type: keep the fresh seed
-                    log.warning("DGC: threshold sampler state not restorable on %s", device)
-                self._pending_generator_state = None
-        return self._generator
-
     # -- checkpointing ------------------------------------------------------------------
     def state_dict(self) -> dict:
         """This rank's state (residuals differ per rank: save one file per rank). Tensors are
@@ -195,8 +178,7 @@ class Compressor:
             "accumulation": dict(self._v),
             "weight_decay_momentum": dict(self._wd_u),
             "thresholds": {n: t.state_dict() for n, t in self._thresholds.items()},
-            "generator": (self._generator.get_state() if self._generator is not None
-                          else self._pending_generator_state),
+            "selections": dict(self._selections),
         }
 
     def load_state_dict(self, state: Mapping) -> None:
@@ -209,4 +191,4 @@ class Compressor:
             self._thresholds[name] = ThresholdState()
             self._thresholds[name].load_state_dict(sd)
         self._masked_with = PerMask()
-        self._generator, self._pending_generator_state = None, state["generator"]
+        self._selections = dict(state["selections"])

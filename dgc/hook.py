@@ -38,7 +38,7 @@ from dgc import codec, wire
 from dgc.compressor import Compressor
 from dgc.guards import PER_PARAMETER_HOOK
 from dgc.options import DGCOptions
-from dgc.schedule import topk_count
+from dgc.schedule import sparse_count
 from sparse_comm.schema import ConfigError, build
 from sparse_train.live import gather_live, scatter_live_
 
@@ -96,7 +96,7 @@ class _Plan:
 
 
 def make_plan(names: Iterable[str], shapes: Iterable[torch.Size], density: float,
-              world_size: int, itemsize: int, options: DGCOptions,
+              world_size: int, options: DGCOptions,
               live: Mapping[str, int] | None = None, fixed: bool = False) -> _Plan:
     """``live``: entries left by hard sparsity masks, by name (k counts only those);
     ``fixed``: the masks are settled on every rank, so dense transport sends live entries
@@ -106,8 +106,7 @@ def make_plan(names: Iterable[str], shapes: Iterable[torch.Size], density: float
     for name, shape in zip(names, shapes):
         numel = math.prod(shape)
         n_live = live.get(name, numel)
-        compress = len(shape) > 1 and numel >= options.min_numel
-        k = topk_count(n_live, density) if compress else None
+        k = sparse_count(shape, n_live, density, options.min_numel)
         slots.append(_Slot(name, offset, numel, k, n_live if fixed else numel))
         offset += numel
     layout = codec.Layout(sum(s.k for s in slots if s.k is not None),
@@ -121,8 +120,11 @@ def make_plan(names: Iterable[str], shapes: Iterable[torch.Size], density: float
         # the dense tensors travel in the value dtype beside the allgather (_exchange_sparse)
         sparse_bytes += wire.allreduce_bytes(dense_numel * layout.value_dtype.itemsize,
                                              world_size)
+    # The fallback allreduce carries the bucket in the value dtype too, so the break-even
+    # density of a bucket of compressed tensors is 2 b_v / (p (b_v + b_i)).
     all_live = sum(s.live for s in slots)
-    fallback = sparse_bytes > wire.allreduce_bytes(all_live * itemsize, world_size)
+    fallback = sparse_bytes > wire.allreduce_bytes(all_live * layout.value_dtype.itemsize,
+                                                   world_size)
     sparse = layout.count > 0 and not (options.dense_fallback and fallback)
     return _Plan(tuple(slots), sparse, layout)
 
@@ -176,7 +178,7 @@ class DGCState(Compressor):
         plan = self._plans.get(key)
         if plan is None:
             plan = make_plan(names, (p.shape for p in params), self.density, self.world_size,
-                             flat.element_size(), self.options, live, fixed)
+                             self.options, live, fixed)
             self._plans[key] = plan
             self.stats.density.update(
                 (s.name, 1.0 if s.k is None else s.k / s.numel) for s in plan.slots)
@@ -278,14 +280,15 @@ def _exchange_sparse(state: DGCState, plan: _Plan, flat: Tensor,
 def _exchange_dense(state: DGCState, plan: _Plan, flat: Tensor,
                     sent: list[tuple[Tensor, Tensor]],
                     positions: Mapping[str, Tensor]) -> torch.futures.Future:
-    """Same sum as ``_exchange_sparse`` by one allreduce of the bucket, the compressed tensors
-    reduced to their selected entries (cheaper when the density is high). Under fixed masks
-    only the live entries travel."""
+    """Same sum as ``_exchange_sparse`` by one allreduce of the bucket in the value dtype, the
+    compressed tensors reduced to their selected entries (cheaper when the density is
+    high). Under fixed masks only the live entries travel."""
     for s, (indices, values) in zip(plan.compressed, sent):
         flat.narrow(0, s.offset, s.numel).zero_().index_copy_(0, indices, values.to(flat.dtype))
-    if not positions:
+    wire_dtype = plan.layout.value_dtype
+    if not positions and wire_dtype == flat.dtype:
         return _allreduce(state, flat)
-    live = _live_entries(flat, plan.slots, positions, flat.dtype)
+    live = _live_entries(flat, plan.slots, positions, wire_dtype)
     return _allreduce(state, live).then(lambda _: _put_back_(flat, plan.slots, positions, live))
 
 

@@ -139,8 +139,8 @@ class DistributedOptimizer:
         self.stats.bytes_dense += allreduce_bytes(g.nbytes, c.world_size)
         if not self._pending:
             self.stats.steps += 1
-        if c.compresses(param.shape):
-            k = c.k(c.live_count(name, g.numel(), masks))
+        k = c.sparse_k(param.shape, c.live_count(name, g.numel(), masks))
+        if k is not None:
             self.stats.density[name] = k / g.numel()
             indices, values = c.compress(name, g, k)
             layout = codec.Layout(indices.numel(), value_dtype,

@@ -158,7 +158,7 @@ def uses_exact_topk(numel: int, k: int) -> bool:
 @torch.no_grad()
 def select_topk(x: Tensor, k: int, sample_ratio: float = 0.01, *,
                 state: ThresholdState | None = None,
-                generator: torch.Generator | None = None,
+                draw: int | None = None,
                 peaks: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Pick k entries of ``x`` of largest magnitude; see the module docstring for guarantees.
 
@@ -169,8 +169,10 @@ def select_topk(x: Tensor, k: int, sample_ratio: float = 0.01, *,
             entries; raised where needed so that ``MIN_SAMPLE_RANK`` sampled entries are
             expected above the k-th largest.
         state: per-tensor calibration carried across calls; optional.
-        generator: draws the sample's offset (on x's device); without it the sample starts
-            at row 0 every call.
+        draw: a non-negative integer that picks the sample's offset (``draw %
+            row_stride``), e.g. ``sparse_comm.draws.integer(seed, rank, name, step)``;
+            without it the sample starts at row 0 every call. A plain int, so choosing
+            the offset reads nothing from the device.
         peaks: ``row_peaks(x)`` if the caller has it already (it then saves a pass over x).
 
     Returns:
@@ -182,7 +184,7 @@ def select_topk(x: Tensor, k: int, sample_ratio: float = 0.01, *,
         indices = torch.topk(x.abs(), k, sorted=False).indices
         return indices, x.index_select(0, indices)
     plan = _plan(x.numel(), k, sample_ratio)
-    threshold = _threshold(_sample(x, plan, generator), plan, state)
+    threshold = _threshold(_sample(x, plan, draw), plan, state)
     positions, magnitudes, used = _candidates(x, threshold, plan, peaks)
     if state is not None:
         state._update(used.sum(), plan.target)
@@ -204,17 +206,13 @@ def _check(x: Tensor, k: int, sample_ratio: float) -> None:
         raise ValueError(f"select_topk: sample_ratio must be in (0, 1], got {sample_ratio}")
 
 
-def _sample(x: Tensor, plan: _Plan, generator: torch.Generator | None) -> Tensor:
-    """Magnitudes of every ``row_stride``-th row of GROUP entries, from a random row offset.
-    Whole rows are read, so the sample touches few cache lines."""
+def _sample(x: Tensor, plan: _Plan, draw: int | None) -> Tensor:
+    """Magnitudes of every ``row_stride``-th row of GROUP entries, from the row offset
+    ``draw`` picks. Whole rows are read, so the sample touches few cache lines."""
     grid = x[: plan.sample_rows * plan.row_stride * GROUP].view(
         plan.sample_rows, plan.row_stride, GROUP)
-    if generator is None:
-        sample = grid[:, 0]
-    else:
-        offset = torch.randint(plan.row_stride, (1,), generator=generator, device=x.device)
-        sample = grid.index_select(1, offset)
-    return sample.abs().view(plan.sample_rows, GROUP)
+    offset = 0 if draw is None else draw % plan.row_stride
+    return grid[:, offset].abs()
 
 
 def _largest(sample: Tensor, count: int) -> Tensor:
@@ -231,7 +229,10 @@ def _threshold(sample: Tensor, plan: _Plan, state: ThresholdState | None) -> Ten
     """The ``rank``-th largest sampled magnitude (0-d, x's dtype); with a state, the rank is
     moved by ``rank_shift`` doublings, reading the threshold off a power law through the
     ranks ``rank`` and ``2 * rank``, which needs no sort."""
-    if state is None:
+    if state is None or plan.row_stride == 1:
+        # A sample of every row is x itself (bar the tail, which is scanned whole): its
+        # rank-th largest is the exact threshold, and a calibration shift could only push
+        # more candidates than the buffers hold (rank k + 1, capacity k + 1).
         return _largest(sample, plan.rank).min()
     deeper = min(sample.numel(), 2 * plan.rank)
     top = _largest(sample, deeper).float()

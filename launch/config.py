@@ -120,6 +120,10 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         data = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise ConfigError("", f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError("", f"{path} is a directory; --config takes a YAML file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError("", f"cannot read config file {path}: {err}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

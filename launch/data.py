@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Sampler, TensorDataset
 from tqdm import tqdm
 
-from sparse_comm.schema import require
+from sparse_comm.schema import ConfigError, require
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +146,8 @@ def _mnist_splits(cfg: DataConfig, progress: bool) -> RawSplits:
     for raw in (root / "MNIST" / "raw", root):
         if _idx_path(raw, "train-images-idx3-ubyte") is not None:
             return _read_mnist_idx(raw)
-    raise FileNotFoundError(
-        f"no MNIST under data.root={cfg.root}: looked for {pickled} and for "
+    raise ConfigError("data.root",
+        f"no MNIST under {cfg.root}: looked for {pickled} and for "
         f"train-images-idx3-ubyte[.gz] in {root / 'MNIST' / 'raw'} and {root}; "
         f"unset data.root to fetch MNIST into data.cache_dir")
 
@@ -317,9 +317,9 @@ def _cifar10_splits(cfg: DataConfig) -> RawSplits:
             return {"train": (torch.cat([x for x, _ in train]), torch.cat([y for _, y in train])),
                     "test": _read_cifar_batch(folder / "test_batch")}
     looked = ", ".join(str(p) for p in candidates)
-    raise FileNotFoundError(
-        f"CIFAR-10 not found: looked for data_batch_1..5 and test_batch in {looked}; extract "
-        f"https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz into data.root")
+    raise ConfigError("data.name", f"'cifar10' needs its files: no data_batch_1..5 and "
+                      f"test_batch in {looked}; extract cifar-10-python.tar.gz "
+                      f"(https://www.cs.toronto.edu/~kriz/cifar.html) into data.root")
 
 
 def _read_cifar_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:

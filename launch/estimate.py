@@ -21,7 +21,6 @@ from launch.costmodel.collectives import break_even_density
 from launch.costmodel.hardware import HardwareConfig, load_cluster, preset_names
 from launch.costmodel.run import cluster_times, compare, meta_model, workload
 from launch.costmodel.storage import FORMATS, expected_masks, model_storage
-from launch.costmodel.traffic import FP32
 from sparse_comm.schema import ConfigError, build, to_dict
 
 PROG = "launch.estimate"
@@ -147,7 +146,7 @@ def main(argv=None) -> int:
     print(summary)
     for p, rows in results.items():
         print()
-        print(table(p, rows, break_even_density(p, value_bytes, index_bytes, FP32)))
+        print(table(p, rows, break_even_density(p, value_bytes, index_bytes)))
     if args.out:
         plot(results, args.out, f"{cfg.model.name} on {load_cluster(hw.preset).name}")
         print(f"\nwrote {args.out}")

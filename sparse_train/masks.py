@@ -33,22 +33,29 @@ Scope = Literal["layer", "global"]
 
 def keep_largest(scores: dict[str, Tensor], sparsity: float, scope: Scope = "layer"
                  ) -> dict[str, Tensor]:
-    """Keep the largest scores, pruning ``round(sparsity * count)`` entries.
+    """Keep the largest scores, pruning ``round(sparsity * count)`` entries, but never a
+    layer's last one.
 
     With ``scope="layer"`` each tensor loses that fraction of its own entries; with
     ``"global"`` the fraction is taken over all entries together, so layers with small
-    scores lose more. Ties are broken by position (a stable sort), which makes the choice
-    a function of the scores alone.
+    scores lose more. Either way every tensor keeps at least its largest entry (as
+    torch.ao.pruning keeps at least one block): a layer pruned away entirely would cut the
+    network. Ties are broken by position (a stable sort), which makes the choice a
+    function of the scores alone.
     """
     assert scope in ("layer", "global"), scope
     if scope == "layer":
-        return {name: _keep_top(s.flatten(), s.numel() - round(sparsity * s.numel()))
+        return {name: _keep_top(s.flatten(), max(1, s.numel() - round(sparsity * s.numel())))
                 .view(s.shape) for name, s in scores.items()}
     flat = torch.cat([s.flatten() for s in scores.values()])
     keep = _keep_top(flat, flat.numel() - round(sparsity * flat.numel()))
     sizes = [s.numel() for s in scores.values()]
-    return {name: part.view(s.shape)
-            for (name, s), part in zip(scores.items(), keep.split(sizes))}
+    masks = {}
+    for (name, s), part in zip(scores.items(), keep.split(sizes)):
+        if not part.any():
+            part = _keep_top(s.flatten(), 1)
+        masks[name] = part.view(s.shape)
+    return masks
 
 
 def _keep_top(scores: Tensor, count: int) -> Tensor:

@@ -57,14 +57,17 @@ class SparsityOptions:
     # prunes a trained network, so training is dense until dns_start_step, where mu and
     # sigma are taken. Masks are then revised with probability
     # (1 + dns_gamma * (step - dns_start_step)) ** -dns_power until dns_iter_stop; the
-    # defaults halve that probability 10k steps in. dns_seed seeds the draws, which are
-    # the same on every rank.
+    # defaults halve that probability 10k steps in. Each layer's draw at each step is a
+    # hash of (dns_seed, name, step): the same on every rank and after a restart.
     dns_c: float | list[float] = 1.0
     dns_start_step: int = 0
     dns_gamma: float = 1e-4
     dns_power: float = 1.0
     dns_iter_stop: int = 10000
     dns_seed: int = 0
+    # mu and sigma over a layer's nonzero weights (the authors' Caffe code) or all of them;
+    # they differ once a layer holds exact zeros (a layer pruned earlier, say).
+    dns_stats: Literal["nonzero", "all"] = "nonzero"
 
     # IHT (Jin et al. 2016): iht_cycles x (iht_s1 dense steps, then iht_s2 steps with the
     # top (1 - target) magnitudes fixed), then dense or sparse for the rest of the run.

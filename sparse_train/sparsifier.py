@@ -219,20 +219,28 @@ class Sparsifier:
         return {name: p.detach() for name, p in self.params.items()}
 
     def report(self) -> dict[str, Any]:
-        """Density, N:M compliance and storage cost per layer, and the layers left dense."""
+        """Density, N:M compliance and storage cost per layer, and the layers left dense.
+
+        ``at_floor`` marks a layer down to its last weight (its last block, for block
+        sparsity): the mask rules never prune a layer away entirely, so a target that
+        would has been held there (``floor`` says so in words)."""
         o = self.options
+        unit = o.block[0] * o.block[1] if o.method == "block" else 1
         layers = {}
         for name, p in self.params.items():
             mask = self.masks[name]
             layers[name] = {
                 "shape": list(p.shape),
                 "density": mask.float().mean().item(),
+                "at_floor": int(mask.sum()) == unit,
                 "nm_compliant": nm_compliant(mask, o.n, o.m),
                 "bytes": storage_bytes(p.detach(), mask, n=o.n, m=o.m, block=tuple(o.block)),
             }
         kept = sum(int(mask.sum()) for mask in self.masks.values())
         total = sum(mask.numel() for mask in self.masks.values())
         return {"method": o.method, "step": self.step,
+                "floor": "every layer keeps at least one weight (one block for block "
+                         "sparsity), whatever the target",
                 "density": kept / total if total else 1.0,
                 "layers": layers, "skipped": dict(self.skipped)}
 

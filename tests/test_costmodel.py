@@ -19,7 +19,8 @@ from launch.costmodel.hardware import (Accelerator, Cluster, HardwareConfig, Lin
                                        load_cluster, preset_names)
 from launch.costmodel.run import estimate_run, step_estimate
 from launch.costmodel.storage import (csc_bytes, dia_bytes, dns_density, expected_masks,
-                                      layer_storage, weight_sharing_rate)
+                                      layer_storage, model_weight_sharing_rate,
+                                      nm_pattern, weight_sharing_rate)
 from launch.models import MLP
 from sparse_comm.schema import ConfigError, build
 from sparse_train.masks import nm_compliant
@@ -274,7 +275,7 @@ def test_csc_and_dia_bytes_of_a_small_matrix():
     m = torch.eye(4, dtype=torch.bool)
     m[0, 3] = True  # 5 nonzeros on 2 diagonals
     assert csc_bytes(m, 4, 4) == 5 * 8 + 5 * 4
-    assert dia_bytes(m, 4, 4) == 2 * (4 * 4 + 4)
+    assert dia_bytes(m, 4, 4) == 2 * (4 * 4 + 4)  # last nonzero column 3: 4 values each
 
 
 def test_layer_storage_reports_every_format_and_2_4_as_half_plus_metadata():
@@ -286,6 +287,43 @@ def test_layer_storage_reports_every_format_and_2_4_as_half_plus_metadata():
 
 def test_weight_sharing_rate_follows_han_et_al():
     assert weight_sharing_rate(1000, 32, 32) == pytest.approx(32000 / (1000 * 5 + 32 * 32))
+
+
+def test_model_weight_sharing_uses_one_codebook_per_layer_8_bit_conv_5_bit_fc():
+    # LeNet-5 pruned as in the paper's Table 3 (weights kept: conv1 66%, conv2 12%, fc1 8%,
+    # fc2 19%): a 256-entry codebook per conv, 32 per fc, biases not shared.
+    layers = {"conv1": (330, 4), "conv2": (3000, 4), "fc1": (32_000, 2), "fc2": (950, 2)}
+    dense_bits = 32 * (330 + 3000 + 32_000 + 950)
+    shared_bits = (330 * 8 + 256 * 32) + (3000 * 8 + 256 * 32) + (32_000 * 5 + 32 * 32) \
+        + (950 * 5 + 32 * 32)
+    assert model_weight_sharing_rate(layers) == pytest.approx(dense_bits / shared_bits)
+    # a layer with fewer weights than codebook entries needs one entry per weight
+    assert model_weight_sharing_rate({"w": (10, 2)}) == pytest.approx(
+        10 * 32 / (10 * math.log2(10) + 10 * 32))
+
+
+def test_dia_bytes_equal_what_scipy_stores():
+    """scipy's coo.todia() keeps, per occupied diagonal, max(col) + 1 values (not the
+    column count) and an int32 offset."""
+    m = torch.zeros(4, 6, dtype=torch.bool)
+    m[0, 1] = m[2, 3] = m[3, 0] = True  # 2 diagonals (+1, -3), last nonzero column 3
+    assert dia_bytes(m, 4, 4) == 2 * (4 * 4 + 4)
+    scipy_sparse = pytest.importorskip("scipy.sparse")
+    pattern = nm_pattern((64, 256)).reshape(64, -1)
+    dia = scipy_sparse.coo_matrix(pattern.numpy().astype("float32")).todia()
+    assert dia_bytes(pattern, 4, 4) == dia.data.nbytes + dia.offsets.nbytes
+
+
+def test_dgc_traffic_of_the_shipped_lenet300_config_counted_by_hand():
+    """Independent of dgc.hook.make_plan: configs/mnist_lenet300_dgc.yaml at p = 4 puts
+    one bucket of LeNet-300-100 on the wire as k = ceil(0.001 n) pairs of (int32, fp16):
+    fc1 236, fc2 30, fc3 1 = 267 pairs, 1602 bytes padded to 1608, allgathered (each rank
+    sends its 1608 bytes 3 times), and the 410 biases in fp16, allreduced (2 * 3/4 of 820
+    bytes)."""
+    cfg = load_config(REPO / "configs/mnist_lenet300_dgc.yaml")
+    from launch.costmodel.run import scheme_traffic, workload
+    traffic = scheme_traffic(workload(cfg), "dgc", 4, cfg.hardware)
+    assert traffic.wire_bytes(4) == pytest.approx(3 * 1608 + 1.5 * 820)
 
 
 def test_dns_density_of_gaussian_weights():

@@ -181,7 +181,7 @@ def test_root_with_torchvision_idx_files_plain_and_gzipped(tmp_path, monkeypatch
 
 
 def test_root_without_mnist_is_a_one_line_error_saying_where_it_looked(tmp_path):
-    with pytest.raises(FileNotFoundError, match="mnist.pkl.gz") as err:
+    with pytest.raises(ConfigError, match="mnist.pkl.gz") as err:
         load_datasets(DataConfig(root=str(tmp_path)))
     assert str(tmp_path / "MNIST" / "raw") in str(err.value) and "\n" not in str(err.value)
 
@@ -196,7 +196,7 @@ def test_pickle_that_would_run_code_is_refused(tmp_path):
 # --- CIFAR-10 --------------------------------------------------------------------------------
 
 def test_cifar10_missing_is_a_one_line_error_saying_where_and_how(tmp_path):
-    with pytest.raises(FileNotFoundError, match="cifar-10-python.tar.gz") as err:
+    with pytest.raises(ConfigError, match="cifar-10-python.tar.gz") as err:
         load_datasets(DataConfig(name="cifar10", root=str(tmp_path / "root"),
                                  cache_dir=str(tmp_path / "cache")))
     message = str(err.value)

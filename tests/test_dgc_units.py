@@ -9,7 +9,7 @@ import dgc
 from dgc import codec, memory
 from dgc.hook import make_plan
 from dgc.options import DGCOptions
-from dgc.schedule import topk_count, warmup_density
+from dgc.schedule import sparse_count, topk_count, warmup_density
 from sparse_comm.schema import ConfigError, build
 
 # -- memory ---------------------------------------------------------------------------------
@@ -44,16 +44,18 @@ def test_compressor_accumulating_chunk_by_chunk_equals_one_pass(nesterov):
     tensors; the memory and the selection are those of the plain order (accumulate, then
     select) step after step."""
     from dgc.select import ThresholdState, select_topk
+    from sparse_comm import draws
     numel, k = 1_000_003, 1000
     comp = dgc.Compressor([("w", torch.zeros(numel))], world_size=1, rank=0, momentum=0.9,
                           nesterov=nesterov, seed=3)
     u, v = torch.zeros(numel), torch.zeros(numel)
-    state, rng = ThresholdState(), torch.Generator().manual_seed(3 * 1_000_003)
+    state = ThresholdState()
     for step in range(3):
         g = torch.randn(numel, generator=torch.Generator().manual_seed(step))
         indices, values = comp.compress("w", g.clone(), k)
         memory.accumulate_(u, v, g, 0.9, nesterov)
-        ref_indices, ref_values = select_topk(v, k, state=state, generator=rng)
+        ref_indices, ref_values = select_topk(v, k, state=state,
+                                              draw=draws.integer(3, 0, "w", step))
         memory.mask_(u, v, ref_indices, ref_values, True)
         assert torch.equal(indices, ref_indices) and torch.equal(values, ref_values)
         sd = comp.state_dict()
@@ -124,18 +126,37 @@ def test_topk_count_is_at_least_one_and_at_most_all():
     assert topk_count(5000, 0.001) == 5
 
 
+def test_topk_count_rounds_up_as_the_reference_does():
+    # the reference: num_selects = int(math.ceil(numel * compress_ratio))
+    assert topk_count(1500, 0.001) == 2  # round() would give 2 too (banker's) ...
+    assert topk_count(1400, 0.001) == 2  # ... but 1 here
+    assert topk_count(235200, 0.001) == 236  # LeNet-300's fc1 at 0.1%: 235.2
+
+
+def test_a_tensor_whose_k_would_be_every_entry_goes_dense():
+    """Density 1.0 must not send a tensor as (index, value) pairs: with momentum masking
+    that would zero its momentum every step (SGD without momentum)."""
+    assert sparse_count((64, 32), 2048, 1.0, 100) is None
+    assert sparse_count((64, 32), 1024, 1.0, 100) is None  # 1024 live entries, all sent
+    assert sparse_count((64, 32), 2048, 0.5, 100) == 1024
+    assert sparse_count((64,), 64, 0.1, 1) is None and sparse_count((4, 4), 16, 0.1, 100) is None
+    plan = _plan(1.0, 2, dense_fallback=False)
+    assert not plan.compressed and plan.layout.count == 0
+
+
 # -- bucket plan ----------------------------------------------------------------------------
 
 
 def _plan(density, world_size, **options):
     shapes = [torch.Size([64, 32]), torch.Size([64]), torch.Size([4, 4])]
-    return make_plan(["w", "b", "small"], shapes, density, world_size, 4,
+    return make_plan(["w", "b", "small"], shapes, density, world_size,
                      build(DGCOptions, {"min_numel": 100, **options}))
 
 
 def test_plan_sends_small_and_1d_tensors_dense():
     plan = _plan(0.01, 2)
-    assert [(s.name, s.k) for s in plan.slots] == [("w", 20), ("b", None), ("small", None)]
+    # k = ceil(2048 * 0.01) = ceil(20.48), as the reference rounds (round would give 20)
+    assert [(s.name, s.k) for s in plan.slots] == [("w", 21), ("b", None), ("small", None)]
     assert [s.offset for s in plan.slots] == [0, 2048, 2112]
 
 

@@ -138,13 +138,24 @@ def test_state_corrects_a_biased_sample():
     assert_top_k(x, k, indices)
 
 
-def test_seeded_generator_is_deterministic_and_exact():
+def test_a_draw_picks_the_sample_deterministically_and_exactly():
     x, k = normal(1_000_003), 1000
-    g = torch.Generator().manual_seed(1)
-    first = select_topk(x, k, generator=g)[0]
+    first = select_topk(x, k, draw=12345)[0]
     assert_top_k(x, k, first)
-    again = select_topk(x, k, generator=torch.Generator().manual_seed(1))[0]
+    again = select_topk(x, k, draw=12345)[0]
     assert torch.equal(first.sort().values, again.sort().values)
+
+
+@pytest.mark.parametrize("numel,k", [(1 << 17, 2048), (1 << 18, 13)])
+def test_a_full_sample_gives_exactly_the_top_k_set_call_after_call(numel, k):
+    """sample_ratio 1.0 (and any sample of every row) reads the exact threshold; the
+    calibration state must not shift it off into an overflowing candidate buffer."""
+    state = ThresholdState()
+    for call in range(40):
+        x = normal(numel, seed=call)
+        indices, values = select_topk(x, k, 1.0, state=state, draw=call)
+        assert_valid(x, k, indices, values)
+        assert_top_k(x, k, indices)
 
 
 def test_state_round_trip():

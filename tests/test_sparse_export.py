@@ -125,3 +125,10 @@ def test_semi_structured_export_matches_the_masked_weight_on_gpu():
         model[0].weight.copy_(w)
     exported = sparse_train.export(model, format="semi_structured")["0.weight"]
     assert exported.to_dense().cpu().equal(w.half())
+
+
+def test_semi_structured_export_refuses_float32_which_torch_stores_as_1_2():
+    """torch's float32 semi-structured format is 1:2; a 2:4 weight would lose entries."""
+    model, sp = trained("nm")
+    with pytest.raises(ValueError, match="float32.*1:2"):
+        sparse_train.export(sp, format="semi_structured", dtype=torch.float32)

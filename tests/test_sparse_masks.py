@@ -96,9 +96,10 @@ def test_block_masks_on_conv_use_out_by_flattened_input_matrix():
 
 
 def test_block_masks_global_scope_spans_layers():
-    w = {"a": torch.full((2, 2), 1.0), "b": torch.full((2, 2), 3.0)}
+    w = {"a": torch.full((2, 4), 1.0), "b": torch.full((2, 4), 3.0)}
     out = masks.block_masks(w, 0.5, (2, 2), scope="global")
-    assert not out["a"].any() and out["b"].all()
+    # both of a's blocks score below b's; a keeps one only because no layer goes empty
+    assert int(out["a"].sum()) == 4 and out["b"].all()
 
 
 def test_cubic_schedule_at_start_end_and_midpoint():
@@ -136,3 +137,27 @@ def test_dns_surgery_prunes_below_0_9_t_splices_above_1_1_t():
 def test_dns_update_probability_decays():
     assert update_probability(0, 1e-4, 1.0) == 1.0
     assert update_probability(10_000, 1e-4, 1.0) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_no_layer_is_pruned_away_entirely(scope):
+    """round(sparsity * count) would remove all 20 weights at 0.98 and all 16 blocks at
+    0.97; the rules keep each layer's largest weight (block) instead."""
+    small, big = torch.randn(4, 5), torch.randn(200, 300) * 10
+    kept = masks.magnitude_masks({"small": small, "big": big}, 0.98, scope)
+    assert int(kept["small"].sum()) >= 1
+    assert kept["small"].view(-1)[small.abs().argmax()]
+    blocks = masks.block_masks({"w": torch.randn(16, 16)}, 0.97, (4, 4), scope=scope)["w"]
+    assert int(blocks.sum()) == 16  # one 4x4 block left
+    assert int(masks.magnitude_masks({"w": torch.randn(4, 5)}, 0.98, scope)["w"].sum()) == 1
+
+
+def test_the_sparsifier_report_says_when_a_layer_sits_at_the_floor():
+    import sparse_train
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Linear(4, 300))
+    sp = sparse_train.attach(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                             method="magnitude", target=0.98)
+    report = sp.report()
+    assert report["layers"]["0.weight"]["at_floor"]  # 20 weights, 0.98: one kept
+    assert not report["layers"]["1.weight"]["at_floor"]
+    assert "at least one weight" in report["floor"]

@@ -150,7 +150,7 @@ def test_dns_c_per_layer_pattern_first_match_wins():
             dns_threshold(sp._dense[name], 0.5))
 
 
-def test_dns_revises_masks_with_decaying_probability_from_a_private_generator():
+def test_dns_revises_masks_with_decaying_probability_from_private_draws():
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sp = sparse_train.attach(model, opt, method="dns", dns_gamma=0.5, dns_iter_stop=20,
@@ -282,3 +282,38 @@ def test_sparse_training_still_learns_the_synthetic_task(method):
     accuracy = (model(x).argmax(1) == y).float().mean().item()
     # Chance is 1/3; the dense model reaches about 0.88 in the same 100 steps.
     assert accuracy > 0.6, (method, accuracy, sp.report()["density"])
+
+
+def test_dns_statistics_skip_exact_zeros_as_the_authors_code_does():
+    """A 400k layer, half of it exact zeros: mu and sigma over the nonzero half (Caffe's
+    rule) give a higher threshold than over all entries."""
+    w = torch.randn(400_000, generator=torch.Generator().manual_seed(0)) * 0.05
+    w[::2] = 0
+    nonzero = w[w != 0].abs().double()
+    expected = float(nonzero.mean() + 1.0 * nonzero.std(unbiased=False))
+    assert dns_threshold(w, 1.0) == pytest.approx(expected, rel=1e-12)
+    everything = w.abs().double()
+    assert dns_threshold(w, 1.0, nonzero_only=False) == pytest.approx(
+        float(everything.mean() + everything.std(unbiased=False)), rel=1e-12)
+    assert dns_threshold(w, 1.0) > 1.2 * dns_threshold(w, 1.0, nonzero_only=False)
+
+
+def test_dns_draws_depend_on_layer_name_and_step_not_on_the_order_layers_are_asked():
+    """A layer's revision at a step must not depend on which layers were drawn for before
+    it (a stream shared across layers would), so masks do not move when layers are
+    listed in another order, e.g. after a restart."""
+    from sparse_train.methods.dns import DNS
+    from sparse_train.options import SparsityOptions
+    weights = {n: torch.randn(40, 30, generator=torch.Generator().manual_seed(i))
+               for i, n in enumerate(["a.weight", "b.weight", "c.weight"])}
+    runs = []
+    for order in (["a.weight", "b.weight", "c.weight"], ["c.weight", "a.weight", "b.weight"]):
+        method = DNS(SparsityOptions(method="dns", dns_gamma=0.5, dns_power=1.0))
+        masks = {n: torch.ones_like(weights[n], dtype=torch.bool) for n in order}
+        revised = []
+        for step in range(12):
+            new = method.update(step, {n: weights[n] for n in order}, masks) or {}
+            revised.append(sorted(new))
+        runs.append(revised)
+    assert runs[0] == runs[1]
+    assert any(0 < len(r) < 3 for r in runs[0])  # some steps revise some layers only

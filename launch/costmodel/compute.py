@@ -8,7 +8,9 @@ A layer's backward is two GEMMs of its forward's size: the input gradient (dgrad
 for the first layer, and the weight gradient (wgrad). With a 2:4-sparse weight, sparse
 tensor cores run the forward and dgrad GEMMs (the weight is an operand) at the sparse rate;
 wgrad multiplies two dense tensors and stays dense. The theoretical saving is therefore 2x on
-two GEMMs of three. The realistic one is what kernels measure, much less on small GEMMs.
+two GEMMs of three. The realistic factor is not measured by this project: for large GEMMs it
+is torchao's published figure (below), for small ones an assumption; issue 19's GPU run is
+where it gets measured.
 """
 from __future__ import annotations
 

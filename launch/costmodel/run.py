@@ -27,7 +27,7 @@ from . import traffic as tr
 from .collectives import break_even_density, sequence_time
 from .compute import ComputeTimes, ModelFlops, compute_times, count_flops
 from .hardware import Cluster, HardwareConfig, load_cluster
-from .storage import expected_masks, model_storage, weight_sharing_rate
+from .storage import expected_masks, model_storage, model_weight_sharing_rate
 
 if TYPE_CHECKING:
     from launch.config import Config
@@ -175,14 +175,15 @@ def estimate_run(cfg: Config, model: nn.Module, *, world_size: int,
         "est/sparse_tc_speedup_theoretical": every.dense / every.sparse_theoretical,
         "est/sparse_tc_speedup_realistic": every.dense / every.sparse_realistic,
         "est/sparse_tc_flops_fraction": every.sparse_flops_fraction,
-        "est/break_even_density": break_even_density(p, value_bytes, index_bytes, tr.FP32),
+        # the hook's rule: its fallback allreduce carries the bucket in the value dtype too
+        "est/break_even_density": break_even_density(p, value_bytes, index_bytes),
     })
     shapes = {n: shape for n, shape in work.params}
     storage = model_storage(shapes, {n: m for n, m in (masks or {}).items() if n in shapes})
     out.update({f"est/weight_bytes/{fmt}": float(b) for fmt, b in storage.items()})
-    nonzero = sum(int(m.sum()) for m in (masks or {}).values()) + sum(
-        tr.numel(s) for n, s in work.params if n not in (masks or {}))
-    out["est/weight_sharing_rate"] = weight_sharing_rate(nonzero)
+    kept = {n: (int(masks[n].sum()) if n in (masks or {}) else tr.numel(s), len(s))
+            for n, s in work.params if len(s) >= 2}
+    out["est/weight_sharing_rate"] = model_weight_sharing_rate(kept)
     return out
 
 

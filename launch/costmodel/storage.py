@@ -46,10 +46,14 @@ def occupied_diagonals(matrix: Tensor) -> int:
 
 
 def dia_bytes(matrix: Tensor, value_bytes: int, index_bytes: int) -> int:
-    """DIA as scipy.sparse.dia_matrix stores it: a full row of ``cols`` values per occupied
-    diagonal (padded), plus one offset per diagonal."""
+    """DIA as scipy.sparse.dia_matrix stores it (``coo_matrix.todia``): per occupied
+    diagonal one offset and a padded row of ``max(col) + 1`` values, where ``max(col)`` is
+    the last column holding a nonzero anywhere in the matrix (not always ``cols``)."""
     diagonals = occupied_diagonals(matrix)
-    return diagonals * (matrix.shape[1] * value_bytes + index_bytes)
+    if diagonals == 0:
+        return 0
+    width = int(matrix.any(dim=0).nonzero().max()) + 1
+    return diagonals * (width * value_bytes + index_bytes)
 
 
 def nm_pattern(shape: tuple[int, ...], n: int = 2, m: int = 4, device=None) -> Tensor:
@@ -95,11 +99,30 @@ def model_storage(shapes: Mapping[str, tuple[int, ...]], masks: Mapping[str, Ten
     return totals
 
 
+# Deep Compression's codebook sizes (Han, Mao and Dally, ICLR 2016, Sec. 5): 8 bits (256
+# shared values) per convolution, 5 bits (32) per fully connected layer.
+CONV_SHARING_BITS, FC_SHARING_BITS = 8, 5
+
+
 def weight_sharing_rate(n: int, bits: int = 32, clusters: int = 32) -> float:
     """Compression rate of sharing ``clusters`` values among ``n`` weights of ``bits`` bits:
-    r = n b / (n log2(k) + k b) (Han, Mao and Dally, "Deep Compression", ICLR 2016, Sec. 3).
-    Their fully connected layers use 5 bits (k = 32)."""
+    r = n b / (n log2(k) + k b) (Han, Mao and Dally, "Deep Compression", ICLR 2016, Sec. 3)."""
     return n * bits / (n * math.log2(clusters) + clusters * bits)
+
+
+def model_weight_sharing_rate(layers: Mapping[str, tuple[int, int]], bits: int = 32) -> float:
+    """The paper's rate over a model: one codebook per layer, ``CONV_SHARING_BITS`` for
+    convolutions and ``FC_SHARING_BITS`` for fully connected layers, over the weights
+    only (biases are not shared). ``layers`` maps each weight's name to (weights kept,
+    ndim); a layer with fewer weights than its codebook has entries uses one per weight."""
+    dense = shared = 0.0
+    for live, ndim in layers.values():
+        if live == 0:
+            continue
+        clusters = min(live, 2 ** (CONV_SHARING_BITS if ndim > 2 else FC_SHARING_BITS))
+        dense += live * bits
+        shared += live * math.log2(max(clusters, 2)) + clusters * bits
+    return dense / shared if shared else 1.0
 
 
 def dns_density(c: float) -> float:

@@ -136,16 +136,16 @@ def dgc(buckets: Sequence[Sequence[Param]], options: DGCOptions, p: int, passes:
     traffic = Traffic(f"dgc-d{density:g}")
     for bucket in buckets:
         names, shapes = [n for n, _ in bucket], [s for _, s in bucket]
-        plan = make_plan(names, shapes, density, max(p, 1), FP32, options, live, bool(live))
+        plan = make_plan(names, shapes, density, max(p, 1), options, live, bool(live))
         traffic.memory_bytes += passes * FP32 * sum(s.numel for s in plan.compressed)
-        if not plan.sparse:
+        value_bytes = plan.layout.value_dtype.itemsize
+        if not plan.sparse:  # the fallback allreduce, in the value dtype
             traffic.collectives.append(Collective("allreduce",
-                                                  sum(s.live for s in plan.slots) * FP32))
+                                                  sum(s.live for s in plan.slots) * value_bytes))
             continue
         dense_elems = sum(s.live for s in plan.dense)
         if dense_elems:  # sent in the value dtype too (dgc.hook._exchange_sparse)
-            traffic.collectives.append(
-                Collective("allreduce", dense_elems * plan.layout.value_dtype.itemsize))
+            traffic.collectives.append(Collective("allreduce", dense_elems * value_bytes))
         traffic.collectives.append(Collective("allgather", plan.layout.nbytes))
     return traffic
 
