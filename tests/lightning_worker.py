@@ -63,8 +63,20 @@ def momenta(opt: torch.optim.Optimizer) -> torch.Tensor:
                      [torch.zeros(0)])
 
 
+class Plain(nn.Module):
+    """The LightningModule's parameters under the same names (``net.*``): DGC's samples and
+    DNS's revisions draw from (seed, rank, name, step)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = net()
+
+    def forward(self, x):
+        return self.net(x)
+
+
 def plain_loop(use_dgc: bool, method: str | None) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    model = net()
+    model = Plain()
     ddp = DDP(model, bucket_cap_mb=BUCKET_MB)
     opt = torch.optim.SGD(model.parameters(), **SGD)
     sp = sparse_train.attach(ddp, opt, method=method, **SCHEDULES[method]) if method else None
