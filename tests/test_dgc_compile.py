@@ -1,5 +1,6 @@
 """DGC with torch.compile on real Gloo ranks: compiled inside or around DDP it trains to the
-same bits as uncompiled, with state under the uncompiled parameter names; compiled
+same bits as uncompiled (with aot_eager; to 1e-6 with inductor's own kernels), with state
+under the uncompiled parameter names; compiled
 autograd's per-parameter hook form (``optimize_ddp="python_reducer"``) is refused in one
 line, at ``dgc.attach`` and in ``dgc_hook`` for a hook registered by hand."""
 import os
@@ -87,7 +88,10 @@ def ranks():
 def test_compiled_model_with_the_dgc_hook_equals_eager_bitwise(ranks, wrap):
     for runs, _ in ranks:
         (eager, eager_names, _), (compiled, names, hook_runs) = runs["eager"], runs[wrap]
-        assert eager.tobytes() == compiled.tobytes(), abs(eager - compiled).max()
+        if BACKEND == "aot_eager":  # eager's kernels: the same bits
+            assert eager.tobytes() == compiled.tobytes(), abs(eager - compiled).max()
+        else:  # inductor fuses kernels, which may round differently
+            assert abs(eager - compiled).max() < 1e-6
         assert names == eager_names and not any("_orig_mod" in n for n in names)
         assert hook_runs == 6
 
