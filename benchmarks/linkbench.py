@@ -53,7 +53,8 @@ import torch  # noqa: E402
 
 from benchmarks import netns  # noqa: E402
 from benchmarks.linkbench_worker import (CALIBRATION, DGC_OPTIONS, MODELS,  # noqa: E402
-                                         ONE_BUCKET_MB, POWERSGD_START, PROBE, SCHEMES)
+                                         ONE_BUCKET_MB, POWERSGD_START, PROBE, SCHEMES,
+                                         parse_scheme)
 from dgc.options import DGCOptions  # noqa: E402
 from launch.costmodel import traffic as tr  # noqa: E402
 from launch.costmodel.collectives import (ring_hops, sequence_time,  # noqa: E402
@@ -156,13 +157,15 @@ def modelled_traffic(model: str, scheme: str, p: int) -> tr.Traffic | None:
     buckets = tr.ddp_buckets(params, ONE_BUCKET_MB if scheme.startswith("powersgd") else 25)
     if scheme in ("dense", "fp16"):
         return tr.dense(buckets, tr.FP32 if scheme == "dense" else 2, scheme)
-    if scheme.startswith("powersgd"):
-        return tr.powersgd(buckets, int(scheme[len("powersgd"):]), passes=0)
+    kind, parameter = parse_scheme(scheme)
+    if kind == "powersgd":
+        return tr.powersgd(buckets, int(parameter), passes=0)
     live = None
     if scheme == "dgc-nm24":
         masks = expected_masks(net, SparsityOptions(method="nm", n=2, m=4))
         live = {name: int(mask.sum()) for name, mask in masks.items()}
-    return tr.dgc(buckets, DGCOptions(**DGC_OPTIONS), p, passes=0, live=live)
+    return tr.dgc(buckets, DGCOptions(**DGC_OPTIONS), p, passes=0, live=live,
+                  density=parameter if kind == "dgc" else None)
 
 
 def with_link(cluster: Cluster, **fields) -> Cluster:
@@ -417,9 +420,10 @@ def parse(argv) -> argparse.Namespace:
         if model not in MODELS:
             raise UsageError(f"--models: unknown model {model!r} (known: {', '.join(MODELS)})")
     for scheme in args.schemes.split(","):
-        if scheme not in SCHEMES:
-            raise UsageError(f"--schemes: unknown scheme {scheme!r} "
-                             f"(known: {', '.join(SCHEMES)})")
+        try:
+            parse_scheme(scheme)
+        except ValueError as err:
+            raise UsageError(f"--schemes: {err}") from None
     try:
         args.world_sizes = [int(w) for w in args.world_sizes.split(",")]
     except ValueError:

@@ -40,9 +40,11 @@ from launch.models import ModelConfig, build_model
 MODELS = {  # name -> (ModelConfig, input shape); inputs are synthetic, 10 classes
     "wide_mlp": (ModelConfig(name="wide_mlp", width=4096, depth=2), (3, 32, 32)),
     "lenet300": (ModelConfig(name="lenet300"), (1, 28, 28)),
+    "lenet5": (ModelConfig(name="lenet5"), (1, 28, 28)),
     "tiny": (ModelConfig(name="wide_mlp", width=64, depth=1), (1, 8, 8)),  # --quick
 }
 SCHEMES = ["dense", "fp16", "powersgd1", "powersgd4", "dgc", "dgc-nm24", "nocomm"]
+# Beyond those, any "powersgdR" (rank R) and "dgc@D" (DGC at density D, e.g. a warm-up's).
 DGC_OPTIONS = dict(density=0.001, value_dtype="fp16", index_dtype="int32", warmup_epochs=0)
 # torch's PowerSGD allreduces plainly until this iteration, so warm-up must pass it.
 POWERSGD_START = 2
@@ -71,6 +73,25 @@ def local_hook(state: _LocalOnly, bucket: dist.GradBucket) -> torch.futures.Futu
     return future
 
 
+def parse_scheme(scheme: str) -> tuple[str, float | None]:
+    """(kind, parameter): PowerSGD's rank, DGC's density, else None. ValueError if unknown."""
+    if scheme in ("dense", "fp16", "dgc-nm24", "nocomm"):
+        return scheme, None
+    if scheme == "dgc":
+        return "dgc", DGC_OPTIONS["density"]
+    if scheme.startswith("powersgd") and scheme[len("powersgd"):].isdigit():
+        return "powersgd", int(scheme[len("powersgd"):])
+    if scheme.startswith("dgc@"):
+        try:
+            density = float(scheme[len("dgc@"):])
+        except ValueError:
+            density = -1.0
+        if 0 < density <= 1:
+            return "dgc", density
+    raise ValueError(f"unknown scheme {scheme!r} (known: {', '.join(SCHEMES)}, "
+                     f"powersgdR, dgc@DENSITY)")
+
+
 def build(scheme: str, model_name: str, seed: int):
     cfg, shape = MODELS[model_name]
     torch.manual_seed(seed)
@@ -84,11 +105,11 @@ def build(scheme: str, model_name: str, seed: int):
         state = TorchHookState("fp16")
         ddp.register_comm_hook(state, counted_torch_hook)
     elif scheme.startswith("powersgd"):
-        state = TorchHookState("powersgd", powersgd_rank=int(scheme[len("powersgd"):]),
+        state = TorchHookState("powersgd", powersgd_rank=int(parse_scheme(scheme)[1]),
                                powersgd_start_iter=POWERSGD_START)
         ddp.register_comm_hook(state, counted_torch_hook)
-    elif scheme == "dgc":
-        state = dgc.attach(ddp, opt, **DGC_OPTIONS)
+    elif parse_scheme(scheme)[0] == "dgc":
+        state = dgc.attach(ddp, opt, **{**DGC_OPTIONS, "density": parse_scheme(scheme)[1]})
     elif scheme == "dgc-nm24":
         sparsifier = sparse_train.attach(ddp, opt, method="nm", n=2, m=4)
         state = dgc.attach(ddp, opt, sparsifier=sparsifier, **DGC_OPTIONS)

@@ -14,6 +14,7 @@ pushed by an old residual; k counts the live entries only.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -21,7 +22,8 @@ from torch import Tensor
 
 from dgc import codec, memory
 from dgc.options import DGCOptions
-from dgc.schedule import sparse_count, warmup_density
+from dgc.schedule import DEFAULT_STAGES, PAPER_DENSITIES, sparse_count, stage_densities, \
+    warmup_density
 from dgc.select import ThresholdState, row_peaks, select_topk, uses_exact_topk
 from sparse_comm import draws
 from sparse_comm.schema import build
@@ -59,6 +61,8 @@ class Compressor:
         else:
             self.weight_decay = {n: float(weight_decay) for n, _ in named if weight_decay}
         self.epoch = 0.0
+        self.step = 0  # optimizer steps whose gradients went through here (end_step)
+        self.total_steps: int | None = None  # the run's length, for warmup_fraction
         self.masks = None  # a sparse_train.live.GradientMasks once use_sparsifier is called
         self._u: dict[str, Tensor] = {}
         self._v: dict[str, Tensor] = {}
@@ -70,13 +74,43 @@ class Compressor:
     # -- schedule -----------------------------------------------------------------------
     @property
     def density(self) -> float:
-        """Target density of the current epoch (warm-up included)."""
+        """Target density of the current step (warm-up included)."""
         o = self.options
-        return warmup_density(self.epoch, o.density, o.warmup_epochs, o.warmup_densities)
+        progress, default_stages = self._warmup_progress()
+        stages = stage_densities(o.density, o.warmup_stages or default_stages,
+                                 o.warmup_densities)
+        return warmup_density(progress, o.density, stages)
+
+    def _warmup_progress(self) -> tuple[float, int]:
+        """The fraction of the warm-up done (>= 1 after it), and the number of geometric
+        stages its length implies by default."""
+        o = self.options
+        if o.warmup_steps is not None:
+            return (self.step / o.warmup_steps if o.warmup_steps else 1.0), DEFAULT_STAGES
+        if o.warmup_fraction is not None:
+            if self.total_steps is None:
+                raise RuntimeError("DGC: warmup_fraction needs the run's length; call "
+                                   "set_total_steps(n) first (the launcher does)")
+            length = o.warmup_fraction * self.total_steps
+            return (self.step / length if length else 1.0), DEFAULT_STAGES
+        epochs = o.warmup_epochs
+        if epochs is None:  # one epoch per explicit stage, else the paper's four
+            explicit = o.warmup_densities
+            epochs = len(explicit) if isinstance(explicit, list) else len(PAPER_DENSITIES)
+        return (self.epoch / epochs if epochs else 1.0), max(1, math.ceil(epochs))
 
     def set_epoch(self, epoch: float) -> None:
-        """Move the warm-up schedule to ``epoch``; call it on every rank, like a sampler's."""
+        """Move an epoch-length warm-up to ``epoch``; call it on every rank, like a sampler's."""
         self.epoch = float(epoch)
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """The run's length in optimizer steps, which ``warmup_fraction`` is a fraction of."""
+        self.total_steps = int(total_steps)
+
+    def end_step(self) -> None:
+        """Called by the transport once a step's gradients are all through: moves a
+        warm-up counted in steps."""
+        self.step += 1
 
     def sparse_k(self, shape: torch.Size, live: int) -> int | None:
         """Entries to send this step from a tensor of ``shape`` with ``live`` unmasked
@@ -174,6 +208,7 @@ class Compressor:
         references, as in ``Optimizer.state_dict``."""
         return {
             "epoch": self.epoch,
+            "step": self.step,
             "momentum": dict(self._u),
             "accumulation": dict(self._v),
             "weight_decay_momentum": dict(self._wd_u),
@@ -183,6 +218,7 @@ class Compressor:
 
     def load_state_dict(self, state: Mapping) -> None:
         self.set_epoch(float(state["epoch"]))
+        self.step = int(state["step"])
         self._u = {n: t.clone() for n, t in state["momentum"].items()}
         self._v = {n: t.clone() for n, t in state["accumulation"].items()}
         self._wd_u = {n: t.clone() for n, t in state["weight_decay_momentum"].items()}

@@ -158,12 +158,6 @@ class DGCState(Compressor):
         self.stats = DGCStats()
         self._plans: dict[tuple, _Plan] = {}  # by bucket composition and live counts
 
-    def set_epoch(self, epoch: float) -> None:
-        density = self.density
-        super().set_epoch(epoch)
-        if self.density != density:
-            self._plans.clear()  # plans hold k; fractional epochs must not pile them up
-
     def _plan(self, bucket: dist.GradBucket, flat: Tensor, masks: Mapping[str, Tensor],
               fixed: bool) -> _Plan:
         params = bucket.parameters()
@@ -174,10 +168,11 @@ class DGCState(Compressor):
                              "named_parameters given to DGCState") from None
         live = {n: self.live_count(n, p.numel(), masks) for n, p in zip(names, params)
                 if n in masks}
-        key = (names, tuple(sorted(live.items())), fixed)
+        density = self.density  # the warm-up's few stages give a few plans per bucket
+        key = (names, tuple(sorted(live.items())), fixed, density)
         plan = self._plans.get(key)
         if plan is None:
-            plan = make_plan(names, (p.shape for p in params), self.density, self.world_size,
+            plan = make_plan(names, (p.shape for p in params), density, self.world_size,
                              self.options, live, fixed)
             self._plans[key] = plan
             self.stats.density.update(
@@ -208,8 +203,10 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
     flat = bucket.buffer()
     masks = state.hard_masks()
     fixed = bool(masks) and state.masks.fixed()
-    plan = state._plan(bucket, flat, masks, fixed)
-    state.stats.steps += bucket.is_last()
+    plan = state._plan(bucket, flat, masks, fixed)  # every bucket of a step: one density
+    if bucket.is_last():
+        state.stats.steps += 1
+        state.end_step()
     state.stats.bytes_dense += wire.allreduce_bytes(flat.nbytes, state.world_size)
     if state.options.check_finite and not _finite_on_all_ranks(state, flat):
         state.stats.nonfinite_buckets += 1

@@ -94,8 +94,12 @@ class DistributedOptimizer:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def set_epoch(self, epoch: float) -> None:
-        """Move the warm-up schedule to ``epoch``; call it on every rank."""
+        """Move an epoch-length warm-up to ``epoch``; call it on every rank."""
         self.compressor.set_epoch(epoch)
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """The run's length, for ``warmup_fraction``."""
+        self.compressor.set_total_steps(total_steps)
 
     def use_sparsifier(self, sparsifier) -> None:
         self.compressor.use_sparsifier(sparsifier)
@@ -172,6 +176,8 @@ class DistributedOptimizer:
             update = c.weight_decay_update(name, param)
             if update is not None:
                 param.grad.add_(update)
+        if self._pending:
+            c.end_step()
         self._pending.clear()
 
     def remove_hooks(self) -> None:

@@ -22,13 +22,26 @@ class DGCOptions:
     """Fraction of each compressed tensor's entries sent per step after warm-up. The paper
     sends 0.1% of the gradient ("99.9% of the gradient exchange ... is redundant")."""
 
-    warmup_epochs: float = 4
-    """Epochs over which the density falls exponentially from about 25% to ``density``. The
-    paper's warm-up runs 4 epochs at 25%, 6.25%, 1.5625%, 0.4% before 0.1%; ``0`` disables it."""
+    warmup_epochs: float | None = None
+    """Length of the warm-up in epochs (driven by ``set_epoch``); ``0`` disables it. Unset,
+    with no other length given, it is one epoch per explicit stage, or the paper's 4."""
 
-    warmup_densities: list[float] | None = None
-    """Explicit density per warm-up epoch (epoch e uses entry e, later epochs use ``density``);
-    overrides ``warmup_epochs`` when given."""
+    warmup_steps: int | None = None
+    """Length of the warm-up in optimizer steps, counted by the hook (resumable), so the
+    warm-up can be sized to a run rather than to the paper's 90-epoch ones."""
+
+    warmup_fraction: float | None = None
+    """Length of the warm-up as a fraction of the run's optimizer steps; needs the run's
+    length (``set_total_steps``, which the launcher calls)."""
+
+    warmup_densities: list[float] | Literal["paper"] | None = None
+    """The stage densities, spread evenly over the warm-up: a list, or ``paper`` for the
+    paper's 25%, 6.25%, 1.5625%, 0.4% (Sec. 3.3). Unset: ``warmup_stages`` geometric stages
+    ending at ``density`` (the reference implementation's rule)."""
+
+    warmup_stages: int | None = None
+    """Geometric stages when ``warmup_densities`` is unset; default one per warm-up epoch
+    (rounded up), or 4 for a warm-up in steps or as a fraction."""
 
     momentum_masking: bool = True
     """Zero the momentum at the positions just sent, so a stale momentum does not keep pushing
@@ -83,10 +96,23 @@ class DGCOptions:
 
     def check(self) -> None:
         require(0.0 < self.density <= 1.0, "density", f"must be in (0, 1], got {self.density}")
-        require(self.warmup_epochs >= 0, "warmup_epochs",
-                f"must be >= 0, got {self.warmup_epochs}")
-        for i, d in enumerate(self.warmup_densities or []):
-            require(0.0 < d <= 1.0, f"warmup_densities[{i}]", f"must be in (0, 1], got {d}")
+        require(self.warmup_epochs is None or self.warmup_epochs >= 0, "warmup_epochs",
+                f"must be >= 0 or null, got {self.warmup_epochs}")
+        require(self.warmup_steps is None or self.warmup_steps >= 0, "warmup_steps",
+                f"must be >= 0 or null, got {self.warmup_steps}")
+        require(self.warmup_fraction is None or 0 <= self.warmup_fraction <= 1,
+                "warmup_fraction", f"must be in [0, 1] or null, got {self.warmup_fraction}")
+        lengths = [k for k in ("warmup_epochs", "warmup_steps", "warmup_fraction")
+                   if getattr(self, k) is not None]
+        require(len(lengths) <= 1, lengths[-1] if lengths else "",
+                f"the warm-up's length is given twice ({' and '.join(lengths)}); keep one")
+        if isinstance(self.warmup_densities, list):
+            require(self.warmup_densities, "warmup_densities", "must not be empty")
+            for i, d in enumerate(self.warmup_densities):
+                require(0.0 < d <= 1.0, f"warmup_densities[{i}]",
+                        f"must be in (0, 1], got {d}")
+        require(self.warmup_stages is None or self.warmup_stages >= 1, "warmup_stages",
+                f"must be >= 1 or null, got {self.warmup_stages}")
         require(self.clip_norm is None or self.clip_norm > 0, "clip_norm",
                 f"must be > 0 or null, got {self.clip_norm}")
         require(0.0 < self.sample_ratio <= 1.0, "sample_ratio",

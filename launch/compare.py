@@ -1,9 +1,16 @@
-"""Compare runs: test accuracy against cumulative communication bytes.
+"""Compare runs: accuracy against the bytes they sent, as a Pareto front per scheme.
 
-    python -m launch.compare runs/dense runs/dgc [...] --out compare.png
+    python -m launch.compare runs/sweeps/lenet300 runs/dense ... [--target 98.3] \\
+        [--out front.png] [--curves curves.png]
 
-Draws one curve per run (log-scaled bytes axis), prints a markdown table (accuracy, bytes,
-compression ratio, weight density, wall time) and logs both to wandb.
+Arguments are run directories or directories holding them (a sweep's output). Runs that
+differ only by seed form one setting (``launch.pareto``); each setting is one marker at its
+mean final test accuracy, with the spread over seeds as an error bar, against its mean
+whole-run bytes sent per rank; each scheme's front (no setting of it both cheaper and more
+accurate) is joined by a line. Printed: a markdown table of the settings (front marked)
+and, with ``--target``, the fewest bytes each scheme needs to reach that test accuracy,
+read from the per-epoch curves averaged over seeds. ``--curves`` also draws every run's
+accuracy against its cumulative bytes. Both charts and tables go to wandb.
 """
 from __future__ import annotations
 
@@ -13,89 +20,159 @@ from pathlib import Path
 
 import yaml
 
-from launch import tracking
+from launch import pareto, tracking
 from launch.cli import OneLineParser
 
-COLUMNS = ["run", "test acc (%)", "bytes sent", "compression", "weight density", "wall time (s)"]
+COLUMNS = ["model", "scheme", "setting", "seeds", "test acc (%)", "spread", "bytes sent",
+           "compression", "front"]
 
 
 def load_run(run_dir: Path) -> dict:
-    """A run's summary and its per-epoch (bytes, accuracy) curve."""
+    """A run's summary, config and per-epoch (bytes, accuracy, step) curve."""
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file():
         raise FileNotFoundError(f"{run_dir}: no summary.json (not a finished run directory)")
     summary = json.loads(summary_path.read_text())
-    curve = [(0.0, None)]
+    curve = []
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
-        if "test/accuracy" in row:
-            curve.append((row[tracking.BYTES_AXIS], row["test/accuracy"]))
-    config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+        if row.get("test/accuracy") is not None:
+            curve.append((row[tracking.BYTES_AXIS], row["test/accuracy"],
+                          row.get(tracking.STEP_AXIS, 0)))
+    config_path = run_dir / "config.yaml"
+    config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
     return {"name": summary.get("run_name") or run_dir.name, "summary": summary,
-            "curve": [c for c in curve if c[1] is not None], "config": config}
+            "curve": curve, "config": config or {}}
+
+
+def find_runs(paths: list[Path]) -> list[Path]:
+    """Run directories: each path that is one, else every one below it."""
+    found = []
+    for path in paths:
+        if (path / "summary.json").is_file():
+            found.append(path)
+            continue
+        below = sorted(p.parent for p in path.rglob("summary.json")) if path.is_dir() else []
+        if not below:
+            raise FileNotFoundError(f"{path}: no summary.json (not a finished run directory, "
+                                    f"nor a directory holding any)")
+        found += below
+    return found
 
 
 def human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
-            return f"{n:.3g} {unit}"
+            return f"{n:.4g} {unit}"
         n /= 1000
 
 
-def table_rows(runs: list[dict]) -> list[list]:
+def table_rows(points: list[pareto.SettingPoint]) -> list[list]:
+    on_front = {id(p) for members in pareto.fronts(points).values() for p in members}
     rows = []
-    for run in runs:
-        s = run["summary"]
-        ratio = s["comm_bytes_dense"] / s["comm_bytes_sent"] if s.get("comm_bytes_sent") else float("nan")
-        rows.append([run["name"], round(100 * s["test_accuracy"], 2), s["comm_bytes_sent"],
-                     round(ratio, 1), round(s["weight_density"], 4), round(s["wall_time_s"], 1)])
+    for p in points:
+        dense = sum(r["summary"]["comm_bytes_dense"] for r in p.runs) / len(p.runs)
+        rows.append([p.model, p.scheme, p.label, len(p.runs), round(p.accuracy, 2),
+                     round(p.spread, 2), p.bytes_sent,
+                     round(dense / p.bytes_sent, 1) if p.bytes_sent else None,
+                     "yes" if id(p) in on_front else ""])
     return rows
 
 
 def markdown(rows: list[list]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for name, acc, sent, ratio, density, wall in rows:
-        lines.append(f"| {name} | {acc:.2f} | {human_bytes(sent)} | {ratio:.1f}x | {density:.4f} | {wall:.1f} |")
+    for model, scheme, label, seeds, acc, spread, sent, ratio, on_front in rows:
+        lines.append(f"| {model} | {scheme} | {label} | {seeds} | {acc:.2f} | {spread:.2f} | "
+                     f"{human_bytes(sent)} | {'-' if ratio is None else f'{ratio:.1f}x'} | "
+                     f"{on_front} |")
     return "\n".join(lines)
 
 
-def _model_of(run: dict) -> str:
-    model = run["config"].get("model")
-    return model.get("name", "") if isinstance(model, dict) else ""
+def target_markdown(points: list[pareto.SettingPoint], target: float) -> str:
+    lines = [f"Fewest bytes per rank to reach {target:.2f}% test accuracy (per-epoch curves "
+             f"averaged over seeds):", "",
+             "| model | scheme | cheapest setting | bytes sent / rank | steps |",
+             "|---|---|---|---|---|"]
+    for (model, scheme), hit in sorted(pareto.cheapest_to_target(points, target).items()):
+        if hit is None:
+            lines.append(f"| {model} | {scheme} | not reached | - | - |")
+        else:
+            point, sent, steps = hit
+            lines.append(f"| {model} | {scheme} | {point.label} | {human_bytes(sent)} | "
+                         f"{steps:.0f} |")
+    return "\n".join(lines)
 
 
-def plot(runs: list[dict], out: Path) -> None:
-    """One panel per model, one curve per run (accuracy at the end of each epoch against
-    the bytes sent so far). The accuracy axis starts a little below the worst final
-    accuracy, so that the runs can be told apart; early epochs below it are cut off."""
+_SCHEME_COLORS = {"dense": "black", "fp16": "tab:orange", "bf16": "tab:brown",
+                  "PowerSGD": "tab:blue", "DGC": "tab:red"}
+
+
+def plot_front(points: list[pareto.SettingPoint], out: Path, target: float | None) -> None:
+    """One panel per model: a marker per setting (error bar: spread over seeds), each
+    scheme's front joined; the accuracy axis spans the settings' means."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = sorted({_model_of(r) for r in runs})
-    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 6.5), squeeze=False)
-    colors = plt.get_cmap("tab20").colors
+    models = sorted({p.model for p in points})
+    fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 6.5), squeeze=False)
     markers = "osD^v<>pPX*h"
     for ax, model in zip(axes[0], models):
-        group = [r for r in runs if _model_of(r) == model and r["curve"]]
-        finals = [100 * r["curve"][-1][1] for r in group]
+        group = [p for p in points if p.model == model]
+        schemes = sorted({p.scheme for p in group})
+        for scheme in schemes:
+            color = _SCHEME_COLORS.get(scheme, "tab:green")
+            members = [p for p in group if p.scheme == scheme]
+            for i, p in enumerate(members):
+                ax.errorbar(p.bytes_sent, p.accuracy, yerr=p.spread, color=color,
+                            marker=markers[i % len(markers)], markersize=6, capsize=3,
+                            linestyle="none", label=f"{scheme}: {p.label} ({p.accuracy:.2f})")
+            line = pareto.front(members)
+            ax.plot([p.bytes_sent for p in line], [p.accuracy for p in line], color=color,
+                    linewidth=1.2, alpha=0.8)
+        means = [p.accuracy for p in group]
+        low, high = min(means), max(means)
+        pad = max(0.15, (high - low) * 0.15)
+        ax.set_ylim(max(high - max(2.0, 3 * (high - low) + 0.3), low - pad), high + pad)
+        if target is not None:
+            ax.axhline(target, color="grey", linestyle=":", linewidth=1)
+        ax.set_xscale("log")
+        ax.set_xlabel("whole-run gradient bytes sent per rank")
+        ax.set_ylabel("final test accuracy (%), mean over seeds ± std")
+        ax.set_title(f"{model}: accuracy against bytes (up and left is better)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def plot_curves(runs: list[dict], out: Path) -> None:
+    """One panel per model, one curve per run: accuracy after each epoch against the bytes
+    sent so far."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({pareto.model_of(r["config"]) for r in runs})
+    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 6.5), squeeze=False)
+    colors = plt.get_cmap("tab20").colors
+    for ax, model in zip(axes[0], models):
+        group = [r for r in runs if pareto.model_of(r["config"]) == model and r["curve"]]
         for i, run in enumerate(group):
-            xs = [b for b, _ in run["curve"]]
-            ys = [100 * a for _, a in run["curve"]]
-            ax.plot(xs, ys, color=colors[i % len(colors)], marker=markers[i % len(markers)],
-                    markersize=4, linewidth=1.2, label=f"{run['name']} ({ys[-1]:.2f})")
+            ax.plot([b for b, _, _ in run["curve"]], [100 * a for _, a, _ in run["curve"]],
+                    color=colors[i % len(colors)], marker="o", markersize=3, linewidth=1,
+                    label=run["name"])
+        finals = [100 * r["curve"][-1][1] for r in group]
         if finals:
-            spread = max(finals) - min(finals)
-            ax.set_ylim(max(0.0, min(finals) - max(1.0, spread)),
-                        min(100.0, max(finals) + max(0.3, spread / 4)))
+            ax.set_ylim(min(finals) - 1.0, max(finals) + 0.3)
         ax.set_xscale("log")
         ax.set_xlabel("cumulative gradient bytes sent per rank")
         ax.set_ylabel("test accuracy (%)")
-        ax.set_title(model or "accuracy against communication")
+        ax.set_title(model)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2,
-                  title="run (final test accuracy, %)", title_fontsize=7)
-    fig.suptitle("Test accuracy against gradient bytes sent (left is cheaper)")
+        ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
@@ -104,27 +181,43 @@ def plot(runs: list[dict], out: Path) -> None:
 
 def main(argv=None) -> int:
     p = OneLineParser(prog="launch.compare", description=__doc__.split("\n\n")[0])
-    p.add_argument("runs", nargs="+", type=Path, help="run directories (with summary.json)")
-    p.add_argument("--out", type=Path, default=Path("compare.png"), help="PNG to write")
+    p.add_argument("runs", nargs="+", type=Path,
+                   help="run directories, or directories holding them (a sweep's)")
+    p.add_argument("--out", type=Path, default=Path("compare.png"),
+                   help="PNG of the accuracy-against-bytes front")
+    p.add_argument("--curves", type=Path, help="also draw every run's curve to this PNG")
+    p.add_argument("--target", type=float, metavar="ACC",
+                   help="test accuracy in %% to report each scheme's fewest bytes to")
     p.add_argument("--wandb-mode", choices=["online", "offline", "disabled"], default="online")
     p.add_argument("--wandb-project", default=None,
                    help="default: the first run's wandb.project")
     args = p.parse_args(argv)
+    if args.target is not None and not 0 < args.target <= 100:
+        p.error(f"--target is a test accuracy in percent, got {args.target}")
     try:
-        runs = [load_run(d) for d in args.runs]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError) as err:
+        runs = [load_run(d) for d in find_runs(args.runs)]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError, yaml.YAMLError) as err:
         print(f"launch.compare: error: {err}", file=sys.stderr)
         return 2
-    rows = table_rows(runs)
-    plot(runs, args.out)
+    points = pareto.group_settings(runs)
+    rows = table_rows(points)
+    plot_front(points, args.out, args.target)
     print(markdown(rows))
+    if args.target is not None:
+        print("\n" + target_markdown(points, args.target))
     print(f"\nchart: {args.out}")
-    project = args.wandb_project or runs[0]["config"].get("wandb", {}).get("project", "sparse-comm")
+    if args.curves is not None:
+        plot_curves(runs, args.curves)
+        print(f"curves: {args.curves}")
+    project = args.wandb_project or runs[0]["config"].get("wandb", {}).get("project",
+                                                                            "sparse-comm")
     tracker = tracking.start(args.wandb_mode, project, "compare", args.out.parent,
-                             {"runs": [r["name"] for r in runs]}, job_type="compare",
-                             define_axes=False)
+                             {"runs": [r["name"] for r in runs], "target": args.target},
+                             job_type="compare", define_axes=False)
     tracker.log_table("compare/table", COLUMNS, rows)
     tracker.log_image("compare/accuracy_vs_bytes", str(args.out))
+    if args.curves is not None:
+        tracker.log_image("compare/curves", str(args.curves))
     tracker.finish()
     return 0
 

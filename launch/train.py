@@ -243,6 +243,8 @@ def run(cfg: Config, env: distenv.DistEnv, resume_from: Path | None, device) -> 
         optimizer, lr_lambda(cfg, steps_per_epoch, schedule_steps))
     plugins = attach_plugins(cfg, ddp, optimizer)
     comm = plugins["comm"]
+    if hasattr(comm, "set_total_steps"):  # DGC's warmup_fraction is of the planned run
+        comm.set_total_steps(schedule_steps)
 
     progress = {"epoch": 0, "batch": 0, "step": 0, "wall_time_s": 0.0, "loss_sum": 0.0}
     if resume_from is not None:
@@ -285,7 +287,9 @@ def run(cfg: Config, env: distenv.DistEnv, resume_from: Path | None, device) -> 
 
     show_bars = rank0 and sys.stderr.isatty()  # logs of batch jobs stay readable
     started = time.perf_counter() - progress["wall_time_s"]
-    test_acc = test_loss = train_loss = float("nan")
+    # the last evaluation's figures: a run resumed after its last epoch reports them
+    test_acc, test_loss, train_loss = (progress.get(k, float("nan")) for k in
+                                       ("test_accuracy", "test_loss", "train_loss"))
     step = progress["step"]
     for epoch in range(progress["epoch"], cfg.train.epochs):
         if step >= total_steps:
@@ -325,6 +329,7 @@ def run(cfg: Config, env: distenv.DistEnv, resume_from: Path | None, device) -> 
         train_loss = mean_across_ranks(progress["loss_sum"] / max(1, batches), device)
         test_acc, test_loss = evaluate(ddp, test_loader, device)
         epoch_done = batches == steps_per_epoch
+        progress.update(test_accuracy=test_acc, test_loss=test_loss, train_loss=train_loss)
         progress.update(epoch=epoch + 1 if epoch_done else epoch,
                         batch=0 if epoch_done else batches,
                         loss_sum=0.0 if epoch_done else progress["loss_sum"],

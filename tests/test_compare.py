@@ -1,51 +1,99 @@
-"""launch.compare: the accuracy-versus-bytes chart, the markdown table, the wandb log."""
+"""launch.compare and launch.pareto: settings over seeds, the front per scheme, bytes to a
+target accuracy, the charts, the tables and the wandb log."""
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
 
-from launch.compare import COLUMNS
+import pytest
+import yaml
+
+from launch import pareto
+from launch.compare import COLUMNS, load_run
 from tests.launch_helpers import REPO, launch_env
 from tests.wandb_offline import read_offline_run
 
 
-def fake_run(path, name, accuracies, bytes_per_epoch, density=1.0):
-    """A run directory as launch.train writes it (the compare tool reads only these files)."""
+def fake_run(path, accuracies, bytes_per_epoch, *, seed=0, hook="allreduce", dgc=None,
+             rank=4, steps_per_epoch=10, dense_per_epoch=None):
+    """A run directory as launch.train writes it (compare reads only these files)."""
     path.mkdir(parents=True)
-    rows = [{"train/step": 10 * (i + 1), "test/accuracy": acc,
+    rows = [{"train/step": steps_per_epoch * (i + 1), "test/accuracy": acc,
              "comm/bytes_sent_cum": bytes_per_epoch * (i + 1)} for i, acc in enumerate(accuracies)]
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    total = bytes_per_epoch * len(accuracies)
+    epochs = len(accuracies)
     (path / "summary.json").write_text(json.dumps({
-        "run_name": name, "test_accuracy": accuracies[-1], "comm_bytes_sent": total,
-        "comm_bytes_dense": 2.0 * bytes_per_epoch * len(accuracies) * (1 if density == 1 else 500),
-        "weight_density": density, "wall_time_s": 12.5}))
-    (path / "config.yaml").write_text("wandb:\n  project: compare-test\n")
+        "run_name": path.name, "test_accuracy": accuracies[-1],
+        "comm_bytes_sent": bytes_per_epoch * epochs,
+        "comm_bytes_dense": (dense_per_epoch or bytes_per_epoch) * epochs,
+        "weight_density": 1.0, "wall_time_s": 12.5}))
+    config = {"model": {"name": "lenet300"}, "train": {"seed": seed},
+              "ddp": {"comm_hook": hook, "powersgd_rank": rank},
+              "wandb": {"project": "compare-test"}, "run_name": path.name,
+              "out_dir": str(path)}
+    if dgc is not None:
+        config["dgc"] = dgc
+    (path / "config.yaml").write_text(yaml.safe_dump(config))
 
 
-def test_compare_writes_png_table_and_wandb(tmp_path):
-    fake_run(tmp_path / "a", "dense", [0.95, 0.97, 0.98], 1e9)
-    fake_run(tmp_path / "b", "dgc", [0.94, 0.97, 0.979], 4e6, density=0.5)
-    out = tmp_path / "cmp" / "chart.png"
-    proc = subprocess.run([sys.executable, "-m", "launch.compare", str(tmp_path / "a"),
-                           str(tmp_path / "b"), "--out", str(out), "--wandb-mode", "offline"],
+def test_settings_average_seeds_and_the_front_keeps_the_non_dominated(tmp_path):
+    fake_run(tmp_path / "d0", [0.95, 0.980], 1e9, seed=0)
+    fake_run(tmp_path / "d1", [0.95, 0.984], 1e9, seed=1)
+    fake_run(tmp_path / "p1", [0.93, 0.970], 1e7, hook="powersgd", rank=1)
+    fake_run(tmp_path / "p2", [0.94, 0.960], 2e7, hook="powersgd", rank=2)  # dominated
+    fake_run(tmp_path / "p4", [0.96, 0.981], 4e7, hook="powersgd", rank=4)
+    runs = [load_run(p) for p in sorted(tmp_path.iterdir())]
+    points = pareto.group_settings(runs)
+    dense = next(p for p in points if p.scheme == "dense")
+    assert len(dense.runs) == 2
+    assert dense.accuracy == pytest.approx(98.2) and dense.spread == pytest.approx(0.2828, 1e-3)
+    psgd = [p for p in points if p.scheme == "PowerSGD"]
+    assert sorted(p.label for p in psgd) == ["powersgd_rank=1", "powersgd_rank=2",
+                                             "powersgd_rank=4"]
+    assert [p.label for p in pareto.front(psgd)] == ["powersgd_rank=1", "powersgd_rank=4"]
+
+
+def test_fewest_bytes_to_a_target_come_from_the_mean_per_epoch_curve(tmp_path):
+    # seed means per epoch: 95.5, 97.5, 98.5 -> 98.0 first reached at epoch 3
+    fake_run(tmp_path / "a0", [0.95, 0.97, 0.98], 1e6, seed=0, dgc={"density": 0.001})
+    fake_run(tmp_path / "a1", [0.96, 0.98, 0.99], 1e6, seed=1, dgc={"density": 0.001})
+    # a costlier setting that gets there sooner in bytes: 97.5 then 98.2 at 3e6
+    fake_run(tmp_path / "b0", [0.975, 0.982], 3e6, dgc={"density": 0.01})
+    points = pareto.group_settings([load_run(p) for p in sorted(tmp_path.iterdir())])
+    cheapest = pareto.cheapest_to_target(points, 98.0)[("lenet300", "DGC")]
+    assert cheapest[0].label == "dgc.density=0.001" or cheapest[0].label == "density=0.001"
+    assert cheapest[1:] == (pytest.approx(3e6), pytest.approx(30))
+    assert pareto.cheapest_to_target(points, 99.5)[("lenet300", "DGC")] is None
+
+
+def test_compare_writes_the_front_chart_tables_and_wandb(tmp_path):
+    fake_run(tmp_path / "sweep" / "dense" / "seed0", [0.95, 0.97, 0.98], 1e9)
+    fake_run(tmp_path / "sweep" / "dense" / "seed1", [0.95, 0.97, 0.982], 1e9, seed=1)
+    fake_run(tmp_path / "dgc", [0.94, 0.97, 0.979], 4e6, dgc={"density": 0.001},
+             dense_per_epoch=4e9)
+    out, curves = tmp_path / "cmp" / "front.png", tmp_path / "cmp" / "curves.png"
+    proc = subprocess.run([sys.executable, "-m", "launch.compare", str(tmp_path / "sweep"),
+                           str(tmp_path / "dgc"), "--out", str(out), "--curves", str(curves),
+                           "--target", "97.85", "--wandb-mode", "offline"],
                           cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
-    table = [line for line in proc.stdout.splitlines() if line.startswith("|")]
-    assert table[0].startswith("| run | test acc (%) | bytes sent | compression")
-    assert table[2] == "| dense | 98.00 | 3 GB | 2.0x | 1.0000 | 12.5 |"
-    assert table[3] == "| dgc | 97.90 | 12 MB | 1000.0x | 0.5000 | 12.5 |"
+    for png in (out, curves):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| lenet300")]
+    assert table[0] == "| lenet300 | DGC | DGC | 1 | 97.90 | 0.00 | 12 MB | 1000.0x | yes |"
+    assert table[1] == "| lenet300 | dense | dense | 2 | 98.10 | 0.14 | 3 GB | 1.0x | yes |"
+    assert "| lenet300 | DGC | DGC | 12 MB | 30 |" in proc.stdout
+    assert "| lenet300 | dense | dense | 3 GB | 30 |" in proc.stdout
     recorded = read_offline_run(out.parent / "wandb")
     logged = {key: value for row in recorded["history"] for key, value in row.items()}
     assert (logged["compare/table/nrows"], logged["compare/table/ncols"]) == (2, len(COLUMNS))
     assert logged["compare/accuracy_vs_bytes/_type"] == "image-file"
 
 
-def test_compare_rejects_a_directory_that_is_not_a_run(tmp_path):
+def test_compare_rejects_a_directory_that_holds_no_run(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "launch.compare", str(tmp_path)], cwd=REPO,
                           env=launch_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
-    assert proc.stderr.strip().endswith("no summary.json (not a finished run directory)")
+    assert "no summary.json" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1

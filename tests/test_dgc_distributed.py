@@ -254,6 +254,8 @@ AGREEMENT_CASES = [
                   clip_norm=1.0, check_finite=True),
          ddp=dict(find_unused_parameters=True), unused=True),
     dict(dgc=dict(density=0.05, value_dtype="fp16", warmup_epochs=1), ddp=dict(static_graph=True)),
+    # a warm-up counted in the hook's own steps, moving mid-epoch
+    dict(dgc=dict(density=0.02, warmup_steps=6, warmup_densities=[0.6, 0.2]), ddp={}),
 ]
 
 

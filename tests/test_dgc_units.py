@@ -9,7 +9,7 @@ import dgc
 from dgc import codec, memory
 from dgc.hook import make_plan
 from dgc.options import DGCOptions
-from dgc.schedule import sparse_count, topk_count, warmup_density
+from dgc.schedule import sparse_count, topk_count
 from sparse_comm.schema import ConfigError, build
 
 # -- memory ---------------------------------------------------------------------------------
@@ -109,15 +109,64 @@ def test_scatter_sum_adds_every_rank():
 # -- schedule -------------------------------------------------------------------------------
 
 
-def test_warmup_follows_the_papers_exponential_schedule():
-    got = [warmup_density(e, 0.001, 4) for e in range(6)]
-    for density, paper in zip(got, [0.25, 0.0625, 0.015625, 0.004, 0.001, 0.001]):
-        assert density == pytest.approx(paper, rel=0.05)
-    assert warmup_density(3, 0.01, 0) == 0.01
+def _densities(options: dict, epochs: int = 0, steps: int = 0, total: int | None = None):
+    comp = dgc.Compressor([("w", torch.zeros(4, 4))], world_size=1, rank=0, density=0.001,
+                          **options)
+    if total is not None:
+        comp.set_total_steps(total)
+    out = []
+    for e in range(epochs):
+        comp.set_epoch(e)
+        out.append(comp.density)
+    for _ in range(steps):
+        out.append(comp.density)
+        comp.end_step()
+    return out
 
 
-def test_explicit_warmup_densities_override():
-    assert [warmup_density(e, 0.01, 4, [0.5, 0.1]) for e in range(3)] == [0.5, 0.1, 0.01]
+def test_warmup_follows_the_reference_geometric_schedule_by_default():
+    # the reference: one stage per warm-up epoch, target ** ((e + 1) / (W + 1))
+    got = _densities({}, epochs=6)
+    want = [0.001 ** (e / 5) for e in (1, 2, 3, 4)] + [0.001, 0.001]
+    assert got == pytest.approx(want)
+    assert _densities({"warmup_epochs": 0}, epochs=2) == [0.001, 0.001]
+    assert _densities({"warmup_epochs": 2}, epochs=3) == pytest.approx(
+        [0.001 ** (1 / 3), 0.001 ** (2 / 3), 0.001])
+
+
+def test_the_papers_schedule_by_name_and_explicit_stages():
+    assert _densities({"warmup_densities": "paper"}, epochs=5) == [
+        0.25, 0.0625, 0.015625, 0.004, 0.001]
+    # one epoch per explicit stage unless a length is given
+    assert _densities({"warmup_densities": [0.5, 0.1]}, epochs=3) == [0.5, 0.1, 0.001]
+    assert _densities({"warmup_densities": [0.01], "warmup_epochs": 2}, epochs=3) == [
+        0.01, 0.01, 0.001]
+
+
+def test_warmup_in_steps_and_as_a_fraction_of_the_run():
+    # 8 steps, the paper's 4 geometric stages of 2 steps each
+    stages = [0.001 ** (i / 5) for i in (1, 2, 3, 4)]
+    got = _densities({"warmup_steps": 8}, steps=10)
+    assert got == pytest.approx([d for d in stages for _ in (0, 1)] + [0.001, 0.001])
+    got = _densities({"warmup_fraction": 0.1, "warmup_densities": [0.01]}, steps=12,
+                     total=100)
+    assert got == [0.01] * 10 + [0.001] * 2
+    with pytest.raises(RuntimeError, match="set_total_steps"):
+        _densities({"warmup_fraction": 0.1}, steps=1)
+
+
+def test_the_step_counter_survives_a_state_dict_round_trip():
+    comp = dgc.Compressor([("w", torch.zeros(4, 4))], world_size=1, rank=0, warmup_steps=8)
+    for _ in range(5):
+        comp.end_step()
+    other = dgc.Compressor([("w", torch.zeros(4, 4))], world_size=1, rank=0, warmup_steps=8)
+    other.load_state_dict(comp.state_dict())
+    assert other.step == 5 and other.density == comp.density
+
+
+def test_a_warmup_length_given_twice_is_a_config_error():
+    with pytest.raises(ConfigError, match="given twice"):
+        build(DGCOptions, {"warmup_epochs": 1, "warmup_steps": 10})
 
 
 def test_topk_count_is_at_least_one_and_at_most_all():
