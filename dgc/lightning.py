@@ -58,8 +58,9 @@ class DGCStrategy(DDPStrategy):
     mistake in either is one ``ConfigError`` naming the key, raised here, before training.
 
     ``configure_optimizers`` must return one ``torch.optim.SGD`` (any LR scheduler): DGC
-    takes its momentum and weight decay over, as ``dgc.attach`` explains. The warm-up follows
-    ``trainer.current_epoch``. ``compression_stats()`` is logged as ``dgc/<name>`` through
+    takes its momentum and weight decay over, as ``dgc.attach`` explains. A warm-up in epochs
+    follows ``trainer.current_epoch``; in steps, the hook counts them; ``warmup_fraction`` is
+    of ``trainer.estimated_stepping_batches``. ``compression_stats()`` is logged as ``dgc/<name>`` through
     the trainer's loggers every ``log_every_n_steps`` (``DGCStatsLogger``, added for you).
     ``dgc_state`` is the attached ``dgc.DGCState`` while fitting.
     """
@@ -87,6 +88,9 @@ class DGCStrategy(DDPStrategy):
             raise ValueError(f"DGCStrategy: configure_optimizers must return one SGD optimizer "
                              f"for DGC to take over, got {len(self.optimizers)}")
         self.dgc_state = dgc.attach(self.model, self.optimizers[0], **self.dgc_options)
+        if self.dgc_options.get("warmup_fraction") is not None:
+            # the run's length in optimizer steps, as Lightning plans it (loads the data)
+            self.dgc_state.set_total_steps(int(trainer.estimated_stepping_batches))
         if not any(isinstance(cb, DGCStatsLogger) for cb in trainer.callbacks):
             trainer.callbacks.append(DGCStatsLogger())
 

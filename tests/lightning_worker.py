@@ -36,6 +36,10 @@ from tests.sparse_helpers import SCHEDULES
 EPOCHS, BATCH, SAMPLES = 2, 8, 80  # 5 steps per epoch per rank, 10 in all
 BUCKET_MB = 0.001  # several buckets, each mixing dense and compressed tensors
 DGC = dict(density=0.05, warmup_epochs=1, min_numel=100)  # epoch 0 warms up at a higher density
+# With a sparsifier, the warm-up is a fraction of the run's steps (Lightning's estimate of it
+# against the plain loop's count) and ends in the first epoch, so resuming restores it too.
+DGC_WITH_SPARSITY = dict(density=0.05, warmup_fraction=0.3, min_numel=100)
+TOTAL_STEPS = 10
 SGD = dict(lr=0.05, momentum=0.9, weight_decay=1e-3)
 SPARSE_METHODS = ("nm", "iht", "dns")
 
@@ -49,6 +53,10 @@ def net() -> nn.Module:
 def dataset() -> TensorDataset:
     g = torch.Generator().manual_seed(0)
     return TensorDataset(torch.randn(SAMPLES, 16, generator=g), torch.randn(SAMPLES, 4, generator=g))
+
+
+def dgc_options(method: str | None) -> dict:
+    return DGC_WITH_SPARSITY if method else DGC
 
 
 def flat(model: nn.Module) -> torch.Tensor:
@@ -80,7 +88,9 @@ def plain_loop(use_dgc: bool, method: str | None) -> tuple[torch.Tensor, torch.T
     ddp = DDP(model, bucket_cap_mb=BUCKET_MB)
     opt = torch.optim.SGD(model.parameters(), **SGD)
     sp = sparse_train.attach(ddp, opt, method=method, **SCHEDULES[method]) if method else None
-    state = dgc.attach(ddp, opt, sparsifier=sp, **DGC) if use_dgc else None
+    state = dgc.attach(ddp, opt, sparsifier=sp, **dgc_options(method)) if use_dgc else None
+    if state is not None and method:
+        state.set_total_steps(TOTAL_STEPS)
     sampler = DistributedSampler(dataset(), shuffle=True, seed=0)
     loader = DataLoader(dataset(), batch_size=BATCH, sampler=sampler)
     for epoch in range(EPOCHS):
@@ -112,7 +122,7 @@ class Module(pl.LightningModule):
 
 def lightning_run(out: Path, name: str, use_dgc: bool, method: str | None,
                   ckpt_dir: Path | None = None, resume: Path | None = None):
-    strategy = (DGCStrategy(bucket_cap_mb=BUCKET_MB, **DGC) if use_dgc
+    strategy = (DGCStrategy(bucket_cap_mb=BUCKET_MB, **dgc_options(method)) if use_dgc
                 else pl.strategies.DDPStrategy(bucket_cap_mb=BUCKET_MB))
     callbacks = [SparsityCallback(method, **SCHEDULES[method])] if method else []
     if ckpt_dir is not None:

@@ -83,6 +83,13 @@ def test_compression_stats_reach_lightnings_logger(runs):
     assert float(rows[-1]["dgc/compression_ratio"]) > 2
 
 
+def test_warmup_fraction_is_of_lightnings_planned_steps(runs):
+    _, fit, _ = runs  # dgc+nm warms up over 30% of 10 steps (tests/lightning_worker.py)
+    density = [float(r["dgc/density"]) for r in fit[0]["logged"]["dgc+nm"] if r.get("dgc/density")]
+    # logged after each step: the density of the next one, which is past the warm-up from 3 on
+    assert min(density[:2]) > 0.1 and density[2:] == pytest.approx([0.05] * 8)
+
+
 @pytest.mark.parametrize("method", ["nm", "iht", "dns", "dgc+nm"])
 def test_sparsity_callback_equals_plain_ddp_loop_bitwise(runs, method):
     _, fit, _ = runs
