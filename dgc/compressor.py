@@ -70,6 +70,8 @@ class Compressor:
         self._thresholds: dict[str, ThresholdState] = {}
         self._masked_with: PerMask[None] = PerMask()  # masks the memories were cut to
         self._selections: dict[str, int] = {}  # sampled selections made, per name
+        self._pieces: dict[str, tuple[int, int]] = {}  # name -> (start, numel) held here
+        self._piece_counts: PerMask[int] = PerMask()
 
     # -- schedule -----------------------------------------------------------------------
     @property
@@ -132,6 +134,20 @@ class Compressor:
         mask = masks.get(name)
         return numel if mask is None else self.masks.count(name, mask)
 
+    def piece_live_count(self, name: str, start: int, numel: int,
+                         masks: Mapping[str, Tensor]) -> int:
+        """Unmasked entries of ``name``'s flat entries ``[start, start + numel)``."""
+        mask = masks.get(name)
+        if mask is None:
+            return numel
+        return self._piece_counts.get((name, start, numel), mask, lambda: int(
+            mask.reshape(-1).narrow(0, start, numel).sum()))
+
+    def set_piece(self, name: str, start: int, numel: int) -> None:
+        """This rank's memory of ``name`` covers only its flat entries ``[start, start +
+        numel)`` (the hierarchical topology's piece of the tensor)."""
+        self._pieces[name] = (start, numel)
+
     # -- one tensor's step -----------------------------------------------------------------
     def clip_(self, g: Tensor) -> Tensor:
         """Local gradient clipping at ``clip_norm / sqrt(world_size)`` (paper, Sec. 3.2)."""
@@ -150,9 +166,16 @@ class Compressor:
         return g
 
     def _mask_memories(self, name: str) -> None:
+        sparsifier = self.masks.sparsifier
         for store in (self._u, self._v):
-            if name in store:
-                self.masks.sparsifier.mask_(name, store[name])
+            if name not in store:
+                continue
+            if name in self._pieces:
+                start, numel = self._pieces[name]
+                factor = sparsifier.multiplier(name, store[name].dtype).reshape(-1)
+                store[name].mul_(factor.narrow(0, start, numel))
+            else:
+                sparsifier.mask_(name, store[name])
 
     def compress(self, name: str, g: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """Fold flat gradient ``g`` into ``name``'s memory and take out the ``k`` entries to
@@ -227,4 +250,5 @@ class Compressor:
             self._thresholds[name] = ThresholdState()
             self._thresholds[name].load_state_dict(sd)
         self._masked_with = PerMask()
+        self._piece_counts = PerMask()
         self._selections = dict(state["selections"])

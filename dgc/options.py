@@ -87,6 +87,20 @@ class DGCOptions:
     untouched, so a GradScaler skips the step without corrupting them. Costs one host sync and
     one 4-byte allreduce per bucket, so it is off unless you train with a loss scaler."""
 
+    topology: Literal["flat", "hierarchical"] = "flat"
+    """``flat``: every rank compresses its own gradient and the pairs go to every rank, so
+    each rank sends (p - 1) k pairs. ``hierarchical``: dense inside a node, compressed
+    across nodes (``dgc.transport.hierarchical``): the node's ranks reduce-scatter each
+    bucket, each rank runs DGC on its shard of the node's sum, the shard's pairs go only to
+    the ranks holding the same shard on the other nodes, and the node allgathers the
+    result; DGC's memory and selection per rank shrink to 1 / ranks_per_node."""
+
+    ranks_per_node: int | None = None
+    """Ranks on each node, placed node by node (ranks 0..r-1 on the first). Default: the
+    launcher's local world size (torchrun's ``LOCAL_WORLD_SIZE``; ``launch.distenv`` finds
+    it under mpirun, Slurm and horovodrun). Also splits every run's bytes into intra- and
+    inter-node ones."""
+
     seed: int = 0
     """Seed of the threshold's samples. Each sample's offset is a hash of (seed, rank,
     parameter name, selection count) (``sparse_comm.draws``), never a stream shared across
@@ -118,3 +132,5 @@ class DGCOptions:
         require(0.0 < self.sample_ratio <= 1.0, "sample_ratio",
                 f"must be in (0, 1], got {self.sample_ratio}")
         require(self.min_numel >= 1, "min_numel", f"must be >= 1, got {self.min_numel}")
+        require(self.ranks_per_node is None or self.ranks_per_node >= 1, "ranks_per_node",
+                f"must be >= 1 or null, got {self.ranks_per_node}")

@@ -1,8 +1,9 @@
 """The experiment configuration: a typed tree loaded from YAML plus ``--set`` overrides.
 
 A config file may name a ``base:`` file (relative to itself) whose values it overrides, so
-experiments are small deltas on a shared baseline. ``dgc:`` and ``sparsity:`` sections are
-off when absent or null; giving any key of them (in YAML or with ``--set``) turns them on.
+experiments are small deltas on a shared baseline. ``dgc:``, ``sparsity:`` and ``quantize:``
+sections are off when absent or null; giving any key of them (in YAML or with ``--set``)
+turns them on.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import yaml
 from dgc.options import DGCOptions
 from launch.costmodel.hardware import HardwareConfig
 from launch.data import DataConfig
+from launch.deep_compression import QuantizeConfig
 from launch.models import ModelConfig
 from sparse_comm.schema import ConfigError, build, require, to_dict
 from sparse_train.options import SparsityOptions
@@ -95,6 +97,9 @@ class Config:
     hardware: HardwareConfig = field(default_factory=HardwareConfig)  # for the est/* figures
     dgc: DGCOptions | None = None
     sparsity: SparsityOptions | None = None
+    # Deep Compression after training: weight sharing, fine-tuning, encoding
+    # (launch/deep_compression.py).
+    quantize: QuantizeConfig | None = None
     # "ddp": gradients through a DDP communication hook (torchrun, mpirun, srun); "horovod":
     # through Horovod under horovodrun (launch/hvd_engine.py).
     engine: Literal["ddp", "horovod"] = "ddp"

@@ -306,3 +306,18 @@ def init(env: DistEnv, timeout_s: float = 600.0) -> torch.device:
     dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size,
                             timeout=timeout)
     return device
+
+
+def node_layout(local_ranks: list[int]) -> tuple[int, int | None]:
+    """(nodes, ranks per node) from every rank's local rank, in rank order: a node starts
+    wherever a local rank is 0. The ranks per node are None unless every node has the same
+    number of ranks, placed node by node (local rank = rank mod ranks per node), which the
+    hierarchical topology needs."""
+    nodes = max(1, sum(1 for r in local_ranks if r == 0))
+    size = len(local_ranks)
+    if size % nodes:
+        return nodes, None
+    per_node = size // nodes
+    if any(r != i % per_node for i, r in enumerate(local_ranks)):
+        return nodes, None
+    return nodes, per_node

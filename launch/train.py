@@ -121,8 +121,11 @@ def _config_section(section: str):
         raise ConfigError(f"{section}.{err.key}" if err.key else section, err.problem) from None
 
 
-def attach_plugins(cfg: Config, model: DDP, optimizer) -> dict:
-    """Register the communication hook and the sparsifier; returns them by name."""
+def attach_plugins(cfg: Config, model: DDP, optimizer,
+                   ranks_per_node: int | None = None) -> dict:
+    """Register the communication hook and the sparsifier; returns them by name.
+    ``ranks_per_node`` (from the launch) places the ranks on nodes, for hierarchical DGC
+    and for splitting bytes into intra- and inter-node ones."""
     if cfg.engine == "horovod":
         return _attach_horovod(cfg, model, optimizer)
     plugins = {}
@@ -133,21 +136,39 @@ def attach_plugins(cfg: Config, model: DDP, optimizer) -> dict:
                                                       **config_to_dict(cfg.sparsity))
     if cfg.dgc is not None:
         import dgc
+        options = config_to_dict(cfg.dgc)
+        options["ranks_per_node"] = options["ranks_per_node"] or ranks_per_node
         with _config_section("dgc"):
             plugins["comm"] = dgc.attach(model, optimizer, sparsifier=plugins.get("sparsity"),
-                                         **config_to_dict(cfg.dgc))
+                                         **options)
     elif cfg.ddp.comm_hook != "allreduce":
         state = TorchHookState(cfg.ddp.comm_hook, powersgd_rank=cfg.ddp.powersgd_rank,
-                               powersgd_start_iter=cfg.ddp.powersgd_start_iter)
+                               powersgd_start_iter=cfg.ddp.powersgd_start_iter,
+                               ranks_per_node=ranks_per_node)
         model.register_comm_hook(state, counted_torch_hook)
         plugins["comm"] = state
     else:
         sparsifier = plugins.get("sparsity")
         state = CountingAllreduceState(sparsifier=sparsifier,
-                                       model=model if sparsifier is not None else None)
+                                       model=model if sparsifier is not None else None,
+                                       ranks_per_node=ranks_per_node)
         model.register_comm_hook(state, counting_allreduce_hook)
         plugins["comm"] = state
     return plugins
+
+
+def launch_ranks_per_node(cfg: Config, env: distenv.DistEnv) -> int | None:
+    """Ranks per node as the launch placed them (every rank's local rank, gathered); a
+    one-line error when hierarchical DGC is asked for on nodes of unequal size."""
+    local_ranks = [None] * env.world_size
+    dist.all_gather_object(local_ranks, env.local_rank)
+    nodes, per_node = distenv.node_layout(local_ranks)
+    hierarchical = cfg.dgc is not None and cfg.dgc.topology == "hierarchical"
+    if per_node is None and hierarchical and cfg.dgc.ranks_per_node is None:
+        raise ConfigError("dgc.topology", f"'hierarchical' needs the same number of ranks on "
+                                          f"every node, placed node by node; this launch "
+                                          f"has local ranks {local_ranks}")
+    return per_node
 
 
 def _attach_horovod(cfg: Config, model: torch.nn.Module, optimizer) -> dict:
@@ -241,7 +262,7 @@ def run(cfg: Config, env: distenv.DistEnv, resume_from: Path | None, device) -> 
                                 nesterov=cfg.train.nesterov, weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(cfg, steps_per_epoch, schedule_steps))
-    plugins = attach_plugins(cfg, ddp, optimizer)
+    plugins = attach_plugins(cfg, ddp, optimizer, launch_ranks_per_node(cfg, env))
     comm = plugins["comm"]
     if hasattr(comm, "set_total_steps"):  # DGC's warmup_fraction is of the planned run
         comm.set_total_steps(schedule_steps)
@@ -283,7 +304,9 @@ def run(cfg: Config, env: distenv.DistEnv, resume_from: Path | None, device) -> 
 
     def comm_row() -> dict:
         return {tracking.BYTES_AXIS: comm.stats.bytes_sent,
-                "comm/bytes_dense_cum": comm.stats.bytes_dense}
+                "comm/bytes_dense_cum": comm.stats.bytes_dense,
+                "comm/bytes_intra_node_cum": comm.stats.bytes_intra,
+                "comm/bytes_inter_node_cum": comm.stats.bytes_inter}
 
     show_bars = rank0 and sys.stderr.isatty()  # logs of batch jobs stay readable
     started = time.perf_counter() - progress["wall_time_s"]
@@ -349,12 +372,19 @@ def run(cfg: Config, env: distenv.DistEnv, resume_from: Path | None, device) -> 
         "epochs": step / steps_per_epoch, "steps": step, "world_size": env.world_size,
         "wall_time_s": time.perf_counter() - started,
         "comm_bytes_sent": comm.stats.bytes_sent, "comm_bytes_dense": comm.stats.bytes_dense,
+        "comm_bytes_intra_node": comm.stats.bytes_intra,
+        "comm_bytes_inter_node": comm.stats.bytes_inter,
         "compression_ratio": comm.stats.bytes_dense / comm.stats.bytes_sent
         if comm.stats.bytes_sent else None,  # None: one process sends nothing
         "weight_density": prunable_density(model),
         "parameters": sum(p.numel() for p in model.parameters()),
         "run_name": cfg.run_name,
     }
+    if cfg.quantize is not None:  # Deep Compression stages: launch/deep_compression.py
+        from launch.deep_compression import compress
+        summary.update(compress(cfg, ddp, optimizer, plugins, train_loader, sampler,
+                                lambda m: evaluate(m, test_loader, device), writer,
+                                info.input_shape, info.num_classes))
     if rank0:
         summary.update(estimate_run(
             cfg, model, world_size=env.world_size,

@@ -9,6 +9,12 @@ Methods: ``magnitude`` (one-shot), ``gmp`` (gradual, Zhu & Gupta), ``dns`` (dyna
 network surgery), ``iht`` (iterative hard thresholding), ``dsd`` (dense-sparse-dense),
 ``nm`` (N:M structured, 2:4 by default) and ``block``. Options: :class:`SparsityOptions`.
 
+After training, the rest of Deep Compression (Han, Mao & Dally 2016):
+``sparse_train.quantize.share_weights`` (trained weight sharing: a k-means codebook per
+layer, fine-tuned through the optimizer) and ``sparse_train.codec`` (relative indices and
+codebook indices, Huffman-coded, in a file that decodes to the exact weights, with a
+storage report per stage and layer).
+
 For a gradient-compression hook, ``Sparsifier.fixed_masks()`` gives the masks by
 parameter name when they are settled and identical on every rank, else None, and
 ``Sparsifier.grad_mask_policy`` says whether gradients at masked positions must be
@@ -29,6 +35,7 @@ from sparse_comm.schema import build
 from .export import export
 from .formats import NMCompressed, compress_nm, storage_bytes
 from .options import SparsityOptions
+from .quantize import WeightSharing, share_weights
 from .sparsifier import Sparsifier
 
 
@@ -52,4 +59,4 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer,
 
 
 __all__ = ["attach", "export", "storage_bytes", "compress_nm", "NMCompressed",
-           "Sparsifier", "SparsityOptions"]
+           "Sparsifier", "SparsityOptions", "WeightSharing", "share_weights"]

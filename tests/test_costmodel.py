@@ -315,7 +315,7 @@ def test_dia_bytes_equal_what_scipy_stores():
 
 
 def test_dgc_traffic_of_the_shipped_lenet300_config_counted_by_hand():
-    """Independent of dgc.hook.make_plan: configs/mnist_lenet300_dgc.yaml at p = 4 puts
+    """Independent of dgc.plan.make_plan: configs/mnist_lenet300_dgc.yaml at p = 4 puts
     one bucket of LeNet-300-100 on the wire as k = ceil(0.001 n) pairs of (int32, fp16):
     fc1 236, fc2 30, fc3 1 = 267 pairs, 1602 bytes padded to 1608, allgathered (each rank
     sends its 1608 bytes 3 times), and the 410 biases in fp16, allreduced (2 * 3/4 of 820
@@ -441,3 +441,36 @@ def test_estimate_run_uses_2_4_masks_where_sparse_kernels_apply():
                          model, world_size=8)
     assert out["est/comm_bytes_per_step"] < dense["est/comm_bytes_per_step"]
     assert out["est/weight_bytes/nm24"] < out["est/weight_bytes/dense"]
+
+
+def test_hierarchical_dgc_reduces_inside_the_node_and_gathers_a_shard_across_nodes():
+    """Counted by hand for one bucket (w: 400x10, b: 400) on 2 nodes of 2 ranks: pieces of
+    2000 and 200 entries per rank, k = ceil(0.01 * 2000) = 20 pairs (int32 + fp16, 120 B
+    padded to 120), the bias piece dense in fp16 (400 B)."""
+    options = DGCOptions(density=0.01, value_dtype="fp16", index_dtype="int32")
+    t = tr.hierarchical_dgc([[("w", (400, 10)), ("b", (400,))]], options, 4, 2, passes=0)
+    assert [(c.kind, c.nbytes, c.group) for c in t.collectives] == [
+        ("reduce_scatter", 2 * 2200 * 4, "intra"), ("allreduce", 200 * 2, "inter"),
+        ("allgather", 120, "inter"), ("allgather", 2200 * 4, "intra")]
+    intra, inter = t.link_bytes(4, 2)
+    assert intra == pytest.approx(0.5 * 2 * 2200 * 4 + 2200 * 4)
+    assert inter == pytest.approx(400 + 120)  # p_inter = 2: each collective's size once
+    dense = tr.hierarchical_dense([[("w", (400, 10)), ("b", (400,))]], 2)
+    assert [(c.kind, c.nbytes, c.group) for c in dense.collectives] == [
+        ("reduce_scatter", 4400 * 4, "intra"), ("allreduce", 2200 * 4, "inter"),
+        ("allgather", 2200 * 4, "intra")]
+
+
+def test_a_flat_ring_over_two_nodes_crosses_them_on_two_of_its_hops():
+    t = tr.Traffic("t", [tr.Collective("allgather", 1000)])
+    assert t.link_bytes(4, 2) == pytest.approx((1500, 1500))  # 3000 B, 2 of 4 hops cross
+    assert t.link_bytes(4, 4) == pytest.approx((3000, 0))  # one node
+
+
+def test_subgroup_collectives_run_on_their_own_link_class():
+    cluster = simple_cluster()
+    t = col.sequence_time([("reduce_scatter", 8e6, "intra")], cluster, 8)
+    per_node = min(8, cluster.per_node)
+    assert t == pytest.approx(col.reduce_scatter(8e6, per_node, cluster.intra.latency,
+                                                 cluster.intra.bandwidth)
+                              + cluster.intra.overhead)

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 import dgc
 from dgc import codec, memory
-from dgc.hook import make_plan
+from dgc.plan import make_plan
 from dgc.options import DGCOptions
 from dgc.schedule import sparse_count, topk_count
 from sparse_comm.schema import ConfigError, build

@@ -195,6 +195,8 @@ def test_dgc_and_sparsity_runs_report_their_bytes_and_density(tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("dgc.density=2", "config key 'dgc.density': must be in (0, 1]"),
+    ("dgc.ranks_per_node=3", "config key 'dgc.ranks_per_node': 3 ranks per node do not "
+                             "divide the world size 1"),
     ("sparsity.method=prune", "config key 'sparsity.method': must be one of"),
     ("sparsity.layers=[nothing.*]", "config key 'sparsity.layers[0]'"),
 ])

@@ -268,3 +268,12 @@ def test_stale_mpi_variables_without_mpirun_exit_2_with_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "MPI reports rank 0 of 1" in lines[0], proc.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_node_layout_reads_nodes_from_local_ranks():
+    from launch.distenv import node_layout
+    assert node_layout([0, 1, 0, 1]) == (2, 2)
+    assert node_layout([0, 1, 2, 3]) == (1, 4)
+    assert node_layout([0]) == (1, 1)
+    assert node_layout([0, 1, 2, 0, 1]) == (2, None)  # 3 + 2: unequal nodes
+    assert node_layout([0, 0, 1, 1]) == (2, None)  # not placed node by node

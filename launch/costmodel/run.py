@@ -73,10 +73,16 @@ def workload(cfg: Config, masks: Mapping[str, Tensor] | None = None) -> Workload
 
 
 def scheme_traffic(work: Workload, scheme: str, p: int, hw: HardwareConfig,
-                   powersgd_rank: int = 4) -> tr.Traffic:
-    """One of dense, fp16, bf16, powersgd, dgc, masked."""
+                   powersgd_rank: int = 4, per_node: int = 1) -> tr.Traffic:
+    """One of dense, fp16, bf16, powersgd, dgc, masked, hierarchical-dense,
+    hierarchical-dgc (``per_node`` ranks per node for the last two)."""
     if scheme in ("dense", "fp16", "bf16"):
         return tr.dense(work.buckets, tr.FP32 if scheme == "dense" else 2, scheme)
+    if scheme == "hierarchical-dense":
+        return tr.hierarchical_dense(work.buckets, per_node)
+    if scheme == "hierarchical-dgc":
+        return tr.hierarchical_dgc(work.buckets, work.dgc, p, per_node, hw.selection_passes,
+                                   live=work.live)
     if scheme == "powersgd":
         return tr.powersgd(work.buckets, powersgd_rank, hw.selection_passes)
     if scheme == "dgc":
@@ -96,8 +102,8 @@ class StepEstimate:
 
 def step_estimate(traffic: tr.Traffic, times: ComputeTimes, cluster: Cluster, p: int,
                   hw: HardwareConfig, sparse: SparseCompute = None) -> StepEstimate:
-    comm = sequence_time([(c.kind, c.nbytes) for c in traffic.collectives], cluster, p,
-                         hw.algorithm)
+    comm = sequence_time([(c.kind, c.nbytes, c.group) for c in traffic.collectives], cluster,
+                         p, hw.algorithm)
     flops_s = {None: times.dense, "theoretical": times.sparse_theoretical,
                "realistic": times.sparse_realistic}[sparse]
     accel = cluster.accelerator
@@ -107,7 +113,8 @@ def step_estimate(traffic: tr.Traffic, times: ComputeTimes, cluster: Cluster, p:
     backward = times.backward * flops_s / times.dense if times.dense else 0.0
     exposed = max(0.0, comm - hw.overlap * backward)
     compute = flops_s + (compress if p > 1 else 0.0)  # one rank has nothing to compress for
-    return StepEstimate(traffic.scheme, traffic.wire_bytes(p), comm, compute, compute + exposed)
+    return StepEstimate(traffic.scheme, traffic.wire_bytes(p, cluster.per_node), comm, compute,
+                        compute + exposed)
 
 
 def cluster_times(work: Workload, cluster: Cluster, hw: HardwareConfig,
@@ -121,7 +128,7 @@ def run_scheme(cfg: Config) -> str:
     """The scheme a run's config selects: DGC, a torch hook, a mask-aware sparse run, or
     dense."""
     if cfg.dgc is not None:
-        return "dgc"
+        return "hierarchical-dgc" if cfg.dgc.topology == "hierarchical" else "dgc"
     if cfg.ddp.comm_hook != "allreduce":
         return cfg.ddp.comm_hook
     return "masked" if cfg.sparsity is not None else "dense"
@@ -148,10 +155,10 @@ def estimate_run(cfg: Config, model: nn.Module, *, world_size: int,
     scheme = run_scheme(cfg)
     out: dict[str, float] = {"est/world_size": float(p)}
 
-    run = scheme_traffic(work, scheme, p, hw, cfg.ddp.powersgd_rank)
+    run = scheme_traffic(work, scheme, p, hw, cfg.ddp.powersgd_rank, cluster.per_node)
     if hw.calibrate and comm_bytes_per_step and world_size > 1:
-        modelled = scheme_traffic(work, scheme, world_size, hw,
-                                  cfg.ddp.powersgd_rank).wire_bytes(world_size)
+        modelled = scheme_traffic(work, scheme, world_size, hw, cfg.ddp.powersgd_rank,
+                                  cluster.per_node).wire_bytes(world_size, cluster.per_node)
         if modelled:
             ratio = comm_bytes_per_step / modelled
             out["est/comm_bytes_measured_over_model"] = ratio
@@ -203,9 +210,12 @@ def variants(cfg: Config, powersgd_rank: int = 4) -> list[Variant]:
     model, _ = meta_model(cfg)
     base = workload(cfg)
     o = base.dgc
+    dgc_label = f"dgc d={o.density:g} {o.value_dtype}/{o.index_dtype}"
     rows = [Variant("dense fp32", "dense", base), Variant("fp16", "fp16", base),
+            Variant("hierarchical dense", "hierarchical-dense", base),
             Variant(f"powersgd r={powersgd_rank}", "powersgd", base),
-            Variant(f"dgc d={o.density:g} {o.value_dtype}/{o.index_dtype}", "dgc", base)]
+            Variant(dgc_label, "dgc", base),
+            Variant(f"hierarchical {dgc_label}", "hierarchical-dgc", base)]
     s = cfg.sparsity
     if s is not None and not (s.method == "nm" and (s.n, s.m) == (2, 4)):
         work = dataclasses.replace(base, masks=expected_masks(model, s))
@@ -228,7 +238,7 @@ def compare(cfg: Config, hw: HardwareConfig, world_sizes: list[int], powersgd_ra
     table = {}
     for p in world_sizes:
         estimates = [(v.label, step_estimate(scheme_traffic(v.work, v.scheme, p, hw,
-                                                             powersgd_rank),
+                                                             powersgd_rank, cluster.per_node),
                                              times[id(v)], cluster, p, hw, v.sparse))
                      for v in rows]
         dense_step = estimates[0][1].step_s

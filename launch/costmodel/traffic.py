@@ -6,7 +6,7 @@ Gradients travel in DDP's buckets, so each scheme is a list of collectives per b
 * PowerSGD at rank r (Vogels et al. 2019, torch's ``powerSGD_hook``): a tensor viewed as an
   n x m matrix sends P (n x r) and Q (m x r), each allreduced; 1-D tensors, and matrices
   that would not shrink by torch's ``min_compression_rate`` (2), go in one plain allreduce;
-* DGC: exactly ``dgc.hook.make_plan``'s decision, the one the hook takes: an allgather of
+* DGC: exactly ``dgc.plan.make_plan``'s decision, the one the hook takes: an allgather of
   (index, value) pairs plus an allreduce of the tensors that stay dense, or one allreduce of
   the bucket where that moves fewer bytes;
 * masked: a fixed weight mask known to every rank, so only the live gradient entries are
@@ -21,10 +21,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from dgc import wire
-from dgc.hook import make_plan
+from dgc.plan import make_plan
 from dgc.options import DGCOptions
 
-from .collectives import Kind
+from .collectives import GroupKind, Kind
 
 Param = tuple[str, tuple[int, ...]]  # a parameter's name and shape
 FP32 = 4
@@ -38,12 +38,30 @@ POWERSGD_MIN_COMPRESSION_RATE = 2
 @dataclass(frozen=True)
 class Collective:
     kind: Kind
-    nbytes: float  # allreduce: the tensor's bytes; allgather: one rank's contribution
+    nbytes: float  # allreduce, reduce-scatter: the tensor's bytes; allgather: one rank's
+    group: GroupKind = "world"  # all ranks, one node's, or one rank per node
 
-    def wire_bytes(self, p: int) -> float:
+    def size(self, p: int, per_node: int) -> int:
+        """Ranks in this collective's group on ``p`` ranks of ``per_node`` per node."""
+        return {"world": p, "intra": min(p, per_node),
+                "inter": max(1, p // max(1, min(p, per_node)))}[self.group]
+
+    def wire_bytes(self, p: int, per_node: int | None = None) -> float:
+        size = self.size(p, per_node or p)
         if self.kind == "allreduce":
-            return wire.allreduce_bytes(self.nbytes, p)
-        return wire.allgather_bytes(self.nbytes, p)
+            return wire.allreduce_bytes(self.nbytes, size)
+        if self.kind == "reduce_scatter":
+            return wire.reduce_scatter_bytes(self.nbytes, size)
+        return wire.allgather_bytes(self.nbytes, size)
+
+    def link_bytes(self, p: int, per_node: int) -> tuple[float, float]:
+        """(intra-node, inter-node) shares of this collective's per-rank wire bytes."""
+        total = self.wire_bytes(p, per_node)
+        if self.group == "intra":
+            return total, 0.0
+        if self.group == "inter":
+            return 0.0, total
+        return wire.ring_link_split(total, p, max(1, p // max(1, min(p, per_node))))
 
 
 @dataclass
@@ -55,11 +73,15 @@ class Traffic:
     memory_bytes: float = 0.0  # bytes read and written to compress and decompress
     flops: float = 0.0  # fp32 arithmetic to compress (PowerSGD's products)
 
-    def wire_bytes(self, p: int) -> float:
-        return sum(c.wire_bytes(p) for c in self.collectives)
+    def wire_bytes(self, p: int, per_node: int | None = None) -> float:
+        return sum(c.wire_bytes(p, per_node) for c in self.collectives)
+
+    def link_bytes(self, p: int, per_node: int) -> tuple[float, float]:
+        shares = [c.link_bytes(p, per_node) for c in self.collectives]
+        return sum(a for a, _ in shares), sum(b for _, b in shares)
 
     def scaled(self, factor: float) -> Traffic:
-        return Traffic(self.scheme, [Collective(c.kind, c.nbytes * factor)
+        return Traffic(self.scheme, [Collective(c.kind, c.nbytes * factor, c.group)
                                      for c in self.collectives], self.memory_bytes, self.flops)
 
 
@@ -161,4 +183,64 @@ def masked(buckets: Sequence[Sequence[Param]], live: Mapping[str, int], scheme: 
             traffic.collectives.append(Collective("allreduce", elems * FP32))
         # Packing the live entries reads the masked gradients once; unpacking writes them.
         traffic.memory_bytes += 2 * FP32 * sum(numel(s) for n, s in bucket if n in live)
+    return traffic
+
+
+def hierarchical_dense(buckets: Sequence[Sequence[Param]], per_node: int,
+                       itemsize: int = FP32) -> Traffic:
+    """Dense allreduce the hierarchical way, per bucket: reduce-scatter inside the node,
+    allreduce of each shard across nodes, allgather inside the node."""
+    traffic = Traffic("hierarchical dense")
+    for bucket in buckets:
+        total = sum(numel(s) for _, s in bucket) * itemsize
+        shard = math.ceil(total / per_node)
+        traffic.collectives += [Collective("reduce_scatter", shard * per_node, "intra"),
+                                Collective("allreduce", shard, "inter"),
+                                Collective("allgather", shard, "intra")]
+    return traffic
+
+
+def hierarchical_dgc(buckets: Sequence[Sequence[Param]], options: DGCOptions, p: int,
+                     per_node: int, passes: float, density: float | None = None,
+                     live: Mapping[str, int] | None = None) -> Traffic:
+    """Hierarchical DGC (``dgc.transport.hierarchical``), exactly as the hook plans it for
+    local rank 0: the bucket reduce-scattered inside the node (fp32), the shard's pieces
+    planned and exchanged across the p / per_node nodes, the shard allgathered inside the
+    node. ``live``: entries kept by fixed masks, by name (k counts live entries per piece,
+    the collectives carry whole tensors)."""
+    from dgc.plan import Piece, plan_pieces
+    from dgc.transport.hierarchical import piece_bounds
+    density = options.density if density is None else density
+    per_node = max(1, min(p, per_node))
+    nodes = max(1, p // per_node)
+    traffic = Traffic(f"hierarchical dgc-d{density:g}")
+    live = live or {}
+    for bucket in buckets:
+        pieces, sizes = [], [0] * per_node
+        for name, shape in bucket:
+            n = numel(shape)
+            bounds = piece_bounds(n, per_node)
+            for j in range(per_node):
+                sizes[j] += bounds[j + 1] - bounds[j]
+            mine = bounds[1] - bounds[0]
+            kept = round(live.get(name, n) * mine / n) if n else 0
+            pieces.append(Piece(name, tuple(shape), mine, kept))
+        shard = max(sizes)
+        plan = plan_pieces(pieces, density, nodes, options)
+        traffic.memory_bytes += passes * FP32 * sum(s.numel for s in plan.compressed)
+        traffic.collectives.append(Collective("reduce_scatter", shard * per_node * FP32,
+                                              "intra"))
+        value_bytes = plan.layout.value_dtype.itemsize
+        if not plan.sparse:
+            traffic.collectives.append(Collective(
+                "allreduce", sum(s.live for s in plan.slots) * value_bytes, "inter"))
+        else:
+            dense_elems = sum(s.live for s in plan.dense)
+            if dense_elems:
+                traffic.collectives.append(Collective("allreduce", dense_elems * value_bytes,
+                                                      "inter"))
+            traffic.collectives.append(Collective("allgather", plan.layout.nbytes, "inter"))
+        traffic.collectives.append(Collective("allgather", shard * FP32, "intra"))
+        # the bucket copied into shard-major order and back
+        traffic.memory_bytes += 4 * FP32 * shard * per_node
     return traffic

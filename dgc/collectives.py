@@ -1,0 +1,62 @@
+"""The collectives DGC's transports start, over one process group, with their bytes counted.
+
+A ``Group`` is a process group plus the class of link its traffic crosses, so that every
+collective adds its per-rank ring wire bytes to the right counters (``wire.account``): all
+of it to ``bytes_intra`` for a group inside one node, to ``bytes_inter`` for a group with
+one rank per node, and for a group spanning whole nodes the share of the ring's hops that
+cross nodes. This is the only module of ``dgc`` that calls
+``torch.distributed``'s collectives; each call returns a future and does not wait (except
+Gloo's reduce-scatter, which has no future to return).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from dgc import wire
+
+Link = Literal["world", "intra", "inter"]
+
+
+@dataclass
+class Group:
+    """``process_group`` (None: the default group) of ``size`` ranks, ``nodes`` of which are
+    whole nodes for a ``"world"`` group. Counts go to ``owner.stats`` (looked up at each
+    call: a restored state replaces its stats object)."""
+
+    process_group: dist.ProcessGroup | None
+    size: int
+    link: Link
+    owner: object
+    nodes: int = 1
+
+    def _count(self, wire_bytes: float) -> None:
+        wire.account(self.owner.stats, wire_bytes, self.size, self.nodes, self.link)
+
+    def allreduce(self, t: Tensor, op=dist.ReduceOp.SUM) -> torch.futures.Future:
+        self._count(wire.allreduce_bytes(t.nbytes, self.size))
+        return dist.all_reduce(t, op=op, group=self.process_group, async_op=True).get_future()
+
+    def allgather(self, out: Tensor, t: Tensor) -> torch.futures.Future:
+        """``out`` (``size`` times ``t``'s length) receives every rank's ``t``, in rank order."""
+        self._count(wire.allgather_bytes(t.nbytes, self.size))
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        return gather(out, t, group=self.process_group, async_op=True).get_future()
+
+    def reduce_scatter(self, out: Tensor, t: Tensor) -> torch.futures.Future:
+        """``out`` receives this rank's chunk (``t``'s ``rank``-th of ``size`` equal chunks)
+        summed over the group."""
+        self._count(wire.reduce_scatter_bytes(t.nbytes, self.size))
+        scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+        work = scatter(out, t, group=self.process_group, async_op=True)
+        try:
+            return work.get_future()
+        except RuntimeError:  # Gloo's reduce-scatter has no future (torch 2.13): wait here
+            work.wait()
+            done = torch.futures.Future()
+            done.set_result([out])
+            return done
