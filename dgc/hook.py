@@ -32,6 +32,7 @@ from torch import Tensor
 from dgc import wire
 from dgc.collectives import Group
 from dgc.compressor import Compressor
+from dgc.guards import PER_PARAMETER_HOOK
 from dgc.options import DGCOptions
 from dgc.plan import Piece, Plan, make_plan, plan_pieces
 from dgc.transport import TOPOLOGIES
@@ -232,6 +233,8 @@ def _node_groups(process_group, owner, ranks: int, nodes: int) -> tuple[Group, G
 
 def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook: compress, exchange and average one bucket (see module doc)."""
+    if not isinstance(bucket, dist.GradBucket):
+        raise TypeError(f"dgc_hook: {PER_PARAMETER_HOOK}")
     flat = bucket.buffer()
     masks = state.hard_masks()
     fixed = bool(masks) and state.masks.fixed()

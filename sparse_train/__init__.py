@@ -42,7 +42,11 @@ from .sparsifier import Sparsifier
 def attach(model: nn.Module, optimizer: torch.optim.Optimizer,
            options: SparsityOptions | Mapping[str, Any] | None = None,
            **fields: Any) -> Sparsifier:
-    """Sparsify ``model`` (plain or DDP-wrapped) as ``optimizer`` steps.
+    """Sparsify ``model`` (plain, DDP-wrapped or compiled) as ``optimizer`` steps.
+
+    ``optimizer`` may be Accelerate's ``AcceleratedOptimizer`` or Lightning's
+    ``LightningOptimizer``: the masks follow the torch optimizer inside. Under Lightning use
+    ``sparse_train.lightning.SparsityCallback``, which also checkpoints the masks.
 
     Options come from ``options`` (a SparsityOptions or a mapping, e.g. the launcher's
     ``sparsity:`` section) overridden by keyword ``fields``; mistakes raise
