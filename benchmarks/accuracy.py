@@ -104,6 +104,17 @@ SUITES = {
         ("lenet300-adamw-dgc-errorfeedback-p2", "configs/mnist_lenet300_dgc.yaml", 2,
          _ADAMW + _ADAM_DGC + ["dgc.adam_mode=error_feedback"]),
     ],
+    # The sparse allreduce (issue 16) at 4 and 8 processes beside dense at the same p.
+    "sparse-allreduce": [
+        ("dense-p4", "configs/mnist_lenet300_dense.yaml", 4, []),
+        ("dgc-sparse-allreduce-p4", "configs/mnist_lenet300_dgc.yaml", 4,
+         ["dgc.exchange=sparse_allreduce"]),
+        ("dense-p8", "configs/mnist_lenet300_dense.yaml", 8, []),
+        ("dgc-sparse-allreduce-p8", "configs/mnist_lenet300_dgc.yaml", 8,
+         ["dgc.exchange=sparse_allreduce"]),
+        ("dgc-hierarchical-p4", "configs/mnist_lenet300_dgc.yaml", 4,
+         ["dgc.topology=hierarchical", "dgc.ranks_per_node=2"]),
+    ],
     "wide": [
         ("wide-dgc-p2", "configs/synthetic_wide_mlp_dgc.yaml", 2, []),
         ("wide-dgc-p4", "configs/synthetic_wide_mlp_dgc.yaml", 4, []),

@@ -34,6 +34,10 @@ class Group:
     owner: object
     nodes: int = 1
 
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.process_group)
+
     def _count(self, wire_bytes: float) -> None:
         wire.account(self.owner.stats, wire_bytes, self.size, self.nodes, self.link)
 
@@ -46,6 +50,14 @@ class Group:
         self._count(wire.allgather_bytes(t.nbytes, self.size))
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         return gather(out, t, group=self.process_group, async_op=True).get_future()
+
+    def all_to_all(self, out: Tensor, t: Tensor) -> torch.futures.Future:
+        """``t`` cut into ``size`` equal chunks, chunk j to rank j; ``out`` receives every
+        rank's chunk for this one, in rank order. A rank keeps its own chunk: (p-1)/p of
+        ``t`` goes on the wire."""
+        self._count(wire.all_to_all_bytes(t.nbytes, self.size))
+        return dist.all_to_all_single(out, t, group=self.process_group,
+                                      async_op=True).get_future()
 
     def reduce_scatter(self, out: Tensor, t: Tensor) -> torch.futures.Future:
         """``out`` receives this rank's chunk (``t``'s ``rank``-th of ``size`` equal chunks)

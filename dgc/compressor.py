@@ -75,6 +75,8 @@ class Compressor:
         # on every rank, unlike a compressed tensor's local momentum
         self._global_u: set[str] = set()
         self._seeds: dict[str, Tensor] = {}  # momenta to start from (seed_momentum)
+        # per name, the last selection's positions and the momentum masking zeroed there
+        self._masked_u: dict[str, tuple[Tensor, Tensor]] = {}
         self._piece_counts: PerMask[int] = PerMask()
 
     # -- schedule -----------------------------------------------------------------------
@@ -204,8 +206,26 @@ class Compressor:
             v, k, self.options.sample_ratio, state=threshold, peaks=peaks,
             draw=draws.integer(self.options.seed, self.rank, name, step))
         values = values.to(codec.VALUE_DTYPES[self.options.value_dtype])
+        if self.options.momentum_masking:  # kept in case an exchange gives entries back
+            self._masked_u[name] = (indices, u.index_select(0, indices))
         memory.mask_(u, v, indices, values, self.options.momentum_masking)
         return indices, values
+
+    def give_back(self, name: str, indices: Tensor, values: Tensor, chosen: Tensor) -> None:
+        """Undo ``compress`` for the entries of its ``(indices, values)`` that ``chosen`` (a
+        bool mask over them) marks as not applied by the exchange: their values go back into
+        the residual ``v`` and the momentum masking zeroed is restored, as if never picked."""
+        picked = indices[chosen]
+        v = self._v[name]
+        v.index_add_(0, picked, values[chosen].to(v.dtype))
+        saved = self._masked_u.get(name)
+        if saved is not None:
+            self._u[name].index_copy_(0, picked, saved[1][chosen])
+
+    def add_to_residual(self, name: str, positions: Tensor, values: Tensor) -> None:
+        """Add ``values`` into ``name``'s residual at ``positions`` (an exchange's rounding
+        error, kept rather than lost)."""
+        self._v[name].index_add_(0, positions, values.to(self._v[name].dtype))
 
     def dense_momentum_(self, name: str, g: Tensor) -> Tensor:
         """Turn the averaged gradient ``g`` of a dense tensor into its update, in place.

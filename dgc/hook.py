@@ -35,7 +35,7 @@ from dgc.compressor import Compressor
 from dgc.guards import PER_PARAMETER_HOOK
 from dgc.options import DGCOptions
 from dgc.plan import Piece, Plan, make_plan, plan_pieces
-from dgc.transport import TOPOLOGIES
+from dgc.transport import TOPOLOGIES, sparse_allreduce
 from dgc.transport.hierarchical import Shards, cut
 from sparse_comm.schema import ConfigError, build
 
@@ -114,6 +114,8 @@ class DGCState(Compressor):
         self._entries: dict[tuple[int, ...], tuple[_Entry, ...]] = {}
         self._shards: dict[tuple[str, ...], Shards] = {}
         self._plans: dict[tuple, Plan] = {}  # by bucket composition, live counts, density
+        # the sparse allreduce's regions per tensor name: (boundaries, step set)
+        self._regions: dict[str, tuple[list[int], int]] = {}
 
     # -- what the topologies ask ----------------------------------------------------------
     def entries(self, bucket: dist.GradBucket) -> tuple[_Entry, ...]:
@@ -177,6 +179,22 @@ class DGCState(Compressor):
                                                   self.options)
         return plan
 
+    def regions(self, group: Group, slots, index_lists: list[Tensor]) -> list[list[int]]:
+        """The sparse allreduce's region boundaries of each of ``slots`` (by tensor name):
+        set at a tensor's first step and every ``REBALANCE_STEPS`` steps from where
+        ``index_lists`` fall (one collective for the bucket; the same steps on every rank
+        whatever the bucket's layout), kept in between."""
+        stale = [j for j, s in enumerate(slots)
+                 if s.name not in self._regions or self._regions[s.name][0][-1] != s.numel
+                 or self.step - self._regions[s.name][1] >= sparse_allreduce.REBALANCE_STEPS]
+        if stale:
+            fresh = sparse_allreduce.rebalanced([index_lists[j] for j in stale],
+                                                [slots[j].numel for j in stale], group.size,
+                                                group)
+            for j, bounds in zip(stale, fresh):
+                self._regions[slots[j].name] = (bounds, self.step)
+        return [self._regions[s.name][0] for s in slots]
+
     def count_bucket(self, plan: Plan) -> None:
         if plan.sparse:
             self.stats.sparse_buckets += 1
@@ -187,7 +205,8 @@ class DGCState(Compressor):
 
     # -- checkpoints and read-outs -----------------------------------------------------------
     def state_dict(self) -> dict:
-        state = {**super().state_dict(), "stats": dataclasses.asdict(self.stats)}
+        state = {**super().state_dict(), "stats": dataclasses.asdict(self.stats),
+                 "regions": dict(self._regions)}
         if self.adam is not None:
             state["adam"] = self.adam.state_dict()
         return state
@@ -196,6 +215,8 @@ class DGCState(Compressor):
         super().load_state_dict(state)
         self.stats = DGCStats(**state["stats"])
         self._plans = {}
+        self._regions = {name: (list(bounds), step)
+                         for name, (bounds, step) in state.get("regions", {}).items()}
         if self.adam is not None and "adam" in state:
             self.adam.load_state_dict(state["adam"])
 

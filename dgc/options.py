@@ -10,7 +10,7 @@ Momentum, Nesterov and weight decay are not options here: they belong to the opt
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from sparse_comm.schema import require
@@ -112,6 +112,26 @@ class DGCOptions:
     """Dense steps before ``frozen_variance`` freezes Adam's second moment (1-bit Adam warms
     up for 15-25% of BERT pre-training; a few hundred steps settle it on small models)."""
 
+    exchange: Literal["allgather", "sparse_allreduce", "auto"] = "auto"
+    """How the pairs are summed over ranks (``dgc.transport``): ``allgather`` (the paper's;
+    each rank sends (p - 1) k pairs), ``sparse_allreduce`` (split and reduce, Ok-Topk's
+    scheme: about (c1 + c2) k (p - 1) / p pairs, whatever p), or ``auto``: per bucket the
+    one ``dgc.plan.route_costs`` prices cheaper on the link below, with the dense fallback
+    also priced. Under the hierarchical topology this is its inter-node stage."""
+
+    sparse_capacity: list[float] = field(default_factory=lambda: [2.0, 1.0])
+    """``[c1, c2]``: the sparse allreduce sends at most ``ceil(c1 k / p)`` pairs to each
+    region's owner and each owner publishes ``ceil(c2 k / p)`` sums. What does not fit
+    stays in the residual."""
+
+    exchange_latency_us: float = 0.0
+    """Latency per message of the link the exchanges cross, for ``exchange: auto`` and the
+    dense fallback; 0 compares bytes on the wire. The launcher sets it (and the bandwidth)
+    from its hardware preset's inter-node link."""
+
+    exchange_gbytes: float = 10.0
+    """Bandwidth of that link per rank, GB/s (matters only with a latency)."""
+
     seed: int = 0
     """Seed of the threshold's samples. Each sample's offset is a hash of (seed, rank,
     parameter name, selection count) (``sparse_comm.draws``), never a stream shared across
@@ -143,6 +163,12 @@ class DGCOptions:
         require(0.0 < self.sample_ratio <= 1.0, "sample_ratio",
                 f"must be in (0, 1], got {self.sample_ratio}")
         require(self.min_numel >= 1, "min_numel", f"must be >= 1, got {self.min_numel}")
+        require(len(self.sparse_capacity) == 2 and min(self.sparse_capacity) > 0,
+                "sparse_capacity", f"must be two factors > 0, got {self.sparse_capacity}")
+        require(self.exchange_latency_us >= 0, "exchange_latency_us",
+                f"must be >= 0, got {self.exchange_latency_us}")
+        require(self.exchange_gbytes > 0, "exchange_gbytes",
+                f"must be > 0, got {self.exchange_gbytes}")
         require(self.adam_warmup_steps >= 1, "adam_warmup_steps",
                 f"must be >= 1, got {self.adam_warmup_steps}")
         require(self.ranks_per_node is None or self.ranks_per_node >= 1, "ranks_per_node",

@@ -1,14 +1,18 @@
 """What to do with one bucket: which tensors go sparse with which k, and by which route.
 
-A plan depends only on shapes, masks, density and the size of the group that exchanges,
-all the same on every rank, so every rank derives the same plan and starts the same
-collectives in the same order.
+A plan depends only on shapes, masks, density, the options and the size of the group that
+exchanges, all the same on every rank, so every rank derives the same plan and starts the
+same collectives in the same order. The route is the cheapest of the exchanges the options
+allow, priced by ``route_costs`` (alpha-beta, with the link the options give; with no
+latency that is bytes on the wire per rank).
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -16,6 +20,9 @@ from dgc import codec, wire
 from dgc.options import DGCOptions
 from dgc.schedule import sparse_count
 from sparse_comm.schema import ConfigError
+
+log = logging.getLogger(__name__)
+Route = Literal["allgather", "sparse_allreduce", "dense"]
 
 
 @dataclass(frozen=True)
@@ -39,10 +46,15 @@ class Slot:
 @dataclass(frozen=True)
 class Plan:
     slots: tuple[Slot, ...]
-    sparse: bool
-    """Pairs plus a dense allreduce of the dense slots; else one allreduce of everything
-    (the dense fallback), whichever moves fewer bytes."""
+    route: Route
+    """How the compressed slots travel: ``allgather`` or ``sparse_allreduce`` of their
+    pairs (the dense slots allreduced beside), or ``dense``: everything in one allreduce
+    (the dense fallback)."""
     layout: codec.Layout
+
+    @property
+    def sparse(self) -> bool:
+        return self.route != "dense"
 
     @property
     def compressed(self) -> list[Slot]:
@@ -88,16 +100,36 @@ def plan_pieces(pieces: Sequence[Piece], density: float, world_size: int,
                           codec.INDEX_DTYPES[options.index_dtype])
     if layout.index_dtype == torch.int32 and offset >= 2**31:
         raise ConfigError("index_dtype", f"a bucket of {offset} elements needs 'int64'")
+    if layout.count == 0:
+        return Plan(tuple(slots), "dense", layout)
+    costs = route_costs(slots, layout, world_size, options)
+    allowed = {"allgather": ("allgather",), "sparse_allreduce": ("sparse_allreduce",),
+               "auto": ("allgather", "sparse_allreduce")}[options.exchange]
+    routes = list(allowed) + (["dense"] if options.dense_fallback else [])
+    route = min(routes, key=lambda r: (costs[r], routes.index(r)))
+    return Plan(tuple(slots), route, layout)
+
+
+def route_costs(slots: Sequence[Slot], layout: codec.Layout, p: int, options: DGCOptions
+                ) -> dict[Route, float]:
+    """Seconds (alpha-beta, the options' link; bytes per rank with no latency) of each
+    route for this bucket on ``p`` ranks. The dense slots' allreduce, beside both sparse
+    routes, counts for both; everything travels in the value dtype."""
+    from dgc.transport.sparse_allreduce import capacities
+    alpha = options.exchange_latency_us * 1e-6
+    beta = 1.0 / (options.exchange_gbytes * 1e9)
+    pair = layout.index_dtype.itemsize + layout.value_dtype.itemsize
+    value = layout.value_dtype.itemsize
+
+    def allreduce(nbytes: float) -> float:
+        return 2 * (p - 1) * alpha + wire.allreduce_bytes(nbytes, p) * beta if nbytes else 0.0
+
     dense_numel = sum(s.live for s in slots if s.k is None)
-    sparse_bytes = wire.allgather_bytes(layout.nbytes, world_size)
-    if dense_numel:
-        # the dense slots travel in the value dtype beside the allgather
-        sparse_bytes += wire.allreduce_bytes(dense_numel * layout.value_dtype.itemsize,
-                                             world_size)
-    # The fallback allreduce carries everything in the value dtype too, so the break-even
-    # density of a bucket of compressed tensors is 2 b_v / (p (b_v + b_i)).
-    all_live = sum(s.live for s in slots)
-    fallback = sparse_bytes > wire.allreduce_bytes(all_live * layout.value_dtype.itemsize,
-                                                   world_size)
-    sparse = layout.count > 0 and not (options.dense_fallback and fallback)
-    return Plan(tuple(slots), sparse, layout)
+    beside = allreduce(dense_numel * value)
+    c1, c2 = capacities(layout.count, p, options.sparse_capacity)
+    return {
+        "allgather": beside + (p - 1) * alpha + wire.allgather_bytes(layout.nbytes, p) * beta,
+        "sparse_allreduce": beside + 2 * (p - 1) * alpha
+        + (wire.all_to_all_bytes(p * c1 * pair, p) + wire.allgather_bytes(c2 * pair, p)) * beta,
+        "dense": allreduce(sum(s.live for s in slots) * value),
+    }

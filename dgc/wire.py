@@ -23,6 +23,12 @@ def reduce_scatter_bytes(nbytes: int, world_size: int) -> float:
     return (world_size - 1) / world_size * nbytes
 
 
+def all_to_all_bytes(nbytes: int, world_size: int) -> float:
+    """Per-rank wire bytes of an all-to-all of an ``nbytes`` buffer cut into one equal
+    chunk per rank: every chunk but a rank's own leaves it."""
+    return (world_size - 1) / world_size * nbytes
+
+
 def ring_link_split(wire_bytes: float, world_size: int, nodes: int) -> tuple[float, float]:
     """(intra-node, inter-node) shares of a ring collective's per-rank ``wire_bytes`` over
     ``world_size`` ranks placed node by node on ``nodes`` nodes: each rank sends to the next,

@@ -176,6 +176,7 @@ def attach_plugins(cfg: Config, model: DDP, optimizer,
             options["check_finite"] = True
         if cfg.train.clip_grad_norm:  # the paper's local clipping, per rank and tensor
             options["clip_norm"] = cfg.train.clip_grad_norm
+        options.update(exchange_link(cfg, dist.get_world_size()))
         with _config_section("dgc"):
             plugins["comm"] = dgc.attach(model, optimizer, sparsifier=plugins.get("sparsity"),
                                          **options)
@@ -193,6 +194,17 @@ def attach_plugins(cfg: Config, model: DDP, optimizer,
         model.register_comm_hook(state, counting_allreduce_hook)
         plugins["comm"] = state
     return plugins
+
+
+def exchange_link(cfg: Config, world_size: int) -> dict:
+    """DGC's exchange link from the run's ``hardware.preset`` (the link its pairs cross,
+    which ``exchange: auto`` and the dense fallback price), unless the config names one."""
+    from launch.costmodel.hardware import load_cluster
+    from launch.costmodel.run import with_exchange_link
+    options = with_exchange_link(cfg.dgc, load_cluster(cfg.hardware.preset), world_size,
+                                 inter_only=cfg.dgc.topology == "hierarchical")
+    return {"exchange_latency_us": options.exchange_latency_us,
+            "exchange_gbytes": options.exchange_gbytes}
 
 
 def launch_ranks_per_node(cfg: Config, env: distenv.DistEnv) -> int | None:

@@ -194,13 +194,28 @@ def test_powersgd_sends_p_and_q_and_leaves_small_and_1d_tensors_plain():
 
 
 def test_dgc_gathers_k_pairs_at_the_configured_widths_and_sends_small_tensors_dense():
-    options = DGCOptions(density=0.01, value_dtype="fp16", index_dtype="int32", min_numel=1024)
+    options = DGCOptions(density=0.01, value_dtype="fp16", index_dtype="int32", min_numel=1024,
+                         exchange="allgather")
     buckets = [[("w", (2000, 10)), ("b", (2000,)), ("small", (10, 50))]]
     t = tr.dgc(buckets, options, 4, passes=0)
     # k = 200 of w's 20,000; b (1-D) and small (500 < min_numel) go dense in fp16.
     assert [(c.kind, c.nbytes) for c in t.collectives] == [
         ("allreduce", 2500 * 2), ("allgather", 200 * (2 + 4))]
     assert t.wire_bytes(4) == pytest.approx(1.5 * 5000 + 3 * 1200)
+
+
+def test_the_sparse_allreduce_sends_capacities_and_auto_takes_it_when_it_is_cheaper():
+    """The same bucket by split-and-reduce at p = 4: C1 = ceil(2 * 200 / 4) = 100 pairs
+    (600 bytes) to each of 4 regions, C2 = 50 published (300 bytes, padded to 304);
+    counted by hand it is 1800 + 912 bytes against the allgather's 3600, so ``auto``
+    (with no latency: bytes) takes it."""
+    options = DGCOptions(density=0.01, value_dtype="fp16", index_dtype="int32", min_numel=1024)
+    buckets = [[("w", (2000, 10)), ("b", (2000,)), ("small", (10, 50))]]
+    t = tr.dgc(buckets, options, 4, passes=0)
+    assert [(c.kind, c.nbytes) for c in t.collectives] == [
+        ("allreduce", 2500 * 2), ("all_to_all", 4 * 600), ("allgather", 304)]
+    assert t.wire_bytes(4) == pytest.approx(1.5 * 5000 + 0.75 * 2400 + 3 * 304)
+    assert tr.dgc(buckets, options, 2, passes=0).collectives[-1].kind == "allgather"
 
 
 def test_dgc_sends_at_least_one_entry_per_tensor_at_vanishing_density():

@@ -9,7 +9,16 @@ Two layers answer it:
   all ranks) or ``hierarchical`` (``transport.hierarchical``: dense inside a node,
   compressed across nodes);
 * an *exchange* sums selected (index, value) pairs and dense slots over one group:
-  ``allgather`` (``transport.allgather``, the paper's).
+  ``allgather`` (``transport.allgather``, the paper's) or ``sparse_allreduce``
+  (``transport.sparse_allreduce``, traffic per rank independent of the group's size),
+  picked per bucket by the plan (``dgc.plan``) and started by ``transport.exchange``.
+
+Regions and capacities of the sparse allreduce are per tensor, but the route (pairs by
+one exchange or the other, or the dense fallback) is chosen per bucket from its tensors
+together. DDP's first iteration after a restart buckets the tensors in registration order,
+later ones in gradient order: where that changes a bucket's route, that one step differs
+from the uninterrupted run (resume is bitwise when each bucket keeps its route, e.g. a
+model in one bucket, or the flat allgather at 2 ranks, whose routes sum alike).
 
 ``dgc.hook`` picks the topology by name (``DGCOptions.topology``) for the DDP hook, and
 ``dgc.horovod`` runs the flat topology's exchange over Horovod; the cost model prices the

@@ -33,6 +33,13 @@ def exchange(group: Group, plan: Plan, flat: Tensor, sent: Pairs,
     return _dense(group, plan, flat, sent, positions)
 
 
+def dense_in_name_order(plan: Plan) -> list[Slot]:
+    """The plan's dense slots by name: a ring allreduce sums each entry in an order set by
+    its place in the buffer (for 3 or more ranks), so a buffer laid out by name sums the
+    same whichever order DDP put the tensors in its bucket."""
+    return sorted(plan.dense, key=lambda s: s.name)
+
+
 def live_entries(flat: Tensor, slots: Iterable[Slot], positions: Mapping[str, Tensor],
                  dtype: torch.dtype) -> Tensor:
     """The entries of ``slots`` that travel, one after another, in ``dtype``."""
@@ -52,7 +59,7 @@ def put_back_(flat: Tensor, slots: Iterable[Slot], positions: Mapping[str, Tenso
 def _pairs(group: Group, plan: Plan, flat: Tensor, sent: Pairs,
            positions: Mapping[str, Tensor]) -> torch.futures.Future:
     futures = []
-    dense_slots = plan.dense
+    dense_slots = dense_in_name_order(plan)
     if dense_slots:
         # Small and 1-D tensors travel in the value dtype too (as torch's fp16 hook does):
         # at 0.1% density their fp32 bytes would otherwise dominate the message.

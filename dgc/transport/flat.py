@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from dgc.plan import Plan
-from dgc.transport import allgather
+from dgc.transport.exchange import exchange
 
 
 def run(state, bucket: dist.GradBucket, flat: Tensor, masks: Mapping[str, Tensor],
@@ -25,7 +25,8 @@ def run(state, bucket: dist.GradBucket, flat: Tensor, masks: Mapping[str, Tensor
     positions = {s.name: state.masks.positions(s.name, masks[s.name])
                  for s in plan.slots if s.compact}
     state.count_bucket(plan)
-    summed = allgather.exchange(state.world, plan, flat, sent, positions)
+    key = ("world", tuple(s.name for s in plan.slots))
+    summed = exchange(state.world, plan, flat, sent, positions, state, key)
     return summed.then(lambda _: average_(state, plan, flat, state.world_size))
 
 

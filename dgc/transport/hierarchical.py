@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from dgc.transport import allgather
+from dgc.transport.exchange import exchange
 from dgc.transport.flat import average_
 
 
@@ -102,7 +102,8 @@ def run(state, bucket: dist.GradBucket, flat: Tensor, masks: Mapping[str, Tensor
     sent = [state.compress(s.name, shard.narrow(0, s.offset, s.numel), s.k)
             for s in plan.compressed]
     state.count_bucket(plan)
-    allgather.exchange(state.inter, plan, shard, sent, {}).wait()
+    key = ("inter", tuple(s.name for s in plan.slots))
+    exchange(state.inter, plan, shard, sent, {}, state, key).wait()
     average_(state, plan, shard, state.world_size)
     gathered = state.intra.allgather(order, shard)
     return gathered.then(lambda _: flat.copy_(order.index_select(0, shards.dest)))

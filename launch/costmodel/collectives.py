@@ -34,7 +34,7 @@ from typing import Literal
 
 from .hardware import Cluster
 
-Kind = Literal["allreduce", "allgather", "reduce_scatter"]
+Kind = Literal["allreduce", "allgather", "reduce_scatter", "all_to_all"]
 Algorithm = Literal["auto", "ring", "tree", "hierarchical"]
 # Which ranks a collective runs over: all of them, the ranks of one node, or one rank per
 # node (the ranks of equal local index: the hierarchical DGC's inter-node stage).
@@ -147,7 +147,7 @@ def ring_hops(kind: Kind, nbytes: float, p: int) -> tuple[int, float]:
     an allgather p-1 of one share."""
     if kind == "allreduce":
         return 2 * (p - 1), nbytes / p
-    if kind == "reduce_scatter":
+    if kind in ("reduce_scatter", "all_to_all"):  # an all-to-all sends each peer 1/p
         return p - 1, nbytes / p
     return p - 1, nbytes
 
@@ -166,7 +166,7 @@ def _group_time(kind: Kind, nbytes: float, size: int, alpha: float, bandwidth: f
     """A ring collective over a group of ``size`` ranks on one class of link."""
     if kind == "allreduce":
         return ring_allreduce(nbytes, size, alpha, bandwidth)
-    if kind == "reduce_scatter":
+    if kind in ("reduce_scatter", "all_to_all"):  # the same (p-1) alpha + (p-1)/p S / B
         return reduce_scatter(nbytes, size, alpha, bandwidth)
     return allgather(size * nbytes, size, alpha, bandwidth)
 
@@ -247,7 +247,7 @@ def collective_time(kind: Kind, nbytes: float, cluster: Cluster, p: int,
                    "tree": tree_allreduce(nbytes, p, *flat),
                    "hierarchical": hierarchical_allreduce(nbytes, per_node, nodes, intra, inter)
                    if nodes > 1 else ring_allreduce(nbytes, p, *intra)}
-    elif kind == "reduce_scatter":
+    elif kind in ("reduce_scatter", "all_to_all"):
         ring = reduce_scatter(nbytes, p, *flat)
         options = {"ring": ring, "tree": ring, "hierarchical": ring}
     else:

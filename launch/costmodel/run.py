@@ -80,15 +80,36 @@ def scheme_traffic(work: Workload, scheme: str, p: int, hw: HardwareConfig,
         return tr.dense(work.buckets, tr.FP32 if scheme == "dense" else 2, scheme)
     if scheme == "hierarchical-dense":
         return tr.hierarchical_dense(work.buckets, per_node)
+    cluster = load_cluster(hw.preset)
     if scheme == "hierarchical-dgc":
-        return tr.hierarchical_dgc(work.buckets, work.dgc, p, per_node, hw.selection_passes,
+        options = with_exchange_link(work.dgc, cluster, cluster.nodes(p) * per_node,
+                                     inter_only=True)
+        return tr.hierarchical_dgc(work.buckets, options, p, per_node, hw.selection_passes,
                                    live=work.live)
     if scheme == "powersgd":
         return tr.powersgd(work.buckets, powersgd_rank, hw.selection_passes)
     if scheme == "dgc":
-        return tr.dgc(work.buckets, work.dgc, p, hw.selection_passes, live=work.live)
+        return tr.dgc(work.buckets, with_exchange_link(work.dgc, cluster, p), p,
+                      hw.selection_passes, live=work.live)
     assert scheme == "masked", scheme
     return tr.masked(work.buckets, work.live)
+
+
+def with_exchange_link(options: DGCOptions, cluster: Cluster, p: int,
+                       inter_only: bool = False) -> DGCOptions:
+    """DGC's options with the link its exchanges cross on ``cluster`` (its latency and a
+    rank's bandwidth there), for ``exchange: auto`` and the dense fallback to price routes
+    as this model does; unless the options already name a link."""
+    defaults = DGCOptions()
+    if (options.exchange_latency_us, options.exchange_gbytes) != (
+            defaults.exchange_latency_us, defaults.exchange_gbytes):
+        return options
+    if cluster.nodes(p) > 1 or inter_only:
+        latency, bandwidth = cluster.inter.latency, cluster.inter_bandwidth_per_rank()
+    else:
+        latency, bandwidth = cluster.intra.latency, cluster.intra.bandwidth
+    return dataclasses.replace(options, exchange_latency_us=latency * 1e6,
+                               exchange_gbytes=bandwidth / 1e9)
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,8 @@ class Collective:
             return wire.allreduce_bytes(self.nbytes, size)
         if self.kind == "reduce_scatter":
             return wire.reduce_scatter_bytes(self.nbytes, size)
+        if self.kind == "all_to_all":
+            return wire.all_to_all_bytes(self.nbytes, size)
         return wire.allgather_bytes(self.nbytes, size)
 
     def link_bytes(self, p: int, per_node: int) -> tuple[float, float]:
@@ -160,16 +162,32 @@ def dgc(buckets: Sequence[Sequence[Param]], options: DGCOptions, p: int, passes:
         names, shapes = [n for n, _ in bucket], [s for _, s in bucket]
         plan = make_plan(names, shapes, density, max(p, 1), options, live, bool(live))
         traffic.memory_bytes += passes * FP32 * sum(s.numel for s in plan.compressed)
-        value_bytes = plan.layout.value_dtype.itemsize
-        if not plan.sparse:  # the fallback allreduce, in the value dtype
-            traffic.collectives.append(Collective("allreduce",
-                                                  sum(s.live for s in plan.slots) * value_bytes))
-            continue
-        dense_elems = sum(s.live for s in plan.dense)
-        if dense_elems:  # sent in the value dtype too (dgc.hook._exchange_sparse)
-            traffic.collectives.append(Collective("allreduce", dense_elems * value_bytes))
-        traffic.collectives.append(Collective("allgather", plan.layout.nbytes))
+        traffic.collectives += route_collectives(plan, max(p, 1), options, "world")
     return traffic
+
+
+def route_collectives(plan, p: int, options: DGCOptions, group: GroupKind
+                      ) -> list[Collective]:
+    """The collectives ``dgc.transport`` starts for ``plan`` on a group of ``p`` ranks:
+    the dense fallback's allreduce, or the dense slots' allreduce beside the pairs'
+    allgather, or beside the sparse allreduce's all-to-all and allgather (its regions'
+    histogram, once every 64 steps, left out)."""
+    from dgc.transport.sparse_allreduce import capacities
+    value_bytes = plan.layout.value_dtype.itemsize
+    if not plan.sparse:  # the fallback allreduce, in the value dtype
+        return [Collective("allreduce", sum(s.live for s in plan.slots) * value_bytes, group)]
+    out = []
+    dense_elems = sum(s.live for s in plan.dense)
+    if dense_elems:  # sent in the value dtype too
+        out.append(Collective("allreduce", dense_elems * value_bytes, group))
+    if plan.route == "allgather":
+        return out + [Collective("allgather", plan.layout.nbytes, group)]
+    pair = plan.layout.index_dtype.itemsize + value_bytes
+    caps = [capacities(s.k, p, options.sparse_capacity) for s in plan.compressed]
+    row = -(-sum(c1 for c1, _ in caps) * pair // 8) * 8
+    published = -(-sum(c2 for _, c2 in caps) * pair // 8) * 8
+    return out + [Collective("all_to_all", p * row, group),
+                  Collective("allgather", published, group)]
 
 
 def masked(buckets: Sequence[Sequence[Param]], live: Mapping[str, int], scheme: str = "masked"
@@ -230,16 +248,7 @@ def hierarchical_dgc(buckets: Sequence[Sequence[Param]], options: DGCOptions, p:
         traffic.memory_bytes += passes * FP32 * sum(s.numel for s in plan.compressed)
         traffic.collectives.append(Collective("reduce_scatter", shard * per_node * FP32,
                                               "intra"))
-        value_bytes = plan.layout.value_dtype.itemsize
-        if not plan.sparse:
-            traffic.collectives.append(Collective(
-                "allreduce", sum(s.live for s in plan.slots) * value_bytes, "inter"))
-        else:
-            dense_elems = sum(s.live for s in plan.dense)
-            if dense_elems:
-                traffic.collectives.append(Collective("allreduce", dense_elems * value_bytes,
-                                                      "inter"))
-            traffic.collectives.append(Collective("allgather", plan.layout.nbytes, "inter"))
+        traffic.collectives += route_collectives(plan, nodes, options, "inter")
         traffic.collectives.append(Collective("allgather", shard * FP32, "intra"))
         # the bucket copied into shard-major order and back
         traffic.memory_bytes += 4 * FP32 * shard * per_node
