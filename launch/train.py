@@ -37,10 +37,11 @@ from launch.comm import (CountingAllreduceState, TorchHookState, counted_torch_h
                          counting_allreduce_hook)
 from launch.config import Config, config_to_dict, load_config
 from launch.costmodel import estimate_run
-from launch.data import load_datasets, make_loaders
+from launch.data import load_datasets, make_loaders, random_shift
 from launch.divergence import Diverged, NonFiniteGuard
 from launch.models import build_model
 from launch.records import RunWriter, keep_rows_up_to
+from sparse_comm import draws
 from sparse_comm.schema import ConfigError
 
 log = logging.getLogger("launch.train")
@@ -268,12 +269,18 @@ def micro_steps(loader, accum: int):
             group = []
 
 
-def forward_backward(ddp, micro: list, device, amp, scaler) -> torch.Tensor:
+def forward_backward(ddp, micro: list, device, amp, scaler, shift: int = 0,
+                     key: tuple = ()) -> torch.Tensor:
     """Forward and backward of one step's micro-batches, gradients averaged over them; DDP
-    (or DGC) communicates only on the last (``no_sync`` before it). Returns the mean loss."""
+    (or DGC) communicates only on the last (``no_sync`` before it). ``shift``: the random
+    translation of ``data.shift_pixels``, drawn from a generator keyed by ``key`` and the
+    micro-step. Returns the mean loss."""
     total = torch.zeros((), device=device)
     for i, (x, y) in enumerate(micro):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if shift:
+            g = torch.Generator().manual_seed(draws.integer(*key, i) % (1 << 63))
+            x = random_shift(x, shift, g)
         last = i == len(micro) - 1
         sync = contextlib.nullcontext() if last or not hasattr(ddp, "no_sync") else ddp.no_sync()
         with sync:
@@ -421,7 +428,9 @@ def run(cfg: Config, env: distenv.DistEnv, resume_from: str | Path | None, devic
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None and hasattr(comm, "grad_scale"):
                 comm.grad_scale = scaler.get_scale()
-            loss = forward_backward(ddp, micro, device, amp, scaler)
+            loss = forward_backward(ddp, micro, device, amp, scaler, cfg.data.shift_pixels,
+                                    (cfg.train.seed, env.rank, "shift", epoch,
+                                     progress["epoch_samples"]))
             progress["epoch_samples"] += sum(len(y) for _, y in micro) * env.world_size
             progress["batches"] += 1
             bar.update(1)
