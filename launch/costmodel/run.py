@@ -232,11 +232,16 @@ def variants(cfg: Config, powersgd_rank: int = 4) -> list[Variant]:
     base = workload(cfg)
     o = base.dgc
     dgc_label = f"dgc d={o.density:g} {o.value_dtype}/{o.index_dtype}"
+
+    def exchanged(name: str) -> Workload:
+        return dataclasses.replace(base, dgc=dataclasses.replace(o, exchange=name))
     rows = [Variant("dense fp32", "dense", base), Variant("fp16", "fp16", base),
             Variant("hierarchical dense", "hierarchical-dense", base),
             Variant(f"powersgd r={powersgd_rank}", "powersgd", base),
-            Variant(dgc_label, "dgc", base),
-            Variant(f"hierarchical {dgc_label}", "hierarchical-dgc", base)]
+            Variant(f"{dgc_label} {o.exchange}", "dgc", base)]
+    rows += [Variant(f"{dgc_label} {name}", "dgc", exchanged(name))
+             for name in ("allgather", "sparse_allreduce") if name != o.exchange]
+    rows.append(Variant(f"hierarchical {dgc_label} {o.exchange}", "hierarchical-dgc", base))
     s = cfg.sparsity
     if s is not None and not (s.method == "nm" and (s.n, s.m) == (2, 4)):
         work = dataclasses.replace(base, masks=expected_masks(model, s))
