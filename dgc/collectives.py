@@ -72,3 +72,14 @@ class Group:
             done = torch.futures.Future()
             done.set_result([out])
             return done
+
+
+def node_groups(owner, ranks: int, nodes: int) -> tuple[Group, Group]:
+    """The calling rank's intra-node group (its node's ``ranks`` ranks, placed node by
+    node) and inter-node group (the ranks of the same local rank on every node), over the
+    default group. Every rank creates every group, in one order, as torch requires."""
+    intra, _ = dist.new_subgroups_by_enumeration(
+        [list(range(n * ranks, (n + 1) * ranks)) for n in range(nodes)])
+    inter, _ = dist.new_subgroups_by_enumeration(
+        [list(range(j, nodes * ranks, ranks)) for j in range(ranks)])
+    return Group(intra, ranks, "intra", owner), Group(inter, nodes, "inter", owner)

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from dgc import wire
-from dgc.collectives import Group
+from dgc.collectives import Group, node_groups
 from dgc.compressor import Compressor
 from dgc.guards import PER_PARAMETER_HOOK
 from dgc.options import DGCOptions
@@ -101,8 +101,10 @@ class DGCState(Compressor):
         nodes = world_size // self.ranks_per_node
         self.world = Group(process_group, world_size, "world", self, nodes)
         if opts.topology == "hierarchical":
-            self.intra, self.inter = _node_groups(process_group, self, self.ranks_per_node,
-                                                  nodes)
+            if process_group is not None and process_group != dist.group.WORLD:
+                raise ConfigError("topology", "'hierarchical' runs on the default process "
+                                              "group")
+            self.intra, self.inter = node_groups(self, self.ranks_per_node, nodes)
         self._run = TOPOLOGIES[opts.topology]
         # Set by an Adam controller (dgc.adam) while it lets Adam estimate its variance: the
         # hook then only averages, densely, and DGC's memory is untouched.
@@ -238,18 +240,6 @@ def _ranks_per_node(options: DGCOptions, world_size: int) -> int:
         raise ConfigError("ranks_per_node", f"{r} ranks per node do not divide the world "
                                             f"size {world_size} into whole nodes")
     return r
-
-
-def _node_groups(process_group, owner, ranks: int, nodes: int) -> tuple[Group, Group]:
-    """This rank's intra-node group (its node's ranks) and inter-node group (the ranks of
-    the same local rank on every node). Every rank creates every group, in one order."""
-    if process_group is not None and process_group != dist.group.WORLD:
-        raise ConfigError("topology", "'hierarchical' runs on the default process group")
-    intra, _ = dist.new_subgroups_by_enumeration(
-        [list(range(n * ranks, (n + 1) * ranks)) for n in range(nodes)])
-    inter, _ = dist.new_subgroups_by_enumeration(
-        [list(range(j, nodes * ranks, ranks)) for j in range(ranks)])
-    return Group(intra, ranks, "intra", owner), Group(inter, nodes, "inter", owner)
 
 
 def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:

@@ -176,3 +176,37 @@ def counted_torch_hook(state: TorchHookState,
             if numel:
                 state.count_allreduce(numel * buffer.element_size(), world_size)
     return future
+
+
+class HierarchicalAllreduceState(CountsBytes):
+    """The dense baseline the hierarchical way (as NCCL's and Horovod's hierarchical
+    allreduce): inside each node a reduce-scatter, across nodes an allreduce of each shard
+    among the ranks holding it, inside the node an allgather; bytes counted by link class.
+    Every rank calls the constructor (it creates the node groups)."""
+
+    def __init__(self, ranks_per_node: int):
+        from dgc.collectives import node_groups
+        world = dist.get_world_size()
+        if world % ranks_per_node:
+            raise ValueError(f"{ranks_per_node} ranks per node do not divide {world} ranks")
+        self.ranks_per_node, self.stats = ranks_per_node, AllreduceStats()
+        self.intra, self.inter = node_groups(self, ranks_per_node, world // ranks_per_node)
+
+
+def hierarchical_allreduce_hook(state: HierarchicalAllreduceState,
+                                bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    buffer = bucket.buffer()
+    r, world = state.ranks_per_node, dist.get_world_size()
+    state.stats.bytes_dense += allreduce_bytes(buffer.nbytes, world)
+    state.stats.steps += 1
+    shard = -(-buffer.numel() // r)
+    padded = buffer.new_zeros(shard * r)
+    padded[:buffer.numel()] = buffer
+    mine = buffer.new_empty(shard)
+    state.intra.reduce_scatter(mine, padded).wait()
+    state.inter.allreduce(mine).wait()
+    mine.div_(world)
+
+    def put_back(_) -> torch.Tensor:
+        return buffer.copy_(padded[:buffer.numel()])
+    return state.intra.allgather(padded, mine).then(put_back)

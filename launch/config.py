@@ -90,7 +90,7 @@ class DDPConfig:
     find_unused_parameters: bool = False
     # The baselines DGC is measured against: torch's own hooks, bytes counted like ours.
     # "allreduce" is DDP's averaging allreduce; a `dgc:` section replaces the hook.
-    comm_hook: Literal["allreduce", "fp16", "bf16", "powersgd"] = "allreduce"
+    comm_hook: Literal["allreduce", "fp16", "bf16", "powersgd", "hierarchical"] = "allreduce"
     powersgd_rank: int = 4  # PowerSGD's matrix_approximation_rank (Vogels et al. 2019)
     # Dense steps before PowerSGD starts compressing; torch's docs suggest about 10% of
     # training so the sensitive first steps see exact gradients.

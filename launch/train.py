@@ -33,8 +33,9 @@ from tqdm.auto import tqdm
 
 from launch import checkpoint, distenv, resume, tracking
 from launch.cli import OneLineParser
-from launch.comm import (CountingAllreduceState, TorchHookState, counted_torch_hook,
-                         counting_allreduce_hook)
+from launch.comm import (CountingAllreduceState, HierarchicalAllreduceState, TorchHookState,
+                         counted_torch_hook, counting_allreduce_hook,
+                         hierarchical_allreduce_hook)
 from launch.config import Config, config_to_dict, load_config
 from launch.costmodel import estimate_run
 from launch.data import load_datasets, make_loaders, random_shift
@@ -181,6 +182,13 @@ def attach_plugins(cfg: Config, model: DDP, optimizer,
         with _config_section("dgc"):
             plugins["comm"] = dgc.attach(model, optimizer, sparsifier=plugins.get("sparsity"),
                                          **options)
+    elif cfg.ddp.comm_hook == "hierarchical":
+        if ranks_per_node is None:
+            raise ConfigError("ddp.comm_hook", "'hierarchical' needs the same number of "
+                                               "ranks on every node, placed node by node")
+        state = HierarchicalAllreduceState(ranks_per_node)
+        model.register_comm_hook(state, hierarchical_allreduce_hook)
+        plugins["comm"] = state
     elif cfg.ddp.comm_hook != "allreduce":
         state = TorchHookState(cfg.ddp.comm_hook, powersgd_rank=cfg.ddp.powersgd_rank,
                                powersgd_start_iter=cfg.ddp.powersgd_start_iter,

@@ -161,3 +161,24 @@ def _resume_rank(rank, world_size):
 
 def test_resume_into_a_new_ddp_model_is_bitwise():
     assert all(run_ranks(_resume_rank, 4, timeout=300))
+
+
+def _hier_dense_rank(rank, world_size):
+    from launch.comm import HierarchicalAllreduceState, hierarchical_allreduce_hook
+    ref = MLP()
+    ref_ddp = DDP(ref, bucket_cap_mb=BUCKET_MB)
+    _train(ref_ddp, torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9), 6, rank)
+    got = MLP()
+    ddp = DDP(got, bucket_cap_mb=BUCKET_MB)
+    state = HierarchicalAllreduceState(2)
+    ddp.register_comm_hook(state, hierarchical_allreduce_hook)
+    _train(ddp, torch.optim.SGD(got.parameters(), lr=0.05, momentum=0.9), 6, rank)
+    worst = max(((a - b).norm() / b.norm()).item()
+                for a, b in zip(got.parameters(), ref.parameters()))
+    return worst, state.stats.bytes_intra, state.stats.bytes_inter
+
+
+def test_the_hierarchical_dense_baseline_is_ddp_and_sends_a_shard_across_nodes():
+    for worst, intra, inter in run_ranks(_hier_dense_rank, 4, timeout=240):
+        assert worst < 1e-6
+        assert 0 < inter < intra  # each rank carries half the bucket across, once each way
