@@ -70,7 +70,8 @@ LABELS = {"dense": "dense allreduce (fp32)", "fp16": "torch fp16_compress_hook",
           "powersgd1": "torch PowerSGD, rank 1", "powersgd4": "torch PowerSGD, rank 4",
           "dgc": "DGC 0.1%, fp16 values, int32 indices",
           "dgc-nm24": "DGC 0.1% on a 2:4 model (mask-aware)",
-          "dgc-sar": "DGC 0.1%, sparse allreduce", "dgc-hier": "hierarchical DGC 0.1%",
+          "dgc-sar": "DGC 0.1%, sparse allreduce",
+          "dgc-gtopk": "DGC 0.1%, gtopk", "dgc-hier": "hierarchical DGC 0.1%",
           "hierdense": "hierarchical dense allreduce",
           "nocomm": "no communication (compute floor)"}
 PRESETS = {"100mbit": "netns-100mbit", "1gbit": "netns-1gbit", None: "cpu-loopback"}
@@ -169,6 +170,8 @@ def modelled_traffic(model: str, scheme: str, p: int, per_node: int = 1
         return tr.hierarchical_dgc(buckets, options, p, per_node, passes=0)
     if scheme == "dgc-sar":
         options = DGCOptions(**DGC_OPTIONS, exchange="sparse_allreduce")
+    if scheme == "dgc-gtopk":
+        options = DGCOptions(**DGC_OPTIONS, exchange="gtopk")
     kind, parameter = parse_scheme(scheme)
     if kind == "powersgd":
         return tr.powersgd(buckets, int(parameter), passes=0)
@@ -177,7 +180,7 @@ def modelled_traffic(model: str, scheme: str, p: int, per_node: int = 1
         masks = expected_masks(net, SparsityOptions(method="nm", n=2, m=4))
         live = {name: int(mask.sum()) for name, mask in masks.items()}
     return tr.dgc(buckets, options, p, passes=0, live=live,
-                  density=parameter if kind == "dgc" else None)
+                  density=parameter if kind == "dgc" else None, per_node=per_node)
 
 
 def with_link(cluster: Cluster, **fields) -> Cluster:

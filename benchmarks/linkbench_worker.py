@@ -47,12 +47,12 @@ MODELS = {  # name -> (ModelConfig, input shape); inputs are synthetic, 10 class
 }
 SCHEMES = ["dense", "fp16", "powersgd1", "powersgd4", "dgc", "dgc-nm24", "nocomm"]
 # Beyond those, any "powersgdR" (rank R) and "dgc@D" (DGC at density D, e.g. a warm-up's),
-# and: "dgc-sar" (DGC with the sparse allreduce), "dgc-hier" (hierarchical DGC) and
-# "hierdense" (dense allreduce the hierarchical way), the last two over LOCAL_WORLD_SIZE
-# ranks per node.
-NAMED = ("dense", "fp16", "dgc-nm24", "nocomm", "dgc-sar", "dgc-hier", "hierdense")
+# and: "dgc-sar" (DGC with the sparse allreduce), "dgc-gtopk" (with recursive doubling),
+# "dgc-hier" (hierarchical DGC) and "hierdense" (dense allreduce the hierarchical way), the
+# last three over LOCAL_WORLD_SIZE ranks per node.
+NAMED = ("dense", "fp16", "dgc-nm24", "nocomm", "dgc-sar", "dgc-gtopk", "dgc-hier",
+         "hierdense")
 DGC_OPTIONS = dict(density=0.001, value_dtype="fp16", index_dtype="int32", warmup_epochs=0)
-EXCHANGE = {"dgc-sar": "sparse_allreduce"}  # the others allgather (as "dgc" always did)
 # torch's PowerSGD allreduces plainly until this iteration, so warm-up must pass it.
 POWERSGD_START = 2
 # On Gloo, PowerSGD needs one bucket: with two it failed here with a collective size
@@ -124,6 +124,9 @@ def build(scheme: str, model_name: str, seed: int):
                            **DGC_OPTIONS)
     elif scheme == "dgc-sar":
         state = dgc.attach(ddp, opt, exchange="sparse_allreduce", **DGC_OPTIONS)
+    elif scheme == "dgc-gtopk":
+        state = dgc.attach(ddp, opt, exchange="gtopk",
+                           ranks_per_node=int(os.environ["LOCAL_WORLD_SIZE"]), **DGC_OPTIONS)
     elif scheme == "dgc-hier":
         state = dgc.attach(ddp, opt, topology="hierarchical", exchange="allgather",
                            ranks_per_node=int(os.environ["LOCAL_WORLD_SIZE"]), **DGC_OPTIONS)
@@ -145,7 +148,9 @@ def _gather_fn():
 @contextlib.contextmanager
 def recording(calls: list):
     """Note (kind, numel, dtype, group) of every collective started in the block: group
-    "world", or "intra"/"inter" for the node groups of the hierarchical schemes."""
+    "world", or "intra"/"inter" for the node groups of the hierarchical schemes; and
+    ("sendrecv", numel, dtype, link, peer) of every pairwise swap (gtopk's rounds), link
+    "intra" or "inter" as the peer is on this rank's node or not."""
     kinds = {"all_reduce": "allreduce", "all_gather_into_tensor": "allgather",
              "all_gather_single": "allgather", "all_to_all_single": "all_to_all",
              "reduce_scatter_single": "reduce_scatter", "reduce_scatter_tensor": "reduce_scatter"}
@@ -164,13 +169,26 @@ def recording(calls: list):
             return saved[name](*args, **kwargs)
         return call
 
+    swap = dist.batch_isend_irecv
+
+    def swapping(ops):
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        for op in ops:
+            if op.op == dist.isend:
+                same = op.peer // local == dist.get_rank() // local
+                calls.append(("sendrecv", op.tensor.numel(), str(op.tensor.dtype),
+                              "intra" if same else "inter", op.peer))
+        return swap(ops)
+
     for name in saved:
         setattr(dist, name, noting(name))
+    dist.batch_isend_irecv = swapping
     try:
         yield calls
     finally:
         for name, fn in saved.items():
             setattr(dist, name, fn)
+        dist.batch_isend_irecv = swap
 
 
 def _group_kind(group) -> str:
@@ -200,9 +218,12 @@ def node_groups() -> dict[str, object]:
 def _buffers(calls: list) -> list:
     out = []
     for kind, numel, dtype, *group in calls:
+        t = torch.ones(numel, dtype=getattr(torch, dtype.split(".")[-1]))
+        if kind == "sendrecv":  # over the default group, to the recorded peer
+            out.append((kind, t, torch.empty_like(t), group[1]))
+            continue
         pg = node_groups()[group[0] if group else "world"]
         size = dist.get_world_size(pg)
-        t = torch.ones(numel, dtype=getattr(torch, dtype.split(".")[-1]))
         result = {"allgather": lambda: t.new_empty(size * numel),
                   "reduce_scatter": lambda: t.new_empty(numel // size),
                   "all_to_all": lambda: torch.empty_like(t)}.get(kind, lambda: None)()
@@ -220,6 +241,10 @@ def _run(buffers: list) -> None:
             gather(out, t, group=pg)
         elif kind == "reduce_scatter":
             scatter(out, t, group=pg)
+        elif kind == "sendrecv":  # pg: the peer
+            for work in dist.batch_isend_irecv([dist.P2POp(dist.isend, t, pg),
+                                                dist.P2POp(dist.irecv, out, pg)]):
+                work.wait()
         else:
             dist.all_to_all_single(out, t, group=pg)
 

@@ -6,7 +6,8 @@ of it to ``bytes_intra`` for a group inside one node, to ``bytes_inter`` for a g
 one rank per node, and for a group spanning whole nodes the share of the ring's hops that
 cross nodes. This is the only module of ``dgc`` that calls
 ``torch.distributed``'s collectives; each call returns a future and does not wait (except
-Gloo's reduce-scatter, which has no future to return).
+Gloo's reduce-scatter, which has no future to return, and the pairwise swap of a
+recursive-doubling round, whose result the next round needs).
 """
 from __future__ import annotations
 
@@ -33,6 +34,9 @@ class Group:
     link: Link
     owner: object
     nodes: int = 1
+    intra: Group | None = None
+    """For a ``"world"`` group over whole nodes: this rank's node, over which gtopk splits
+    its swaps across nodes (``dgc.transport.gtopk``)."""
 
     @property
     def rank(self) -> int:
@@ -58,6 +62,23 @@ class Group:
         self._count(wire.all_to_all_bytes(t.nbytes, self.size))
         return dist.all_to_all_single(out, t, group=self.process_group,
                                       async_op=True).get_future()
+
+    def sendrecv(self, out: Tensor, t: Tensor, peer: int) -> None:
+        """Swap ``t`` for ``peer``'s (a rank of this group) into ``out``, and wait: the
+        next round of an exchange needs it. Its bytes cross a node's boundary when the
+        peer is on another node (ranks placed node by node)."""
+        if self.link == "world" and self.nodes > 1:
+            per_node = self.size // self.nodes
+            link = "intra" if self.rank // per_node == peer // per_node else "inter"
+        else:
+            link = "intra" if self.link == "world" else self.link
+        wire.account(self.owner.stats, float(t.nbytes), self.size, self.nodes, link)
+        to = peer if self.process_group is None else dist.get_global_rank(self.process_group,
+                                                                         peer)
+        works = dist.batch_isend_irecv([dist.P2POp(dist.isend, t, to, self.process_group),
+                                        dist.P2POp(dist.irecv, out, to, self.process_group)])
+        for work in works:
+            work.wait()
 
     def reduce_scatter(self, out: Tensor, t: Tensor) -> torch.futures.Future:
         """``out`` receives this rank's chunk (``t``'s ``rank``-th of ``size`` equal chunks)

@@ -105,6 +105,15 @@ class DGCState(Compressor):
                 raise ConfigError("topology", "'hierarchical' runs on the default process "
                                               "group")
             self.intra, self.inter = node_groups(self, self.ranks_per_node, nodes)
+        exchanged = nodes if opts.topology == "hierarchical" else world_size
+        if opts.exchange == "gtopk" and exchanged & (exchanged - 1):
+            raise ConfigError("exchange", f"'gtopk' needs a power of two ranks to exchange "
+                                          f"over, got {exchanged}")
+        if (opts.topology == "flat" and opts.exchange in ("gtopk", "auto") and nodes > 1
+                and self.ranks_per_node > 1 and not world_size & (world_size - 1)
+                and (process_group is None or process_group == dist.group.WORLD)):
+            # gtopk's rounds across nodes split each swap over the node's ranks
+            self.world.intra, _ = node_groups(self, self.ranks_per_node, nodes)
         self._run = TOPOLOGIES[opts.topology]
         # Set by an Adam controller (dgc.adam) while it lets Adam estimate its variance: the
         # hook then only averages, densely, and DGC's memory is untouched.

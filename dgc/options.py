@@ -112,11 +112,13 @@ class DGCOptions:
     """Dense steps before ``frozen_variance`` freezes Adam's second moment (1-bit Adam warms
     up for 15-25% of BERT pre-training; a few hundred steps settle it on small models)."""
 
-    exchange: Literal["allgather", "sparse_allreduce", "auto"] = "auto"
+    exchange: Literal["allgather", "sparse_allreduce", "gtopk", "auto"] = "auto"
     """How the pairs are summed over ranks (``dgc.transport``): ``allgather`` (the paper's;
-    each rank sends (p - 1) k pairs), ``sparse_allreduce`` (split and reduce, Ok-Topk's
-    scheme: about (c1 + c2) k (p - 1) / p pairs, whatever p), or ``auto``: per bucket the
-    one ``dgc.plan.route_costs`` prices cheaper on the link below, with the dense fallback
+    each rank sends (p - 1) k pairs in one collective), ``sparse_allreduce`` (split and
+    reduce, Ok-Topk's scheme: about (c1 + c2) k (p - 1) / p pairs, whatever p, over p - 1
+    messages), ``gtopk`` (recursive doubling with a top-k merge, Shi et al.'s global top-k:
+    k log2(p) pairs in log2(p) messages; p a power of two), or ``auto``: per bucket the one
+    ``dgc.plan.route_costs`` prices cheapest on the link below, with the dense fallback
     also priced. Under the hierarchical topology this is its inter-node stage."""
 
     sparse_capacity: list[float] = field(default_factory=lambda: [2.0, 1.0])

@@ -22,7 +22,7 @@ from dgc.schedule import sparse_count
 from sparse_comm.schema import ConfigError
 
 log = logging.getLogger(__name__)
-Route = Literal["allgather", "sparse_allreduce", "dense"]
+Route = Literal["allgather", "sparse_allreduce", "gtopk", "dense"]
 
 
 @dataclass(frozen=True)
@@ -47,9 +47,9 @@ class Slot:
 class Plan:
     slots: tuple[Slot, ...]
     route: Route
-    """How the compressed slots travel: ``allgather`` or ``sparse_allreduce`` of their
-    pairs (the dense slots allreduced beside), or ``dense``: everything in one allreduce
-    (the dense fallback)."""
+    """How the compressed slots travel: ``allgather``, ``sparse_allreduce`` or ``gtopk`` of
+    their pairs (the dense slots allreduced beside), or ``dense``: everything in one
+    allreduce (the dense fallback)."""
     layout: codec.Layout
 
     @property
@@ -104,7 +104,8 @@ def plan_pieces(pieces: Sequence[Piece], density: float, world_size: int,
         return Plan(tuple(slots), "dense", layout)
     costs = route_costs(slots, layout, world_size, options)
     allowed = {"allgather": ("allgather",), "sparse_allreduce": ("sparse_allreduce",),
-               "auto": ("allgather", "sparse_allreduce")}[options.exchange]
+               "gtopk": ("gtopk",), "auto": ("allgather", "sparse_allreduce", "gtopk")
+               }[options.exchange]
     routes = list(allowed) + (["dense"] if options.dense_fallback else [])
     route = min(routes, key=lambda r: (costs[r], routes.index(r)))
     return Plan(tuple(slots), route, layout)
@@ -113,8 +114,9 @@ def plan_pieces(pieces: Sequence[Piece], density: float, world_size: int,
 def route_costs(slots: Sequence[Slot], layout: codec.Layout, p: int, options: DGCOptions
                 ) -> dict[Route, float]:
     """Seconds (alpha-beta, the options' link; bytes per rank with no latency) of each
-    route for this bucket on ``p`` ranks. The dense slots' allreduce, beside both sparse
-    routes, counts for both; everything travels in the value dtype."""
+    route for this bucket on ``p`` ranks. The dense slots' allreduce, beside the sparse
+    routes, counts for each; everything travels in the value dtype but gtopk's sums after
+    its first round (float32). gtopk needs a power of two: elsewhere it costs infinity."""
     from dgc.transport.sparse_allreduce import capacities
     alpha = options.exchange_latency_us * 1e-6
     beta = 1.0 / (options.exchange_gbytes * 1e9)
@@ -131,5 +133,18 @@ def route_costs(slots: Sequence[Slot], layout: codec.Layout, p: int, options: DG
         "allgather": beside + (p - 1) * alpha + wire.allgather_bytes(layout.nbytes, p) * beta,
         "sparse_allreduce": beside + 2 * (p - 1) * alpha
         + (wire.all_to_all_bytes(p * c1 * pair, p) + wire.allgather_bytes(c2 * pair, p)) * beta,
+        "gtopk": beside + gtopk_seconds(layout, p, alpha, beta),
         "dense": allreduce(sum(s.live for s in slots) * value),
     }
+
+
+def gtopk_seconds(layout: codec.Layout, p: int, alpha: float, beta: float) -> float:
+    """log2(p) swaps of the bucket's k pairs, the first in the value dtype, the rest with
+    float32 sums; infinity unless p is a power of two."""
+    if p & (p - 1):
+        return math.inf
+    rounds = p.bit_length() - 1
+    index = layout.index_dtype.itemsize
+    first = layout.count * (index + layout.value_dtype.itemsize)
+    later = layout.count * (index + 4)
+    return rounds * alpha + (first + max(rounds - 1, 0) * later) * beta if rounds else 0.0

@@ -16,6 +16,7 @@ number of ranks (``launch.resume``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -178,7 +179,7 @@ def attach_plugins(cfg: Config, model: DDP, optimizer,
             options["check_finite"] = True
         if cfg.train.clip_grad_norm:  # the paper's local clipping, per rank and tensor
             options["clip_norm"] = cfg.train.clip_grad_norm
-        options.update(exchange_link(cfg, dist.get_world_size()))
+        options.update(exchange_link(cfg, dist.get_world_size(), ranks_per_node))
         with _config_section("dgc"):
             plugins["comm"] = dgc.attach(model, optimizer, sparsifier=plugins.get("sparsity"),
                                          **options)
@@ -205,15 +206,25 @@ def attach_plugins(cfg: Config, model: DDP, optimizer,
     return plugins
 
 
-def exchange_link(cfg: Config, world_size: int) -> dict:
+def exchange_link(cfg: Config, world_size: int, ranks_per_node: int | None = None) -> dict:
     """DGC's exchange link from the run's ``hardware.preset`` (the link its pairs cross,
-    which ``exchange: auto`` and the dense fallback price), unless the config names one."""
+    which the dense fallback prices), unless the config names one; and for ``exchange:
+    auto`` the exchange the cost model prices fastest for this model on that cluster
+    (``launch.costmodel.run.resolve_exchange``, what ``launch.estimate`` shows)."""
     from launch.costmodel.hardware import load_cluster
-    from launch.costmodel.run import with_exchange_link
-    options = with_exchange_link(cfg.dgc, load_cluster(cfg.hardware.preset), world_size,
-                                 inter_only=cfg.dgc.topology == "hierarchical")
-    return {"exchange_latency_us": options.exchange_latency_us,
-            "exchange_gbytes": options.exchange_gbytes}
+    from launch.costmodel.run import resolve_exchange, with_exchange_link, workload
+    cluster = load_cluster(cfg.hardware.preset)
+    hierarchical = cfg.dgc.topology == "hierarchical"
+    options = with_exchange_link(cfg.dgc, cluster, world_size, inter_only=hierarchical)
+    out = {"exchange_latency_us": options.exchange_latency_us,
+           "exchange_gbytes": options.exchange_gbytes}
+    if cfg.dgc.exchange == "auto" and world_size > 1:
+        per_node = ranks_per_node or cluster.per_node
+        out["exchange"] = resolve_exchange(
+            workload(cfg), "hierarchical-dgc" if hierarchical else "dgc",
+            dataclasses.replace(cluster, per_node=per_node), world_size, cfg.hardware,
+            per_node)
+    return out
 
 
 def launch_ranks_per_node(cfg: Config, env: distenv.DistEnv) -> int | None:

@@ -216,6 +216,33 @@ def test_the_sparse_allreduce_sends_capacities_and_auto_takes_it_when_it_is_chea
         ("allreduce", 2500 * 2), ("all_to_all", 4 * 600), ("allgather", 304)]
     assert t.wire_bytes(4) == pytest.approx(1.5 * 5000 + 0.75 * 2400 + 3 * 304)
     assert tr.dgc(buckets, options, 2, passes=0).collectives[-1].kind == "allgather"
+    # gtopk would send 1200 + 1600 bytes in two swaps: more than 2712, so not it either
+    assert "sendrecv" not in {c.kind for c in t.collectives}
+
+
+def test_gtopk_swaps_log2_p_times_and_splits_the_swaps_across_nodes_over_the_node():
+    """The same bucket by recursive doubling at p = 8: k = 200 pairs, 6 bytes in the first
+    round, 8 (float32 sums) after. With 4 ranks per node rounds 0 and 1 stay inside the
+    node and round 2 crosses: a slice of 50 pairs per rank, allgathered in the node."""
+    options = DGCOptions(density=0.01, value_dtype="fp16", index_dtype="int32", min_numel=1024,
+                         exchange="gtopk")
+    buckets = [[("w", (2000, 10)), ("b", (2000,)), ("small", (10, 50))]]
+    flat = tr.dgc(buckets, options, 8, passes=0)
+    assert [(c.kind, c.nbytes, c.group) for c in flat.collectives] == [
+        ("allreduce", 2500 * 2, "world"), ("sendrecv", 1200, "intra"),
+        ("sendrecv", 1600, "intra"), ("sendrecv", 1600, "intra")]
+    nodes = tr.dgc(buckets, options, 8, passes=0, per_node=4)
+    assert [(c.kind, c.nbytes, c.group) for c in nodes.collectives[1:]] == [
+        ("sendrecv", 1200, "intra"), ("sendrecv", 1600, "intra"),
+        ("sendrecv", 400, "inter"), ("allgather", 400, "intra")]
+    assert sum(c.link_bytes(8, 4)[1] for c in nodes.collectives[1:]) == 400  # the slice only
+    assert route_costs_gtopk_is_infinite_off_powers_of_two(options)
+
+
+def route_costs_gtopk_is_infinite_off_powers_of_two(options) -> bool:
+    from dgc.plan import make_plan
+    plan = make_plan(["w"], [torch.Size([2000, 10])], 0.01, 6, options)
+    return plan.route == "dense"  # gtopk cannot run on 6 ranks; the fallback takes it
 
 
 def test_dgc_sends_at_least_one_entry_per_tensor_at_vanishing_density():

@@ -13,10 +13,10 @@ from dgc.transport.sparse_allreduce import capacities
 from tests.distributed import run_ranks
 from tests.test_dgc_distributed import MLP, _flat, _sgd, _train
 
-SPARSE = dict(exchange="sparse_allreduce", min_numel=100, warmup_epochs=0)
+SPARSE = dict(min_numel=100, warmup_epochs=0)
 
 
-def _conservation_rank(rank, world_size, capacity, value_dtype):
+def _conservation_rank(rank, world_size, capacity, value_dtype, exchange="sparse_allreduce"):
     torch.manual_seed(0)
     model = MLP(wide=True)
     ddp = DDP(model, bucket_cap_mb=0.5)
@@ -24,7 +24,8 @@ def _conservation_rank(rank, world_size, capacity, value_dtype):
     shapes = {n: p.shape for n, p in model.named_parameters()}
     compressed = sorted(n for n, s in shapes.items() if len(s) > 1 and s.numel() >= 100)
     state = dgc.DGCState(model=ddp, momentum=0.9, density=0.05, momentum_masking=False,
-                         sparse_capacity=capacity, value_dtype=value_dtype, **SPARSE)
+                         sparse_capacity=capacity, value_dtype=value_dtype,
+                         exchange=exchange, **SPARSE)
     raw, out = {}, {}
 
     def recording_hook(state, bucket):
@@ -65,9 +66,9 @@ def _conservation_rank(rank, world_size, capacity, value_dtype):
             state.stats.sparse_buckets)
 
 
-def _all_rank(rank, world_size, capacity, dtype):
-    return (_conservation_rank(rank, world_size, capacity, dtype),
-            _equivalence_and_resume_rank(rank, world_size))
+def _all_rank(rank, world_size, capacity, dtype, exchange="sparse_allreduce"):
+    return (_conservation_rank(rank, world_size, capacity, dtype, exchange),
+            _equivalence_and_resume_rank(rank, world_size, exchange))
 
 
 @pytest.mark.parametrize("world_size", [2, 3, 4, 8])
@@ -83,7 +84,7 @@ def test_nothing_is_lost_ranks_agree_sgd_at_density_one_and_resume_is_bitwise(wo
         assert same and resumed_sparse > 0
 
 
-def _equivalence_and_resume_rank(rank, world_size):
+def _equivalence_and_resume_rank(rank, world_size, exchange="sparse_allreduce"):
     ref = MLP()
     ref_ddp = DDP(ref, bucket_cap_mb=0.001)
     ref_opt = _sgd(ref, momentum=0.9, weight_decay=1e-3)
@@ -91,7 +92,7 @@ def _equivalence_and_resume_rank(rank, world_size):
     got = MLP()
     ddp = DDP(got, bucket_cap_mb=0.001)
     opt = _sgd(got, momentum=0.9, weight_decay=1e-3)
-    dgc.attach(ddp, opt, density=1.0, **SPARSE)
+    dgc.attach(ddp, opt, density=1.0, exchange=exchange, **SPARSE)
     _train(ddp, opt, 10, rank)
     worst = max(((a - b).norm() / b.norm()).item()
                 for a, b in zip(got.parameters(), ref.parameters()))
@@ -102,7 +103,8 @@ def _equivalence_and_resume_rank(rank, world_size):
         model = MLP(seed, wide=True)
         ddp = DDP(model, bucket_cap_mb=100)
         opt = _sgd(model, momentum=0.9, weight_decay=1e-3)
-        return model, ddp, opt, dgc.attach(ddp, opt, density=0.03, **SPARSE)
+        return model, ddp, opt, dgc.attach(ddp, opt, density=0.03, exchange=exchange,
+                                           **SPARSE)
 
     model, ddp, opt, state = fresh(0)
     _train(ddp, opt, 12, rank)
@@ -124,7 +126,7 @@ def _bytes_rank(rank, world_size, numel, density):
     ddp = DDP(model, bucket_cap_mb=1000)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     state = dgc.attach(ddp, opt, density=density, value_dtype="fp16", index_dtype="int32",
-                       **SPARSE)
+                       exchange="sparse_allreduce", **SPARSE)
     sizes = []
     real = dist.all_to_all_single, dist.all_gather_single, dist.all_reduce
 

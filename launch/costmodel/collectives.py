@@ -34,7 +34,7 @@ from typing import Literal
 
 from .hardware import Cluster
 
-Kind = Literal["allreduce", "allgather", "reduce_scatter", "all_to_all"]
+Kind = Literal["allreduce", "allgather", "reduce_scatter", "all_to_all", "sendrecv"]
 Algorithm = Literal["auto", "ring", "tree", "hierarchical"]
 # Which ranks a collective runs over: all of them, the ranks of one node, or one rank per
 # node (the ranks of equal local index: the hierarchical DGC's inter-node stage).
@@ -149,6 +149,8 @@ def ring_hops(kind: Kind, nbytes: float, p: int) -> tuple[int, float]:
         return 2 * (p - 1), nbytes / p
     if kind in ("reduce_scatter", "all_to_all"):  # an all-to-all sends each peer 1/p
         return p - 1, nbytes / p
+    if kind == "sendrecv":  # one swap with one peer
+        return 1, nbytes
     return p - 1, nbytes
 
 
@@ -168,6 +170,8 @@ def _group_time(kind: Kind, nbytes: float, size: int, alpha: float, bandwidth: f
         return ring_allreduce(nbytes, size, alpha, bandwidth)
     if kind in ("reduce_scatter", "all_to_all"):  # the same (p-1) alpha + (p-1)/p S / B
         return reduce_scatter(nbytes, size, alpha, bandwidth)
+    if kind == "sendrecv":  # both ways at once: one message's time
+        return alpha + nbytes / bandwidth
     return allgather(size * nbytes, size, alpha, bandwidth)
 
 
@@ -178,6 +182,8 @@ def _subgroup_time(items: Sequence[tuple[Kind, float]], group: GroupKind, cluste
     allreduce runs as a ring or, with ``auto``, as a tree where that is faster (NCCL's
     choice for small messages); allgathers and reduce-scatters are rings."""
     size, _ = group_shape(group, cluster, p)
+    if size <= 1 and group == "inter" and any(kind == "sendrecv" for kind, _ in items):
+        size = 2  # a flat group's swap that crosses nodes
     if size <= 1 or not items:
         return 0.0
     if group == "intra":
@@ -250,6 +256,9 @@ def collective_time(kind: Kind, nbytes: float, cluster: Cluster, p: int,
     elif kind in ("reduce_scatter", "all_to_all"):
         ring = reduce_scatter(nbytes, p, *flat)
         options = {"ring": ring, "tree": ring, "hierarchical": ring}
+    elif kind == "sendrecv":  # one swap, on the slowest hop
+        swap = flat[0] + nbytes / flat[1]
+        options = {"ring": swap, "tree": swap, "hierarchical": swap}
     else:
         assert kind == "allgather", kind
         ring = allgather(p * nbytes, p, *flat)

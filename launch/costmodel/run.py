@@ -9,6 +9,7 @@ cluster at the same world size.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -81,18 +82,53 @@ def scheme_traffic(work: Workload, scheme: str, p: int, hw: HardwareConfig,
     if scheme == "hierarchical-dense":
         return tr.hierarchical_dense(work.buckets, per_node)
     cluster = load_cluster(hw.preset)
-    if scheme == "hierarchical-dgc":
-        options = with_exchange_link(work.dgc, cluster, cluster.nodes(p) * per_node,
-                                     inter_only=True)
-        return tr.hierarchical_dgc(work.buckets, options, p, per_node, hw.selection_passes,
-                                   live=work.live)
+    if scheme in ("dgc", "hierarchical-dgc"):
+        return dgc_traffic(work, scheme, cluster, p, hw, per_node)
     if scheme == "powersgd":
         return tr.powersgd(work.buckets, powersgd_rank, hw.selection_passes)
-    if scheme == "dgc":
-        return tr.dgc(work.buckets, with_exchange_link(work.dgc, cluster, p), p,
-                      hw.selection_passes, live=work.live)
     assert scheme == "masked", scheme
     return tr.masked(work.buckets, work.live)
+
+
+EXCHANGES = ("allgather", "sparse_allreduce", "gtopk")
+
+
+def dgc_traffic(work: Workload, scheme: str, cluster: Cluster, p: int, hw: HardwareConfig,
+                per_node: int, exchange: str | None = None) -> tr.Traffic:
+    """Flat (``dgc``) or hierarchical DGC's step with ``exchange`` (default the options';
+    ``auto`` as ``resolve_exchange`` settles it)."""
+    exchange = exchange or work.dgc.exchange
+    if exchange == "auto":
+        exchange = resolve_exchange(work, scheme, cluster, p, hw, per_node)
+    hierarchical = scheme == "hierarchical-dgc"
+    options = with_exchange_link(dataclasses.replace(work.dgc, exchange=exchange), cluster,
+                                 cluster.nodes(p) * per_node if hierarchical else p,
+                                 inter_only=hierarchical)
+    if hierarchical:
+        return tr.hierarchical_dgc(work.buckets, options, p, per_node, hw.selection_passes,
+                                   live=work.live)
+    return tr.dgc(work.buckets, options, p, hw.selection_passes, live=work.live,
+                  per_node=per_node)
+
+
+def resolve_exchange(work: Workload, scheme: str, cluster: Cluster, p: int,
+                     hw: HardwareConfig, per_node: int) -> str:
+    """The exchange ``auto`` takes for a whole run: the one whose collectives this model
+    prices fastest on ``cluster`` (gtopk only where its group is a power of two). The
+    library's own ``auto`` prices each bucket on one link (``dgc.plan.route_costs``); the
+    launcher fixes the exchange this way instead, so a run does what ``launch.estimate``
+    shows."""
+    group = cluster.nodes(p) if scheme == "hierarchical-dgc" else p
+    best, best_s = "allgather", math.inf
+    for exchange in EXCHANGES:
+        if exchange == "gtopk" and group & (group - 1):
+            continue
+        traffic = dgc_traffic(work, scheme, cluster, p, hw, per_node, exchange)
+        took = sequence_time([(c.kind, c.nbytes, c.group) for c in traffic.collectives],
+                             cluster, p, hw.algorithm)
+        if took < best_s:
+            best, best_s = exchange, took
+    return best
 
 
 def with_exchange_link(options: DGCOptions, cluster: Cluster, p: int,
@@ -240,7 +276,7 @@ def variants(cfg: Config, powersgd_rank: int = 4) -> list[Variant]:
             Variant(f"powersgd r={powersgd_rank}", "powersgd", base),
             Variant(f"{dgc_label} {o.exchange}", "dgc", base)]
     rows += [Variant(f"{dgc_label} {name}", "dgc", exchanged(name))
-             for name in ("allgather", "sparse_allreduce") if name != o.exchange]
+             for name in EXCHANGES if name != o.exchange]
     rows.append(Variant(f"hierarchical {dgc_label} {o.exchange}", "hierarchical-dgc", base))
     s = cfg.sparsity
     if s is not None and not (s.method == "nm" and (s.n, s.m) == (2, 4)):

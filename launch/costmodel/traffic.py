@@ -54,12 +54,14 @@ class Collective:
             return wire.reduce_scatter_bytes(self.nbytes, size)
         if self.kind == "all_to_all":
             return wire.all_to_all_bytes(self.nbytes, size)
+        if self.kind == "sendrecv":  # one swap with one peer, on the group's link
+            return float(self.nbytes)
         return wire.allgather_bytes(self.nbytes, size)
 
     def link_bytes(self, p: int, per_node: int) -> tuple[float, float]:
         """(intra-node, inter-node) shares of this collective's per-rank wire bytes."""
         total = self.wire_bytes(p, per_node)
-        if self.group == "intra":
+        if self.group == "intra" or (self.kind == "sendrecv" and p <= per_node):
             return total, 0.0
         if self.group == "inter":
             return 0.0, total
@@ -152,26 +154,31 @@ def powersgd(buckets: Sequence[Sequence[Param]], rank: int, passes: float) -> Tr
 
 
 def dgc(buckets: Sequence[Sequence[Param]], options: DGCOptions, p: int, passes: float,
-        density: float | None = None, live: Mapping[str, int] | None = None) -> Traffic:
+        density: float | None = None, live: Mapping[str, int] | None = None,
+        per_node: int | None = None) -> Traffic:
     """DGC at ``density`` (default: the options' final one, after warm-up). ``live``: entries
     kept by fixed weight masks, by name; k counts only those, and dense transport sends only
-    them (``dgc.hook`` with a sparsifier attached)."""
+    them (``dgc.hook`` with a sparsifier attached). ``per_node``: ranks per node (default
+    all on one), which says which of gtopk's swaps cross nodes."""
     density = options.density if density is None else density
     traffic = Traffic(f"dgc-d{density:g}")
     for bucket in buckets:
         names, shapes = [n for n, _ in bucket], [s for _, s in bucket]
         plan = make_plan(names, shapes, density, max(p, 1), options, live, bool(live))
         traffic.memory_bytes += passes * FP32 * sum(s.numel for s in plan.compressed)
-        traffic.collectives += route_collectives(plan, max(p, 1), options, "world")
+        traffic.collectives += route_collectives(plan, max(p, 1), options, "world",
+                                                 per_node or max(p, 1))
     return traffic
 
 
-def route_collectives(plan, p: int, options: DGCOptions, group: GroupKind
-                      ) -> list[Collective]:
+def route_collectives(plan, p: int, options: DGCOptions, group: GroupKind,
+                      per_node: int | None = None) -> list[Collective]:
     """The collectives ``dgc.transport`` starts for ``plan`` on a group of ``p`` ranks:
     the dense fallback's allreduce, or the dense slots' allreduce beside the pairs'
     allgather, or beside the sparse allreduce's all-to-all and allgather (its regions'
-    histogram, once every 64 steps, left out)."""
+    histogram, once every 64 steps, left out), or beside gtopk's log2(p) swaps. A swap of
+    a ``"world"`` group stays inside a node while the peer's distance divides the
+    ``per_node`` ranks placed on each node (default: all ``p``)."""
     from dgc.transport.sparse_allreduce import capacities
     value_bytes = plan.layout.value_dtype.itemsize
     if not plan.sparse:  # the fallback allreduce, in the value dtype
@@ -182,6 +189,21 @@ def route_collectives(plan, p: int, options: DGCOptions, group: GroupKind
         out.append(Collective("allreduce", dense_elems * value_bytes, group))
     if plan.route == "allgather":
         return out + [Collective("allgather", plan.layout.nbytes, group)]
+    if plan.route == "gtopk":
+        index = plan.layout.index_dtype.itemsize
+        r = min(per_node or p, p)
+        for j in range(p.bit_length() - 1):
+            pair = index + (value_bytes if j == 0 else FP32)
+            if group != "world" or r % (2 << j) == 0:  # inside a node, or one rank per node
+                out.append(Collective("sendrecv", plan.layout.count * pair,
+                                      "intra" if group == "world" else group))
+            elif r == 1:
+                out.append(Collective("sendrecv", plan.layout.count * pair, "inter"))
+            else:  # across nodes: a slice per rank, the node allgathers the slices
+                part = -(-plan.layout.count // r) * pair
+                out += [Collective("sendrecv", part, "inter"),
+                        Collective("allgather", part, "intra")]
+        return out
     pair = plan.layout.index_dtype.itemsize + value_bytes
     caps = [capacities(s.k, p, options.sparse_capacity) for s in plan.compressed]
     row = -(-sum(c1 for c1, _ in caps) * pair // 8) * 8
