@@ -22,8 +22,10 @@ averages, applies the dense tensors' momentum and the local weight-decay momentu
 the wrapped SGD without momentum or weight decay, as ``dgc.attach`` arranges for DDP.
 
 Differences from the DDP hook: tensors are exchanged one by one rather than per bucket, so
-a compressed tensor always uses the allgather (no dense fallback), and under fixed masks
-the dense tensors are sent whole. One backward per ``step()``.
+a compressed tensor always uses the allgather (no dense fallback; ``exchange`` other than
+``allgather`` or ``auto`` is refused: the sparse allreduce and gtopk run their rounds from
+the DDP hook's bucket, ``dgc.transport``), and under fixed masks the dense tensors are sent
+whole. One backward per ``step()``.
 """
 from __future__ import annotations
 
@@ -55,6 +57,9 @@ class DistributedOptimizer:
         opts = build(DGCOptions, options)
         if opts.check_finite:
             raise ConfigError("check_finite", "supported by the DDP hook only, not under Horovod")
+        if opts.exchange not in ("auto", "allgather"):
+            raise ConfigError("exchange", f"{opts.exchange!r} is supported by the DDP hook "
+                                          f"only; under Horovod the pairs are allgathered")
         if opts.topology != "flat":
             raise ConfigError("topology", f"{opts.topology!r} is supported by the DDP hook "
                                           f"only; under Horovod DGC runs flat")

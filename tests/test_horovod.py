@@ -142,6 +142,16 @@ def test_dgc_option_the_horovod_path_lacks_is_one_line_per_rank(tmp_path):
     assert not any("Traceback" in line for line in lines), lines
 
 
+def test_an_exchange_other_than_the_allgather_is_refused_under_horovod():
+    import dgc.horovod
+    from sparse_comm.schema import ConfigError
+    net = torch.nn.Linear(4, 4)
+    for exchange in ("gtopk", "sparse_allreduce"):
+        with pytest.raises(ConfigError, match="under Horovod the pairs are allgathered"):
+            dgc.horovod.DistributedOptimizer(torch.optim.SGD(net.parameters(), lr=0.1),
+                                             net.named_parameters(), exchange=exchange)
+
+
 SECOND_BACKWARD = """
 import torch, horovod.torch as hvd, dgc.horovod
 hvd.init()
