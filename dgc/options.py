@@ -119,7 +119,8 @@ class DGCOptions:
     messages), ``gtopk`` (recursive doubling with a top-k merge, Shi et al.'s global top-k:
     k log2(p) pairs in log2(p) messages; p a power of two), or ``auto``: per bucket the one
     ``dgc.plan.route_costs`` prices cheapest on the link below, with the dense fallback
-    also priced. Under the hierarchical topology this is its inter-node stage."""
+    also priced (gtopk not on two ranks, where one swap moves the allgather's bytes and
+    drops pairs). Under the hierarchical topology this is its inter-node stage."""
 
     sparse_capacity: list[float] = field(default_factory=lambda: [2.0, 1.0])
     """``[c1, c2]``: the sparse allreduce sends at most ``ceil(c1 k / p)`` pairs to each

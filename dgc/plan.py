@@ -106,6 +106,8 @@ def plan_pieces(pieces: Sequence[Piece], density: float, world_size: int,
     allowed = {"allgather": ("allgather",), "sparse_allreduce": ("sparse_allreduce",),
                "gtopk": ("gtopk",), "auto": ("allgather", "sparse_allreduce", "gtopk")
                }[options.exchange]
+    if world_size <= 2:  # one swap moves what the allgather moves, and drops pairs
+        allowed = tuple(r for r in allowed if r != "gtopk") or allowed
     routes = list(allowed) + (["dense"] if options.dense_fallback else [])
     route = min(routes, key=lambda r: (costs[r], routes.index(r)))
     return Plan(tuple(slots), route, layout)

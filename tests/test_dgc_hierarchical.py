@@ -56,7 +56,8 @@ def _equivalence_and_flat_rank(rank, world_size):
         _, _, _, state = _run(rank, lambda ddp, m: (
             opt := _sgd(m, momentum=0.9), dgc.attach(ddp, opt, density=0.01, warmup_epochs=0,
                                                      min_numel=100, ranks_per_node=2,
-                                                     topology=topology))[::1])
+                                                     topology=topology,
+                                                     exchange="allgather"))[::1])
         out[topology] = state.compression_stats()
     return out
 

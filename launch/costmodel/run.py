@@ -121,7 +121,7 @@ def resolve_exchange(work: Workload, scheme: str, cluster: Cluster, p: int,
     group = cluster.nodes(p) if scheme == "hierarchical-dgc" else p
     best, best_s = "allgather", math.inf
     for exchange in EXCHANGES:
-        if exchange == "gtopk" and group & (group - 1):
+        if exchange == "gtopk" and (group & (group - 1) or group <= 2):
             continue
         traffic = dgc_traffic(work, scheme, cluster, p, hw, per_node, exchange)
         took = sequence_time([(c.kind, c.nbytes, c.group) for c in traffic.collectives],
