@@ -60,6 +60,11 @@ _LENET300_VARIANTS = {
     "dgc-dns": ("mnist_lenet300_dgc_dns.yaml", []),
 }
 
+# LeNet-300-100 with AdamW (lr 1e-3, decoupled decay 1e-4) and DGC's Adam settings of
+# mnist_vit_adamw_dgc.yaml (one epoch of dense warm-up, no density warm-up).
+_ADAMW = ["train.optimizer=adamw", "train.lr=0.001", "train.weight_decay=0.0001"]
+_ADAM_DGC = ["dgc.adam_warmup_steps=391", "dgc.warmup_epochs=0"]
+
 # (name, config, processes, overrides)
 SUITES = {
     # The accuracy table of BENCHMARKS.md: every scheme on both nets, 2 processes.
@@ -80,6 +85,35 @@ SUITES = {
         ("nm24-p2", "configs/mnist_lenet300_nm24.yaml", 2, []),
         ("dgc-nm24-p2", "configs/mnist_lenet300_dgc_nm24.yaml", 2, []),
         ("dgc-dns-p2", "configs/mnist_lenet300_dgc_dns.yaml", 2, []),
+    ],
+    # DGC with AdamW (issue 18): the ViT at 2 and 4 processes and LeNet-300-100 at 2, both
+    # adam_modes beside dense AdamW.
+    "adam": [
+        ("vit-dense-p2", "configs/mnist_vit_adamw.yaml", 2, []),
+        ("vit-dgc-frozen-p2", "configs/mnist_vit_adamw_dgc.yaml", 2, []),
+        ("vit-dgc-errorfeedback-p2", "configs/mnist_vit_adamw_dgc.yaml", 2,
+         ["dgc.adam_mode=error_feedback"]),
+        ("vit-dense-p4", "configs/mnist_vit_adamw.yaml", 4, []),
+        ("vit-dgc-frozen-p4", "configs/mnist_vit_adamw_dgc.yaml", 4,
+         ["dgc.adam_warmup_steps=196"]),  # one epoch at 4 processes
+        ("vit-dgc-errorfeedback-p4", "configs/mnist_vit_adamw_dgc.yaml", 4,
+         ["dgc.adam_mode=error_feedback"]),
+        ("lenet300-adamw-dense-p2", "configs/mnist_lenet300_dense.yaml", 2, _ADAMW),
+        ("lenet300-adamw-dgc-frozen-p2", "configs/mnist_lenet300_dgc.yaml", 2,
+         _ADAMW + _ADAM_DGC),
+        ("lenet300-adamw-dgc-errorfeedback-p2", "configs/mnist_lenet300_dgc.yaml", 2,
+         _ADAMW + _ADAM_DGC + ["dgc.adam_mode=error_feedback"]),
+    ],
+    # The sparse allreduce (issue 16) at 4 and 8 processes beside dense at the same p.
+    "sparse-allreduce": [
+        ("dense-p4", "configs/mnist_lenet300_dense.yaml", 4, []),
+        ("dgc-sparse-allreduce-p4", "configs/mnist_lenet300_dgc.yaml", 4,
+         ["dgc.exchange=sparse_allreduce"]),
+        ("dense-p8", "configs/mnist_lenet300_dense.yaml", 8, []),
+        ("dgc-sparse-allreduce-p8", "configs/mnist_lenet300_dgc.yaml", 8,
+         ["dgc.exchange=sparse_allreduce"]),
+        ("dgc-hierarchical-p4", "configs/mnist_lenet300_dgc.yaml", 4,
+         ["dgc.topology=hierarchical", "dgc.ranks_per_node=2"]),
     ],
     "wide": [
         ("wide-dgc-p2", "configs/synthetic_wide_mlp_dgc.yaml", 2, []),

@@ -2,7 +2,7 @@
 
     python benchmarks/group_counts.py runs/NAME [runs/NAME ...] [--out results/FILE.json]
 
-Reads each run's final checkpoint (no training, no evaluation) and counts, for every
+Reads each run's newest checkpoint (no training, no evaluation) and counts, for every
 convolution weight ``W`` shaped ``[out, in, kh, kw]``, the groups of Wen et al. (NIPS 2016,
 structured sparsity learning) whose weights are all zero: filters ``W[k]``, input channels
 ``W[:, c]`` and filter shapes ``W[:, c, i, j]`` (one kernel position across all filters).
@@ -14,9 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from launch import checkpoint  # noqa: E402
 
 KINDS = ("filters", "channels", "shapes")
 
@@ -47,7 +52,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     out = {}
     for run in args.runs:
-        ckpt = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
+        ckpt = checkpoint.run_state(run)
         out[str(run)] = {"test_accuracy": ckpt["progress"]["test_accuracy"], **count(ckpt["model"])}
         total = out[str(run)]["total"]
         print(f"{run}: {100 * out[str(run)]['test_accuracy']:.2f}%, "

@@ -70,6 +70,9 @@ LABELS = {"dense": "dense allreduce (fp32)", "fp16": "torch fp16_compress_hook",
           "powersgd1": "torch PowerSGD, rank 1", "powersgd4": "torch PowerSGD, rank 4",
           "dgc": "DGC 0.1%, fp16 values, int32 indices",
           "dgc-nm24": "DGC 0.1% on a 2:4 model (mask-aware)",
+          "dgc-sar": "DGC 0.1%, sparse allreduce",
+          "dgc-gtopk": "DGC 0.1%, gtopk", "dgc-hier": "hierarchical DGC 0.1%",
+          "hierdense": "hierarchical dense allreduce",
           "nocomm": "no communication (compute floor)"}
 PRESETS = {"100mbit": "netns-100mbit", "1gbit": "netns-1gbit", None: "cpu-loopback"}
 BAR = 0.25  # issue 5: predicted and measured communication time within 25%
@@ -113,8 +116,10 @@ def run_workers(worker: list[str], p: int, args, testbed: netns.Testbed | None) 
     procs = []
     try:
         for rank in range(p):
-            env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(p), LOCAL_RANK=str(rank),
-                       LOCAL_WORLD_SIZE=str(p), MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+            per_node = testbed.ranks_per_node if testbed else args.ranks_per_node
+            env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(p),
+                       LOCAL_RANK=str(rank % per_node), LOCAL_WORLD_SIZE=str(per_node),
+                       MASTER_PORT=str(port), OMP_NUM_THREADS="1",
                        MASTER_ADDR=testbed.address(0) if testbed else "127.0.0.1",
                        GLOO_SOCKET_IFNAME=testbed.device(rank) if testbed else "lo",
                        PYTHONPATH=str(REPO))
@@ -140,13 +145,14 @@ def run_on(rate: str | None, p: int, worker: list[str], args) -> dict:
     """``run_workers`` on a testbed at ``rate``, or on loopback for None."""
     if rate is None:
         return run_workers(worker, p, args, None)
-    with netns.Testbed(p, rate) as testbed:
+    with netns.Testbed(p, rate, ranks_per_node=args.ranks_per_node) as testbed:
         return run_workers(worker, p, args, testbed)
 
 
 # --- the cost model's view ----------------------------------------------------------------
 
-def modelled_traffic(model: str, scheme: str, p: int) -> tr.Traffic | None:
+def modelled_traffic(model: str, scheme: str, p: int, per_node: int = 1
+                     ) -> tr.Traffic | None:
     """What ``launch.costmodel.traffic`` says the scheme sends per step on this model."""
     if scheme == "nocomm":
         return None
@@ -157,6 +163,15 @@ def modelled_traffic(model: str, scheme: str, p: int) -> tr.Traffic | None:
     buckets = tr.ddp_buckets(params, ONE_BUCKET_MB if scheme.startswith("powersgd") else 25)
     if scheme in ("dense", "fp16"):
         return tr.dense(buckets, tr.FP32 if scheme == "dense" else 2, scheme)
+    if scheme == "hierdense":
+        return tr.hierarchical_dense(buckets, per_node)
+    options = DGCOptions(**DGC_OPTIONS, exchange="allgather")
+    if scheme == "dgc-hier":
+        return tr.hierarchical_dgc(buckets, options, p, per_node, passes=0)
+    if scheme == "dgc-sar":
+        options = DGCOptions(**DGC_OPTIONS, exchange="sparse_allreduce")
+    if scheme == "dgc-gtopk":
+        options = DGCOptions(**DGC_OPTIONS, exchange="gtopk")
     kind, parameter = parse_scheme(scheme)
     if kind == "powersgd":
         return tr.powersgd(buckets, int(parameter), passes=0)
@@ -164,8 +179,8 @@ def modelled_traffic(model: str, scheme: str, p: int) -> tr.Traffic | None:
     if scheme == "dgc-nm24":
         masks = expected_masks(net, SparsityOptions(method="nm", n=2, m=4))
         live = {name: int(mask.sum()) for name, mask in masks.items()}
-    return tr.dgc(buckets, DGCOptions(**DGC_OPTIONS), p, passes=0, live=live,
-                  density=parameter if kind == "dgc" else None)
+    return tr.dgc(buckets, options, p, passes=0, live=live,
+                  density=parameter if kind == "dgc" else None, per_node=per_node)
 
 
 def with_link(cluster: Cluster, **fields) -> Cluster:
@@ -174,10 +189,11 @@ def with_link(cluster: Cluster, **fields) -> Cluster:
     return dataclasses.replace(cluster, intra=link, inter=link)
 
 
-def _collectives(calls: list) -> list[tuple[str, float]]:
-    """(kind, nbytes) for the cost model of the worker's (kind, numel, dtype) calls."""
-    return [(kind, numel * getattr(torch, dtype.split(".")[-1]).itemsize)
-            for kind, numel, dtype in calls]
+def _collectives(calls: list) -> list[tuple]:
+    """(kind, nbytes, group) for the cost model of the worker's (kind, numel, dtype[,
+    group]) calls."""
+    return [(kind, numel * getattr(torch, dtype.split(".")[-1]).itemsize,
+             group[0] if group else "world") for kind, numel, dtype, *group in calls]
 
 
 def probed_alpha(probe_s: float, cluster: Cluster, p: int) -> float:
@@ -185,28 +201,35 @@ def probed_alpha(probe_s: float, cluster: Cluster, p: int) -> float:
     less the two collectives' overhead and the transfer time (none: 1 KiB fits in the
     bucket), over its hops."""
     link = cluster.inter
-    hops = [ring_hops(kind, nbytes, p) for kind, nbytes in _collectives(PROBE)]
+    hops = [ring_hops(kind, nbytes, p) for kind, nbytes, _ in _collectives(PROBE)]
     wire = token_bucket_time(hops, 0.0, link.bandwidth, link.burst)
     return max(0.0, probe_s - len(hops) * link.overhead - wire) / sum(h for h, _ in hops)
 
 
+def preset_of(rate: str | None, per_node: int):
+    """The testbed's cluster preset: one rank per namespace, or two-node namespaces."""
+    return load_cluster(PRESETS[rate] if per_node == 1 or rate is None
+                        else f"netns2n-{rate}")
+
+
 def predictions(run: dict, rate: str | None) -> None:
     """Add the model's bytes and times to every row of ``run``."""
-    p = run["world_size"]
-    preset = load_cluster(PRESETS[rate])
+    p, per_node = run["world_size"], run.get("ranks_per_node", 1)
+    preset = preset_of(rate, per_node)
     run["preset"], run["alpha_preset_s"] = preset.name, preset.inter.latency
     run["overhead_preset_s"] = preset.inter.overhead
     for r in run["results"]:
-        traffic = modelled_traffic(run["model"], r["scheme"], p)
+        traffic = modelled_traffic(run["model"], r["scheme"], p, per_node)
         if traffic is None:
             continue
-        calls = [(c.kind, c.nbytes) for c in traffic.collectives]
-        r["alpha_probed_s"] = probed_alpha(probe_measured(r), preset, p)
-        r["model_bytes"] = traffic.wire_bytes(p)
+        calls = [(c.kind, c.nbytes, c.group) for c in traffic.collectives]
+        r["model_bytes"] = traffic.wire_bytes(p, per_node)
         r["model_collectives"] = calls
         r["predicted_preset_s"] = sequence_time(calls, preset, p, "ring")
-        r["predicted_probed_s"] = sequence_time(
-            calls, with_link(preset, latency_us=r["alpha_probed_s"] * 1e6), p, "ring")
+        if per_node == 1:  # a probe of the one link class there is
+            r["alpha_probed_s"] = probed_alpha(probe_measured(r), preset, p)
+            r["predicted_probed_s"] = sequence_time(
+                calls, with_link(preset, latency_us=r["alpha_probed_s"] * 1e6), p, "ring")
 
 
 # --- calibration: the testbed's latency and overhead -----------------------------------------
@@ -222,7 +245,7 @@ def calibration_rows(runs: list[dict], overhead: float = 0.0, alpha: float = 0.0
             collectives = _collectives(calls)
             rows.append({"rate": run["rate"], "p": p, "shape": shape, "n": len(calls),
                          "hops": sum(ring_hops(kind, nbytes, p)[0]
-                                     for kind, nbytes in collectives),
+                                     for kind, nbytes, _ in collectives),
                          "measured": statistics.fmean(run["calibration"][shape]),
                          "count": len(run["calibration"][shape]),
                          "predicted": sequence_time(collectives, link, p, "ring")})
@@ -288,8 +311,8 @@ def variant_table(runs: list[dict]) -> list[str]:
     for name, cluster_of in VARIANTS.items():
         errors = [abs(sequence_time(r["model_collectives"], cluster_of(run, r),
                                     run["world_size"], "ring") / comm_measured(r) - 1)
-                  for run in runs if run["rate"] for r in run["results"]
-                  if "model_collectives" in r and comm_measured(r)]
+                  for run in runs if run["rate"] and run.get("ranks_per_node", 1) == 1
+                  for r in run["results"] if "model_collectives" in r and comm_measured(r)]
         if errors:
             lines.append(f"| {name} | {sum(e <= BAR for e in errors)} of {len(errors)} | "
                          f"{statistics.median(errors):.0%} | {max(errors):.0%} |")
@@ -353,8 +376,9 @@ def model_rows(run: dict) -> list[str]:
     for scheme, r in rows.items():
         if "model_bytes" not in r:
             continue
-        kinds = [k for k, _, _ in r["collectives"]]
-        calls = ", ".join(f"{kinds.count(k)} {k}" for k in ("allreduce", "allgather")
+        kinds = [call[0] for call in r["collectives"]]
+        calls = ", ".join(f"{kinds.count(k)} {k}" for k in
+                          ("allreduce", "allgather", "reduce_scatter", "all_to_all")
                           if k in kinds)
         measured = comm_measured(r)
         lines.append(
@@ -362,18 +386,21 @@ def model_rows(run: dict) -> list[str]:
             f"{LABELS.get(scheme, scheme)} | {calls} | {r['bytes_per_step'] / 1e6:.4g} | "
             f"{r['model_bytes'] / 1e6:.4g} | {_ms(measured)} ({len(r['replay_s'])}) | "
             f"{_ms(r['predicted_preset_s'])} | {_error(r['predicted_preset_s'], measured)} | "
-            f"{r['alpha_probed_s'] * 1e6:.0f} | {_ms(r['predicted_probed_s'])} | "
-            f"{_error(r['predicted_probed_s'], measured)} | "
+            + (f"{r['alpha_probed_s'] * 1e6:.0f} | {_ms(r['predicted_probed_s'])} | "
+               f"{_error(r['predicted_probed_s'], measured)} | " if "alpha_probed_s" in r
+               else " |  |  | ") +
             f"{_ms(r['step_median_s'] - floor) if floor else ''} |")
     return lines
 
 
 def model_note(run: dict) -> str:
     alphas = [r["alpha_probed_s"] * 1e6 for r in run["results"] if "alpha_probed_s" in r]
-    return (f"{run['model']}, {run['rate'] or 'loopback'}, p = {run['world_size']}: preset "
-            f"{run['preset']} (alpha {run['alpha_preset_s'] * 1e6:.0f} us, overhead "
-            f"{run['overhead_preset_s'] * 1e6:.0f} us per collective); probed alpha "
-            f"{min(alphas):.0f} to {max(alphas):.0f} us per hop")
+    probed = (f"; probed alpha {min(alphas):.0f} to {max(alphas):.0f} us per hop" if alphas
+              else "")
+    return (f"{run['model']}, {run['rate'] or 'loopback'}, p = {run['world_size']} "
+            f"({run.get('ranks_per_node', 1)} per node): preset {run['preset']} (alpha "
+            f"{run['alpha_preset_s'] * 1e6:.0f} us, overhead {run['overhead_preset_s'] * 1e6:.0f}"
+            f" us per collective){probed}")
 
 
 def report(run: dict) -> list[str]:
@@ -389,6 +416,9 @@ def parse(argv) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rates", default="100mbit,1gbit", help="tc rates, comma-separated")
     p.add_argument("--world-sizes", default="2,4")
+    p.add_argument("--ranks-per-node", type=int, default=1,
+                   help="ranks sharing each namespace (a node): 2 gives the two-node "
+                        "testbed of the hierarchical schemes")
     p.add_argument("--models", default="lenet300,wide_mlp")
     p.add_argument("--schemes", default=",".join(SCHEMES))
     p.add_argument("--steps", type=int, default=20, help="timed steps per scheme")
@@ -413,8 +443,9 @@ def parse(argv) -> argparse.Namespace:
                    help="measure nothing: print the tables of an earlier --json file, with "
                         "the cost model as it is now")
     args = p.parse_args(argv)
-    if args.quick:
-        args.models, args.world_sizes, args.steps, args.warmup = "tiny", "2", 2, 1
+    if args.quick:  # two nodes of the testbed
+        args.models, args.steps, args.warmup = "tiny", 2, 1
+        args.world_sizes = str(2 * args.ranks_per_node)
         args.replay, args.replay_budget, args.rates = 2, 1.0, "100mbit"
     for model in args.models.split(","):
         if model not in MODELS:
@@ -430,6 +461,9 @@ def parse(argv) -> argparse.Namespace:
         raise UsageError(f"--world-sizes: expected integers, got {args.world_sizes!r}") from None
     if min(args.world_sizes) < 2 or args.steps < 1 or args.replay < 1:
         raise UsageError("--world-sizes must be >= 2, --steps and --replay >= 1")
+    if args.ranks_per_node < 1 or any(p % args.ranks_per_node for p in args.world_sizes):
+        raise UsageError(f"--ranks-per-node {args.ranks_per_node} must divide every world "
+                         f"size")
     args.rates = [r for r in args.rates.split(",") if r]
     for rate in args.rates:
         try:
@@ -488,7 +522,8 @@ def main(argv=None) -> int:
                       f"p={world_size}", flush=True)
                 before = os.getloadavg()[0]
                 run = run_on(rate, world_size, scheme_args(model, args), args)
-                run.update(rate=rate, load=(before, os.getloadavg()[0]))
+                run.update(rate=rate, load=(before, os.getloadavg()[0]),
+                           ranks_per_node=args.ranks_per_node)
                 predictions(run, rate)
                 runs.append(run)
                 print("\n".join(report(run)) + "\n", flush=True)

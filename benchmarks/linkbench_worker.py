@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import os
 import statistics
 import sys
 import time
@@ -33,8 +34,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import dgc
 import sparse_train
-from launch.comm import (CountingAllreduceState, TorchHookState, counted_torch_hook,
-                         counting_allreduce_hook)
+from launch.comm import (CountingAllreduceState, HierarchicalAllreduceState, TorchHookState,
+                         counted_torch_hook, counting_allreduce_hook,
+                         hierarchical_allreduce_hook)
 from launch.models import ModelConfig, build_model
 
 MODELS = {  # name -> (ModelConfig, input shape); inputs are synthetic, 10 classes
@@ -44,7 +46,12 @@ MODELS = {  # name -> (ModelConfig, input shape); inputs are synthetic, 10 class
     "tiny": (ModelConfig(name="wide_mlp", width=64, depth=1), (1, 8, 8)),  # --quick
 }
 SCHEMES = ["dense", "fp16", "powersgd1", "powersgd4", "dgc", "dgc-nm24", "nocomm"]
-# Beyond those, any "powersgdR" (rank R) and "dgc@D" (DGC at density D, e.g. a warm-up's).
+# Beyond those, any "powersgdR" (rank R) and "dgc@D" (DGC at density D, e.g. a warm-up's),
+# and: "dgc-sar" (DGC with the sparse allreduce), "dgc-gtopk" (with recursive doubling),
+# "dgc-hier" (hierarchical DGC) and "hierdense" (dense allreduce the hierarchical way), the
+# last three over LOCAL_WORLD_SIZE ranks per node.
+NAMED = ("dense", "fp16", "dgc-nm24", "nocomm", "dgc-sar", "dgc-gtopk", "dgc-hier",
+         "hierdense")
 DGC_OPTIONS = dict(density=0.001, value_dtype="fp16", index_dtype="int32", warmup_epochs=0)
 # torch's PowerSGD allreduces plainly until this iteration, so warm-up must pass it.
 POWERSGD_START = 2
@@ -75,7 +82,7 @@ def local_hook(state: _LocalOnly, bucket: dist.GradBucket) -> torch.futures.Futu
 
 def parse_scheme(scheme: str) -> tuple[str, float | None]:
     """(kind, parameter): PowerSGD's rank, DGC's density, else None. ValueError if unknown."""
-    if scheme in ("dense", "fp16", "dgc-nm24", "nocomm"):
+    if scheme in NAMED:
         return scheme, None
     if scheme == "dgc":
         return "dgc", DGC_OPTIONS["density"]
@@ -109,10 +116,23 @@ def build(scheme: str, model_name: str, seed: int):
                                powersgd_start_iter=POWERSGD_START)
         ddp.register_comm_hook(state, counted_torch_hook)
     elif parse_scheme(scheme)[0] == "dgc":
-        state = dgc.attach(ddp, opt, **{**DGC_OPTIONS, "density": parse_scheme(scheme)[1]})
+        state = dgc.attach(ddp, opt, exchange="allgather",
+                           **{**DGC_OPTIONS, "density": parse_scheme(scheme)[1]})
     elif scheme == "dgc-nm24":
         sparsifier = sparse_train.attach(ddp, opt, method="nm", n=2, m=4)
-        state = dgc.attach(ddp, opt, sparsifier=sparsifier, **DGC_OPTIONS)
+        state = dgc.attach(ddp, opt, sparsifier=sparsifier, exchange="allgather",
+                           **DGC_OPTIONS)
+    elif scheme == "dgc-sar":
+        state = dgc.attach(ddp, opt, exchange="sparse_allreduce", **DGC_OPTIONS)
+    elif scheme == "dgc-gtopk":
+        state = dgc.attach(ddp, opt, exchange="gtopk",
+                           ranks_per_node=int(os.environ["LOCAL_WORLD_SIZE"]), **DGC_OPTIONS)
+    elif scheme == "dgc-hier":
+        state = dgc.attach(ddp, opt, topology="hierarchical", exchange="allgather",
+                           ranks_per_node=int(os.environ["LOCAL_WORLD_SIZE"]), **DGC_OPTIONS)
+    elif scheme == "hierdense":
+        state = HierarchicalAllreduceState(int(os.environ["LOCAL_WORLD_SIZE"]))
+        ddp.register_comm_hook(state, hierarchical_allreduce_hook)
     elif scheme == "nocomm":
         state = _LocalOnly()
         ddp.register_comm_hook(state, local_hook)
@@ -127,46 +147,106 @@ def _gather_fn():
 
 @contextlib.contextmanager
 def recording(calls: list):
-    """Note (kind, numel, dtype) of every allreduce and allgather started in the block."""
-    saved = {name: getattr(dist, name) for name in
-             ("all_reduce", "all_gather_into_tensor", "all_gather_single") if hasattr(dist, name)}
+    """Note (kind, numel, dtype, group) of every collective started in the block: group
+    "world", or "intra"/"inter" for the node groups of the hierarchical schemes; and
+    ("sendrecv", numel, dtype, link, peer) of every pairwise swap (gtopk's rounds), link
+    "intra" or "inter" as the peer is on this rank's node or not."""
+    kinds = {"all_reduce": "allreduce", "all_gather_into_tensor": "allgather",
+             "all_gather_single": "allgather", "all_to_all_single": "all_to_all",
+             "reduce_scatter_single": "reduce_scatter", "reduce_scatter_tensor": "reduce_scatter"}
+    saved = {name: getattr(dist, name) for name in kinds if hasattr(dist, name)}
 
     def noting(name):
-        kind = "allreduce" if name == "all_reduce" else "allgather"
+        kind = kinds[name]
         tensor_arg = 0 if kind == "allreduce" else 1
 
         def call(*args, **kwargs):
             tensor = args[tensor_arg] if len(args) > tensor_arg else kwargs.get(
-                "tensor" if kind == "allreduce" else "input_tensor")
-            calls.append((kind, tensor.numel(), str(tensor.dtype)))
+                "tensor" if kind == "allreduce" else "input_tensor",
+                kwargs.get("input"))
+            calls.append((kind, tensor.numel(), str(tensor.dtype),
+                          _group_kind(kwargs.get("group"))))
             return saved[name](*args, **kwargs)
         return call
 
+    swap = dist.batch_isend_irecv
+
+    def swapping(ops):
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        for op in ops:
+            if op.op == dist.isend:
+                same = op.peer // local == dist.get_rank() // local
+                calls.append(("sendrecv", op.tensor.numel(), str(op.tensor.dtype),
+                              "intra" if same else "inter", op.peer))
+        return swap(ops)
+
     for name in saved:
         setattr(dist, name, noting(name))
+    dist.batch_isend_irecv = swapping
     try:
         yield calls
     finally:
         for name, fn in saved.items():
             setattr(dist, name, fn)
+        dist.batch_isend_irecv = swap
+
+
+def _group_kind(group) -> str:
+    if group is None or dist.get_world_size(group) == dist.get_world_size():
+        return "world"
+    ranks = dist.get_process_group_ranks(group)
+    return "intra" if ranks == list(range(ranks[0], ranks[0] + len(ranks))) else "inter"
+
+
+_NODE_GROUPS: dict[str, object] = {}
+
+
+def node_groups() -> dict[str, object]:
+    """This rank's intra- and inter-node process groups for replays (LOCAL_WORLD_SIZE ranks
+    per node); made once, by every rank."""
+    if not _NODE_GROUPS:
+        world, local = dist.get_world_size(), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        nodes = world // local
+        _NODE_GROUPS["intra"], _ = dist.new_subgroups_by_enumeration(
+            [list(range(n * local, (n + 1) * local)) for n in range(nodes)])
+        _NODE_GROUPS["inter"], _ = dist.new_subgroups_by_enumeration(
+            [list(range(j, world, local)) for j in range(local)])
+        _NODE_GROUPS["world"] = None
+    return _NODE_GROUPS
 
 
 def _buffers(calls: list) -> list:
-    world = dist.get_world_size()
     out = []
-    for kind, numel, dtype in calls:
+    for kind, numel, dtype, *group in calls:
         t = torch.ones(numel, dtype=getattr(torch, dtype.split(".")[-1]))
-        out.append((kind, t, t.new_empty(world * numel) if kind == "allgather" else None))
+        if kind == "sendrecv":  # over the default group, to the recorded peer
+            out.append((kind, t, torch.empty_like(t), group[1]))
+            continue
+        pg = node_groups()[group[0] if group else "world"]
+        size = dist.get_world_size(pg)
+        result = {"allgather": lambda: t.new_empty(size * numel),
+                  "reduce_scatter": lambda: t.new_empty(numel // size),
+                  "all_to_all": lambda: torch.empty_like(t)}.get(kind, lambda: None)()
+        out.append((kind, t, result, pg))
     return out
 
 
 def _run(buffers: list) -> None:
     gather = _gather_fn()
-    for kind, t, out in buffers:
+    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    for kind, t, out, pg in buffers:
         if kind == "allreduce":
-            dist.all_reduce(t)
+            dist.all_reduce(t, group=pg)
+        elif kind == "allgather":
+            gather(out, t, group=pg)
+        elif kind == "reduce_scatter":
+            scatter(out, t, group=pg)
+        elif kind == "sendrecv":  # pg: the peer
+            for work in dist.batch_isend_irecv([dist.P2POp(dist.isend, t, pg),
+                                                dist.P2POp(dist.irecv, out, pg)]):
+                work.wait()
         else:
-            gather(out, t)
+            dist.all_to_all_single(out, t, group=pg)
 
 
 def _timed(buffers: list) -> float:

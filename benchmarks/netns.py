@@ -107,23 +107,37 @@ def burst_bytes(rate_bits: float) -> int:
 
 
 class Testbed:
-    def __init__(self, world_size: int, rate: str, burst: int | None = None):
-        self.world_size, self.rate = world_size, rate
+    """``ranks_per_node`` ranks share each namespace (a node): they talk to each other over
+    the namespace's own stack, unshaped, and to other nodes through the node's one shaped
+    veth, which they share, as the ranks of a server share its NIC."""
+
+    def __init__(self, world_size: int, rate: str, burst: int | None = None,
+                 ranks_per_node: int = 1):
+        if world_size % ranks_per_node:
+            raise ValueError(f"{ranks_per_node} ranks per node do not divide {world_size}")
+        self.world_size, self.rate, self.ranks_per_node = world_size, rate, ranks_per_node
         self.rate_bits = parse_rate(rate)
         self.burst = burst_bytes(self.rate_bits) if burst is None else burst
         self.tag = f"{PREFIX}{os.getpid()}"
         self.bridge = f"{self.tag}br"
         self._made: list[tuple[str, str]] = []  # ("netns" | "link", name), in creation order
 
+    @property
+    def nodes(self) -> int:
+        return self.world_size // self.ranks_per_node
+
+    def node(self, rank: int) -> int:
+        return rank // self.ranks_per_node
+
     def namespace(self, rank: int) -> str:
-        return f"{self.tag}n{rank}"
+        return f"{self.tag}n{self.node(rank)}"
 
     def address(self, rank: int) -> str:
-        return f"{SUBNET}.{rank + 1}"
+        return f"{SUBNET}.{self.node(rank) + 1}"
 
     def device(self, rank: int) -> str:
         """The rank's interface inside its namespace (for GLOO_SOCKET_IFNAME)."""
-        return f"{self.tag}p{rank}"
+        return f"{self.tag}p{self.node(rank)}"
 
     def exec_prefix(self, rank: int) -> list[str]:
         return ["ip", "netns", "exec", self.namespace(rank)]
@@ -156,8 +170,9 @@ class Testbed:
     def _build(self) -> None:
         self._add("link", self.bridge, "type", "bridge")
         sh("ip", "link", "set", self.bridge, "up")
-        for rank in range(self.world_size):
-            ns, dev, host = self.namespace(rank), self.device(rank), f"{self.tag}h{rank}"
+        for rank in range(0, self.world_size, self.ranks_per_node):  # one per node
+            ns, dev = self.namespace(rank), self.device(rank)
+            host = f"{self.tag}h{self.node(rank)}"
             self._add("netns", ns)
             self._add("link", host, "type", "veth", "peer", "name", dev)
             sh("ip", "link", "set", dev, "netns", ns)

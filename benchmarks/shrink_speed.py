@@ -39,7 +39,7 @@ def load_run(run: Path):
     cfg = load_config(None, base=yaml.safe_load((run / "config.yaml").read_text()))
     train_set, test_set, info = load_datasets(cfg.data)
     model = build_model(cfg.model, info.input_shape, info.num_classes)
-    state = checkpoint.load(run / "checkpoint.pt")
+    state = checkpoint.run_state(run)
     model.load_state_dict(state["model"])
     sparsifier = sparse_train.attach(model, torch.optim.SGD(model.parameters(), lr=0.0),
                                      **config_to_dict(cfg.sparsity))

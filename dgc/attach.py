@@ -11,9 +11,12 @@ from __future__ import annotations
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from dgc.adam import ADAM_TYPES, FrozenVariance, adam_settings
+from dgc.guards import OneBackwardPerStep, unwrap_for_attach
 from dgc.hook import DGCState, dgc_hook
 from dgc.options import DGCOptions
 from sparse_comm.schema import build
+from sparse_comm.wrappers import unwrap_model
 
 # Stored in each param group, so a later attach (e.g. after optimizer.load_state_dict of a
 # checkpoint saved with DGC attached) finds the settings the group's zeros replaced.
@@ -28,16 +31,26 @@ def attach(ddp_model: DistributedDataParallel, optimizer: torch.optim.Optimizer,
     gradients are then never accumulated or selected, and under fixed masks dense transport
     sends only the live entries.
 
-    ``optimizer`` must be a ``torch.optim.SGD`` with dampening 0, not maximizing, and one
-    momentum and Nesterov setting across its groups (weight decay may differ per group).
+    ``optimizer`` is a ``torch.optim.SGD`` with dampening 0, not maximizing, and one
+    momentum and Nesterov setting across its groups (weight decay may differ per group), or
+    a ``torch.optim.Adam``/``AdamW`` with one ``betas[0]`` (``adam_mode``, ``dgc.adam``).
     ``options`` are the fields of ``DGCOptions``; a bad one raises ``ConfigError``.
+
+    What Accelerate's ``prepare`` returns is accepted as it is (the DDP model and the
+    ``AcceleratedOptimizer``), and so is ``torch.compile`` around or inside the DDP model.
     """
-    build(DGCOptions, options)  # report option mistakes before anything else
+    opts = build(DGCOptions, options)  # report option mistakes before anything else
+    ddp_model, optimizer = unwrap_for_attach(ddp_model, optimizer)
+    if isinstance(optimizer, ADAM_TYPES):
+        if not isinstance(ddp_model, DistributedDataParallel):
+            raise TypeError(f"dgc.attach: expected a DistributedDataParallel model, "
+                            f"got {type(ddp_model).__name__}")
+        return _attach_adam(ddp_model, optimizer, opts, sparsifier, options)
     momentum, nesterov = _sgd_momentum(optimizer)
     if not isinstance(ddp_model, DistributedDataParallel):
         raise TypeError(f"dgc.attach: expected a DistributedDataParallel model, "
                         f"got {type(ddp_model).__name__}")
-    state = DGCState(ddp_model.process_group, model=ddp_model, momentum=momentum,
+    state = DGCState(ddp_model.process_group, model=unwrap_model(ddp_model), momentum=momentum,
                      nesterov=nesterov, weight_decay=_weight_decay_by_name(ddp_model, optimizer),
                      **options)
     if sparsifier is not None:
@@ -49,6 +62,31 @@ def attach(ddp_model: DistributedDataParallel, optimizer: torch.optim.Optimizer,
                               "weight_decay": _settings(group)["weight_decay"]}
         group.update(momentum=0.0, nesterov=False, weight_decay=0.0)
     optimizer.register_step_pre_hook(_check_still_plain_sgd)
+    optimizer.register_step_pre_hook(OneBackwardPerStep(state))
+    return state
+
+
+def _attach_adam(ddp_model: DistributedDataParallel, optimizer, opts: DGCOptions,
+                 sparsifier, options: dict) -> DGCState:
+    """Adam or AdamW (``dgc.adam``): ``frozen_variance`` hands the first moment to DGC after a
+    dense warm-up; ``error_feedback`` compresses raw gradients under an untouched Adam."""
+    beta1, decoupled = adam_settings(optimizer)
+    frozen = opts.adam_mode == "frozen_variance"
+    # Adam's L2 term (not AdamW's decoupled one) gets DGC's local weight-decay momentum once
+    # DGC owns the first moment, as with SGD.
+    weight_decay = (_weight_decay_by_name(ddp_model, optimizer, key="weight_decay")
+                    if frozen and not decoupled else {})
+    state = DGCState(ddp_model.process_group, model=unwrap_model(ddp_model), momentum=0.0,
+                     nesterov=False, weight_decay=weight_decay, **options)
+    if sparsifier is not None:
+        _check_sparsifier(sparsifier, ddp_model)
+        state.use_sparsifier(sparsifier)
+    ddp_model.register_comm_hook(state, dgc_hook)
+    if frozen:
+        names = {id(p): n for n, p in unwrap_model(ddp_model).named_parameters()}
+        state.adam = FrozenVariance(state, optimizer, names, opts.adam_warmup_steps, beta1,
+                                    decoupled)
+    optimizer.register_step_pre_hook(OneBackwardPerStep(state))
     return state
 
 
@@ -57,7 +95,7 @@ def _check_sparsifier(sparsifier, ddp_model) -> None:
     if not isinstance(sparsifier, Sparsifier):
         raise TypeError(f"dgc.attach: sparsifier must be a sparse_train.Sparsifier, "
                         f"got {type(sparsifier).__name__}")
-    params = dict(ddp_model.module.named_parameters())
+    params = dict(unwrap_model(ddp_model).named_parameters())
     stray = [n for n, p in sparsifier.params.items() if params.get(n) is not p]
     if stray:
         raise ValueError(f"dgc.attach: the sparsifier masks {', '.join(stray)}, which are "
@@ -72,8 +110,8 @@ def _settings(group: dict) -> dict:
 def _sgd_momentum(optimizer) -> tuple[float, bool]:
     """The one (momentum, nesterov) of an SGD optimizer, or a one-line error saying why not."""
     if not isinstance(optimizer, torch.optim.SGD):
-        raise TypeError(f"dgc.attach: DGC takes momentum over from torch.optim.SGD only, "
-                        f"got {type(optimizer).__name__}")
+        raise TypeError(f"dgc.attach: DGC works with torch.optim.SGD, Adam and AdamW (it "
+                        f"needs to own the momentum), got {type(optimizer).__name__}")
     settings = set()
     for i, group in enumerate(optimizer.param_groups):
         if group["dampening"] != 0:
@@ -92,11 +130,13 @@ def _sgd_momentum(optimizer) -> tuple[float, bool]:
     return settings.pop()
 
 
-def _weight_decay_by_name(ddp_model, optimizer) -> dict[str, float]:
-    names = {id(p): n for n, p in ddp_model.module.named_parameters()}
-    return {names[id(p)]: float(_settings(group)["weight_decay"])
-            for group in optimizer.param_groups for p in group["params"]
-            if id(p) in names and _settings(group)["weight_decay"]}
+def _weight_decay_by_name(ddp_model, optimizer, key: str | None = None) -> dict[str, float]:
+    names = {id(p): n for n, p in unwrap_model(ddp_model).named_parameters()}
+
+    def decay(group) -> float:
+        return float(group[key] if key else _settings(group)["weight_decay"])
+    return {names[id(p)]: decay(group) for group in optimizer.param_groups
+            for p in group["params"] if id(p) in names and decay(group)}
 
 
 def _check_still_plain_sgd(optimizer, args, kwargs) -> None:

@@ -53,6 +53,18 @@ def pack(indices: Tensor, values: Tensor, layout: Layout) -> Tensor:
     return out
 
 
+def pack_rows(indices: Tensor, values: Tensor, layout: Layout) -> Tensor:
+    """``rows`` packed buffers one after another (``indices`` and ``values`` shaped [rows,
+    layout.count]), as ``unpack`` reads them back: the all-to-all's send buffer, one row
+    per destination."""
+    rows = indices.shape[0]
+    out = torch.zeros(rows, layout.nbytes, dtype=torch.uint8, device=values.device)
+    out[:, :layout.index_nbytes].view(layout.index_dtype).copy_(indices)
+    end = layout.index_nbytes + layout.value_nbytes
+    out[:, layout.index_nbytes:end].view(layout.value_dtype).copy_(values)
+    return out.view(-1)
+
+
 def unpack(gathered: Tensor, layout: Layout, world_size: int) -> tuple[Tensor, Tensor]:
     """Views ``(indices, values)`` of shape ``[world_size, count]`` into an allgathered buffer
     of ``world_size`` packed chunks."""

@@ -70,6 +70,14 @@ class Compressor:
         self._thresholds: dict[str, ThresholdState] = {}
         self._masked_with: PerMask[None] = PerMask()  # masks the memories were cut to
         self._selections: dict[str, int] = {}  # sampled selections made, per name
+        self._pieces: dict[str, tuple[int, int]] = {}  # name -> (start, numel) held here
+        # names whose u is the momentum of the averaged gradient (dense tensors): the same
+        # on every rank, unlike a compressed tensor's local momentum
+        self._global_u: set[str] = set()
+        self._seeds: dict[str, Tensor] = {}  # momenta to start from (seed_momentum)
+        # per name, the last selection's positions and the momentum masking zeroed there
+        self._masked_u: dict[str, tuple[Tensor, Tensor]] = {}
+        self._piece_counts: PerMask[int] = PerMask()
 
     # -- schedule -----------------------------------------------------------------------
     @property
@@ -132,6 +140,20 @@ class Compressor:
         mask = masks.get(name)
         return numel if mask is None else self.masks.count(name, mask)
 
+    def piece_live_count(self, name: str, start: int, numel: int,
+                         masks: Mapping[str, Tensor]) -> int:
+        """Unmasked entries of ``name``'s flat entries ``[start, start + numel)``."""
+        mask = masks.get(name)
+        if mask is None:
+            return numel
+        return self._piece_counts.get((name, start, numel), mask, lambda: int(
+            mask.reshape(-1).narrow(0, start, numel).sum()))
+
+    def set_piece(self, name: str, start: int, numel: int) -> None:
+        """This rank's memory of ``name`` covers only its flat entries ``[start, start +
+        numel)`` (the hierarchical topology's piece of the tensor)."""
+        self._pieces[name] = (start, numel)
+
     # -- one tensor's step -----------------------------------------------------------------
     def clip_(self, g: Tensor) -> Tensor:
         """Local gradient clipping at ``clip_norm / sqrt(world_size)`` (paper, Sec. 3.2)."""
@@ -150,15 +172,23 @@ class Compressor:
         return g
 
     def _mask_memories(self, name: str) -> None:
+        sparsifier = self.masks.sparsifier
         for store in (self._u, self._v):
-            if name in store:
-                self.masks.sparsifier.mask_(name, store[name])
+            if name not in store:
+                continue
+            if name in self._pieces:
+                start, numel = self._pieces[name]
+                factor = sparsifier.multiplier(name, store[name].dtype).reshape(-1)
+                store[name].mul_(factor.narrow(0, start, numel))
+            else:
+                sparsifier.mask_(name, store[name])
 
     def compress(self, name: str, g: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """Fold flat gradient ``g`` into ``name``'s memory and take out the ``k`` entries to
         send: (positions in ``g``, values in the wire dtype). ``k`` is below ``g.numel()``
         (``sparse_k`` sends a tensor dense otherwise)."""
         assert 1 <= k < g.numel(), (name, k, g.numel())
+        self._global_u.discard(name)
         u = self._buffer(self._u, name, g)
         v = self._buffer(self._v, name, g)
         peaks = None
@@ -176,13 +206,32 @@ class Compressor:
             v, k, self.options.sample_ratio, state=threshold, peaks=peaks,
             draw=draws.integer(self.options.seed, self.rank, name, step))
         values = values.to(codec.VALUE_DTYPES[self.options.value_dtype])
+        if self.options.momentum_masking:  # kept in case an exchange gives entries back
+            self._masked_u[name] = (indices, u.index_select(0, indices))
         memory.mask_(u, v, indices, values, self.options.momentum_masking)
         return indices, values
+
+    def give_back(self, name: str, indices: Tensor, values: Tensor, chosen: Tensor) -> None:
+        """Undo ``compress`` for the entries of its ``(indices, values)`` that ``chosen`` (a
+        bool mask over them) marks as not applied by the exchange: their values go back into
+        the residual ``v`` and the momentum masking zeroed is restored, as if never picked."""
+        picked = indices[chosen]
+        v = self._v[name]
+        v.index_add_(0, picked, values[chosen].to(v.dtype))
+        saved = self._masked_u.get(name)
+        if saved is not None:
+            self._u[name].index_copy_(0, picked, saved[1][chosen])
+
+    def add_to_residual(self, name: str, positions: Tensor, values: Tensor) -> None:
+        """Add ``values`` into ``name``'s residual at ``positions`` (an exchange's rounding
+        error, kept rather than lost)."""
+        self._v[name].index_add_(0, positions, values.to(self._v[name].dtype))
 
     def dense_momentum_(self, name: str, g: Tensor) -> Tensor:
         """Turn the averaged gradient ``g`` of a dense tensor into its update, in place.
         Momentum comes after averaging, so every rank's buffer agrees."""
         u = self._buffer(self._u, name, g)
+        self._global_u.add(name)
         return g.copy_(memory.momentum_step_(u, g, self.momentum, self.nesterov))
 
     def weight_decay_update(self, name: str, param: Tensor) -> Tensor | None:
@@ -194,8 +243,27 @@ class Compressor:
         return memory.momentum_step_(u, param.detach() * wd, self.momentum, self.nesterov)
 
     # -- buffers ----------------------------------------------------------------------------
+    def rescale_memory(self, factor: float) -> None:
+        """Multiply every momentum and residual by ``factor``: under a GradScaler the hook
+        sees scaled gradients, so when the scale changes the memory must follow it."""
+        for store in (self._u, self._v, self._seeds):
+            for t in store.values():
+                t.mul_(factor)
+
+    def seed_momentum(self, name: str, value: Tensor) -> None:
+        """Start ``name``'s momentum ``u`` at ``value`` (the whole tensor; a rank holding a
+        piece takes its piece) when it is next used: Adam's frozen-variance mode hands over
+        the warm-up's first moment this way."""
+        self._seeds[name] = value.detach().reshape(-1).clone()
+        self._u.pop(name, None)
+
     def _buffer(self, store: dict[str, Tensor], name: str, like: Tensor) -> Tensor:
         buf = store.get(name)
+        if buf is None and store is self._u and name in self._seeds:
+            seed = self._seeds.pop(name)
+            piece = self._pieces.get(name)
+            part = seed if piece is None else seed.narrow(0, *piece)
+            buf = store[name] = part.to(like, copy=True)
         if buf is None:
             buf = store[name] = torch.zeros_like(like)
         elif buf.device != like.device or buf.dtype != like.dtype:
@@ -214,6 +282,9 @@ class Compressor:
             "weight_decay_momentum": dict(self._wd_u),
             "thresholds": {n: t.state_dict() for n, t in self._thresholds.items()},
             "selections": dict(self._selections),
+            "global_momentum": sorted(self._global_u),
+            "pieces": dict(self._pieces),
+            "seeds": dict(self._seeds),
         }
 
     def load_state_dict(self, state: Mapping) -> None:
@@ -227,4 +298,8 @@ class Compressor:
             self._thresholds[name] = ThresholdState()
             self._thresholds[name].load_state_dict(sd)
         self._masked_with = PerMask()
+        self._piece_counts = PerMask()
         self._selections = dict(state["selections"])
+        self._global_u = set(state.get("global_momentum", ()))
+        self._pieces = dict(state.get("pieces", {}))
+        self._seeds = {n: t.clone() for n, t in state.get("seeds", {}).items()}

@@ -5,28 +5,23 @@ bucket the hook
 
 1. zeroes gradients that a sparsifier's hard masks prune (``Compressor.drop_masked_``) and
    clips each rank's gradient per tensor (optional, ``memory.clip_``);
-2. folds each large tensor's gradient into its momentum ``u`` and accumulation ``v``
-   (``memory.accumulate_``), picks the top-k of ``|v|`` (``select.select_topk``) and takes what
-   it sends out of ``u`` and ``v`` (``memory.mask_``); small and 1-D tensors go dense;
-3. starts at most two collectives, from the hook body, in the same order on every rank:
-   an allreduce of the dense tensors and an allgather of one packed buffer of every
-   compressed tensor's (index, value) pairs (``codec.pack``); or, when that would move more
-   bytes, one allreduce of the whole bucket with the selected values scattered into zeros.
-   Under fixed sparsity masks (the same on every rank) dense transport carries only the
-   live entries, without indices: a 2:4 model's dense allreduce moves half the bytes;
-4. in a future callback (local math only): sums what arrived, divides by the world size,
-   applies momentum to the dense tensors (after averaging, so every rank's buffer agrees)
-   and adds the locally kept weight-decay momentum.
+2. hands the bucket to its topology (``dgc.transport``): ``flat`` folds each large
+   tensor's gradient into its momentum ``u`` and accumulation ``v``, picks the top-k of
+   ``|v|`` and exchanges the pairs over all ranks; ``hierarchical`` does that on each
+   rank's shard of its node's sum, exchanging across nodes only. Small and 1-D tensors go
+   dense. Collectives start from the hook body, in the same order on every rank;
+3. in a future callback (local math only): adds the locally kept weight-decay momentum to
+   the averaged update.
 
 The result is the full SGD update direction, momentum included, so the optimizer runs plain
 SGD (momentum 0, weight decay 0) on it; ``dgc.attach`` arranges that. The per-tensor math is
-``dgc.Compressor``'s; this is the only module of ``dgc`` that talks to ``torch.distributed``.
+``dgc.Compressor``'s; the collectives are ``dgc.collectives``'.
 """
 
 # No ``from __future__ import annotations``: DDP compares dgc_hook's annotations with the
 # real ``dist.GradBucket`` and ``Future[Tensor]`` objects, not strings.
 import dataclasses
-import math
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -34,12 +29,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from dgc import codec, wire
+from dgc import wire
+from dgc.collectives import Group, node_groups
 from dgc.compressor import Compressor
+from dgc.guards import PER_PARAMETER_HOOK
 from dgc.options import DGCOptions
-from dgc.schedule import sparse_count
+from dgc.plan import Piece, Plan, make_plan, plan_pieces
+from dgc.transport import TOPOLOGIES, sparse_allreduce
+from dgc.transport.hierarchical import Shards, cut
 from sparse_comm.schema import ConfigError, build
-from sparse_train.live import gather_live, scatter_live_
 
 
 @dataclass
@@ -49,6 +47,10 @@ class DGCStats:
     steps: int = 0
     bytes_sent: float = 0.0
     """Wire bytes of every tensor this hook handed to a collective."""
+    bytes_intra: float = 0.0
+    """The part of ``bytes_sent`` on links inside a node."""
+    bytes_inter: float = 0.0
+    """The part of ``bytes_sent`` on links between nodes."""
     bytes_dense: float = 0.0
     """Wire bytes plain DDP would have sent: one allreduce of each bucket as it is."""
     sparse_buckets: int = 0
@@ -59,260 +61,239 @@ class DGCStats:
 
 
 @dataclass(frozen=True)
-class _Slot:
-    """One parameter's place in a bucket. ``k`` is None for a tensor that goes dense;
-    ``live`` counts the entries that travel when it does (fewer than ``numel`` under a fixed
-    sparsity mask, whose live entries go without indices)."""
-
+class _Entry:
     name: str
     offset: int
     numel: int
-    k: int | None
-    live: int
-
-    @property
-    def compact(self) -> bool:
-        return self.live < self.numel
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """What to do with a bucket; depends only on shapes, masks, density and world size, all
-    the same on every rank, so every rank derives the same plan and starts the same
-    collectives."""
-
-    slots: tuple[_Slot, ...]
-    sparse: bool
-    layout: codec.Layout
-
-    @property
-    def compressed(self) -> list[_Slot]:
-        return [s for s in self.slots if s.k is not None]
-
-    @property
-    def dense(self) -> list[_Slot]:
-        return [s for s in self.slots if s.k is None]
-
-
-def make_plan(names: Iterable[str], shapes: Iterable[torch.Size], density: float,
-              world_size: int, options: DGCOptions,
-              live: Mapping[str, int] | None = None, fixed: bool = False) -> _Plan:
-    """``live``: entries left by hard sparsity masks, by name (k counts only those);
-    ``fixed``: the masks are settled on every rank, so dense transport sends live entries
-    only."""
-    live = live or {}
-    slots, offset = [], 0
-    for name, shape in zip(names, shapes):
-        numel = math.prod(shape)
-        n_live = live.get(name, numel)
-        k = sparse_count(shape, n_live, density, options.min_numel)
-        slots.append(_Slot(name, offset, numel, k, n_live if fixed else numel))
-        offset += numel
-    layout = codec.Layout(sum(s.k for s in slots if s.k is not None),
-                          codec.VALUE_DTYPES[options.value_dtype],
-                          codec.INDEX_DTYPES[options.index_dtype])
-    if layout.index_dtype == torch.int32 and offset >= 2**31:
-        raise ConfigError("index_dtype", f"a bucket of {offset} elements needs 'int64'")
-    dense_numel = sum(s.live for s in slots if s.k is None)
-    sparse_bytes = wire.allgather_bytes(layout.nbytes, world_size)
-    if dense_numel:
-        # the dense tensors travel in the value dtype beside the allgather (_exchange_sparse)
-        sparse_bytes += wire.allreduce_bytes(dense_numel * layout.value_dtype.itemsize,
-                                             world_size)
-    # The fallback allreduce carries the bucket in the value dtype too, so the break-even
-    # density of a bucket of compressed tensors is 2 b_v / (p (b_v + b_i)).
-    all_live = sum(s.live for s in slots)
-    fallback = sparse_bytes > wire.allreduce_bytes(all_live * layout.value_dtype.itemsize,
-                                                   world_size)
-    sparse = layout.count > 0 and not (options.dense_fallback and fallback)
-    return _Plan(tuple(slots), sparse, layout)
+    shape: tuple[int, ...]
 
 
 class DGCState(Compressor):
     """Everything ``dgc_hook`` keeps between steps on one rank: the per-tensor memory of
-    ``dgc.Compressor``, plus the process group, the plans and the byte counters.
+    ``dgc.Compressor``, plus the process groups, the plans and the byte counters.
 
     Args:
-        process_group: group to communicate over (default: the default group).
+        process_group: group to communicate over (default: the default group; the
+            hierarchical topology needs the default group).
         model / named_parameters: where parameter names come from (pass one).
-        momentum, nesterov, weight_decay, **options: as for ``dgc.Compressor``.
+        momentum, nesterov, weight_decay, **options: as for ``dgc.Compressor``; options
+            include ``topology`` and ``ranks_per_node`` (``dgc.DGCOptions``).
     """
 
     def __init__(self, process_group: dist.ProcessGroup | None = None, *, model=None,
                  named_parameters: Iterable[tuple[str, Tensor]] | None = None,
                  momentum: float = 0.0, nesterov: bool = False,
                  weight_decay: float | Mapping[str, float] = 0.0, **options):
-        build(DGCOptions, options)  # option mistakes first, even without a process group
+        opts = build(DGCOptions, options)  # option mistakes first, even without a group
         if (model is None) == (named_parameters is None):
             raise TypeError("DGCState: pass exactly one of model= or named_parameters=")
         if model is not None:
             named_parameters = getattr(model, "module", model).named_parameters()
         named = list(named_parameters)
-        super().__init__(named, world_size=dist.get_world_size(process_group),
-                         rank=dist.get_rank(process_group), momentum=momentum,
+        world_size, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
+        super().__init__(named, world_size=world_size, rank=rank, momentum=momentum,
                          nesterov=nesterov, weight_decay=weight_decay, **options)
         self.process_group = process_group
         # id() only names the tensors DDP hands us; state is keyed by name.
         self._names = {id(p): name for name, p in named}
         self.stats = DGCStats()
-        self._plans: dict[tuple, _Plan] = {}  # by bucket composition and live counts
+        self.ranks_per_node = _ranks_per_node(opts, world_size)
+        nodes = world_size // self.ranks_per_node
+        self.world = Group(process_group, world_size, "world", self, nodes)
+        if opts.topology == "hierarchical":
+            if process_group is not None and process_group != dist.group.WORLD:
+                raise ConfigError("topology", "'hierarchical' runs on the default process "
+                                              "group")
+            self.intra, self.inter = node_groups(self, self.ranks_per_node, nodes)
+        exchanged = nodes if opts.topology == "hierarchical" else world_size
+        if opts.exchange == "gtopk" and exchanged & (exchanged - 1):
+            raise ConfigError("exchange", f"'gtopk' needs a power of two ranks to exchange "
+                                          f"over, got {exchanged}")
+        if (opts.topology == "flat" and opts.exchange in ("gtopk", "auto") and nodes > 1
+                and self.ranks_per_node > 1 and not world_size & (world_size - 1)
+                and (process_group is None or process_group == dist.group.WORLD)):
+            # gtopk's rounds across nodes split each swap over the node's ranks
+            self.world.intra, _ = node_groups(self, self.ranks_per_node, nodes)
+        self._run = TOPOLOGIES[opts.topology]
+        # Set by an Adam controller (dgc.adam) while it lets Adam estimate its variance: the
+        # hook then only averages, densely, and DGC's memory is untouched.
+        self.passthrough = False
+        self.adam = None
+        # The loss scale the gradients arrive with (a GradScaler's; set by the training
+        # loop): the weight-decay term added to them must carry it too.
+        self.grad_scale = 1.0
+        self._entries: dict[tuple[int, ...], tuple[_Entry, ...]] = {}
+        self._shards: dict[tuple[str, ...], Shards] = {}
+        self._plans: dict[tuple, Plan] = {}  # by bucket composition, live counts, density
+        # the sparse allreduce's regions per tensor name: (boundaries, step set)
+        self._regions: dict[str, tuple[list[int], int]] = {}
 
-    def _plan(self, bucket: dist.GradBucket, flat: Tensor, masks: Mapping[str, Tensor],
-              fixed: bool) -> _Plan:
+    # -- what the topologies ask ----------------------------------------------------------
+    def entries(self, bucket: dist.GradBucket) -> tuple[_Entry, ...]:
+        """The bucket's tensors: name, offset in its flat buffer, numel, shape."""
         params = bucket.parameters()
-        try:
-            names = tuple(self._names[id(p)] for p in params)
-        except KeyError:
-            raise ValueError("DGCState: DDP has a parameter that is not among the model's "
-                             "named_parameters given to DGCState") from None
-        live = {n: self.live_count(n, p.numel(), masks) for n, p in zip(names, params)
-                if n in masks}
+        key = tuple(id(p) for p in params)
+        found = self._entries.get(key)
+        if found is None:
+            try:
+                names = [self._names[id(p)] for p in params]
+            except KeyError:
+                raise ValueError("DGCState: DDP has a parameter that is not among the "
+                                 "model's named_parameters given to DGCState") from None
+            offsets = [0]
+            for p in params:
+                offsets.append(offsets[-1] + p.numel())
+            found = self._entries[key] = tuple(
+                _Entry(n, o, p.numel(), tuple(p.shape)) for n, o, p in zip(names, offsets, params))
+        return found
+
+    def bucket_plan(self, bucket: dist.GradBucket, masks: Mapping[str, Tensor],
+                    fixed: bool) -> Plan:
+        """The flat topology's plan: whole tensors over the world."""
+        entries = self.entries(bucket)
+        live = {e.name: self.live_count(e.name, e.numel, masks) for e in entries
+                if e.name in masks}
         density = self.density  # the warm-up's few stages give a few plans per bucket
-        key = (names, tuple(sorted(live.items())), fixed, density)
+        key = (tuple(e.name for e in entries), tuple(sorted(live.items())), fixed, density)
         plan = self._plans.get(key)
         if plan is None:
-            plan = make_plan(names, (p.shape for p in params), density, self.world_size,
-                             self.options, live, fixed)
-            self._plans[key] = plan
-            self.stats.density.update(
-                (s.name, 1.0 if s.k is None else s.k / s.numel) for s in plan.slots)
+            plan = self._plans[key] = make_plan(
+                [e.name for e in entries], [e.shape for e in entries], density,
+                self.world_size, self.options, live, fixed)
         return plan
 
+    def shards_of(self, bucket: dist.GradBucket, device: torch.device) -> Shards:
+        """How the hierarchical topology cuts this bucket, seen from this rank."""
+        entries = self.entries(bucket)
+        key = tuple(e.name for e in entries)
+        shards = self._shards.get(key)
+        if shards is None or shards.dest.device != device:
+            shards = self._shards[key] = cut(key, [e.numel for e in entries],
+                                             self.ranks_per_node,
+                                             self.rank % self.ranks_per_node, device)
+            for piece in shards.pieces:
+                self.set_piece(piece.name, piece.start, piece.numel)
+        return shards
+
+    def shard_plan(self, bucket: dist.GradBucket, shards: Shards,
+                   masks: Mapping[str, Tensor]) -> Plan:
+        """The hierarchical topology's plan: this rank's pieces over the inter-node group."""
+        shapes = {e.name: e.shape for e in self.entries(bucket)}
+        pieces = [Piece(p.name, shapes[p.name], p.numel,
+                        self.piece_live_count(p.name, p.start, p.numel, masks))
+                  for p in shards.pieces]
+        density = self.density
+        key = (tuple((p.name, p.live) for p in pieces), density, "shard")
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = plan_pieces(pieces, density, self.inter.size,
+                                                  self.options)
+        return plan
+
+    def regions(self, group: Group, slots, index_lists: list[Tensor]) -> list[list[int]]:
+        """The sparse allreduce's region boundaries of each of ``slots`` (by tensor name):
+        set at a tensor's first step and every ``REBALANCE_STEPS`` steps from where
+        ``index_lists`` fall (one collective for the bucket; the same steps on every rank
+        whatever the bucket's layout), kept in between."""
+        stale = [j for j, s in enumerate(slots)
+                 if s.name not in self._regions or self._regions[s.name][0][-1] != s.numel
+                 or self.step - self._regions[s.name][1] >= sparse_allreduce.REBALANCE_STEPS]
+        if stale:
+            fresh = sparse_allreduce.rebalanced([index_lists[j] for j in stale],
+                                                [slots[j].numel for j in stale], group.size,
+                                                group)
+            for j, bounds in zip(stale, fresh):
+                self._regions[slots[j].name] = (bounds, self.step)
+        return [self._regions[s.name][0] for s in slots]
+
+    def count_bucket(self, plan: Plan) -> None:
+        if plan.sparse:
+            self.stats.sparse_buckets += 1
+        else:
+            self.stats.dense_buckets += 1
+        self.stats.density.update(
+            (s.name, 1.0 if s.k is None else s.k / s.numel) for s in plan.slots)
+
+    # -- checkpoints and read-outs -----------------------------------------------------------
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "stats": dataclasses.asdict(self.stats)}
+        state = {**super().state_dict(), "stats": dataclasses.asdict(self.stats),
+                 "regions": dict(self._regions)}
+        if self.adam is not None:
+            state["adam"] = self.adam.state_dict()
+        return state
 
     def load_state_dict(self, state: Mapping) -> None:
         super().load_state_dict(state)
         self.stats = DGCStats(**state["stats"])
         self._plans = {}
+        self._regions = {name: (list(bounds), step)
+                         for name, (bounds, step) in state.get("regions", {}).items()}
+        if self.adam is not None and "adam" in state:
+            self.adam.load_state_dict(state["adam"])
 
     def compression_stats(self) -> dict[str, float]:
         s = self.stats
         return {"steps": s.steps, "density": self.density, "bytes_sent": s.bytes_sent,
+                "bytes_intra_node": s.bytes_intra, "bytes_inter_node": s.bytes_inter,
                 "bytes_dense": s.bytes_dense,
                 "compression_ratio": s.bytes_dense / s.bytes_sent if s.bytes_sent else 1.0,
                 "sparse_buckets": s.sparse_buckets, "dense_buckets": s.dense_buckets,
                 "nonfinite_buckets": s.nonfinite_buckets}
 
 
+def _ranks_per_node(options: DGCOptions, world_size: int) -> int:
+    r = options.ranks_per_node
+    if r is None:
+        r = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if world_size % r:
+        raise ConfigError("ranks_per_node", f"{r} ranks per node do not divide the world "
+                                            f"size {world_size} into whole nodes")
+    return r
+
+
 def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook: compress, exchange and average one bucket (see module doc)."""
+    if not isinstance(bucket, dist.GradBucket):
+        raise TypeError(f"dgc_hook: {PER_PARAMETER_HOOK}")
     flat = bucket.buffer()
     masks = state.hard_masks()
     fixed = bool(masks) and state.masks.fixed()
-    plan = state._plan(bucket, flat, masks, fixed)  # every bucket of a step: one density
+    state.stats.bytes_dense += wire.allreduce_bytes(flat.nbytes, state.world_size)
+    if state.passthrough:  # Adam estimating its variance (dgc.adam): plain averaging
+        _end_of_step(state, bucket)
+        return state.world.allreduce(flat).then(lambda _: flat.div_(state.world_size))
+    if state.options.check_finite and not _finite_on_all_ranks(state, flat):
+        state.stats.nonfinite_buckets += 1
+        _end_of_step(state, bucket)
+        return state.world.allreduce(flat).then(lambda _: flat.div_(state.world_size))
+    for e in state.entries(bucket):
+        g = flat.narrow(0, e.offset, e.numel)
+        if e.name in masks:
+            state.drop_masked_(e.name, g, masks[e.name])
+        state.clip_(g)
+    averaged = state._run(state, bucket, flat, masks, fixed)
+    _end_of_step(state, bucket)  # after the plans read this step's density
+    return averaged.then(lambda _: _add_weight_decay(state, bucket, flat))
+
+
+def _end_of_step(state: DGCState, bucket: dist.GradBucket) -> None:
     if bucket.is_last():
         state.stats.steps += 1
         state.end_step()
-    state.stats.bytes_dense += wire.allreduce_bytes(flat.nbytes, state.world_size)
-    if state.options.check_finite and not _finite_on_all_ranks(state, flat):
-        state.stats.nonfinite_buckets += 1
-        return _allreduce(state, flat).then(lambda _: flat.div_(state.world_size))
-    for s in plan.slots:
-        g = flat.narrow(0, s.offset, s.numel)
-        if s.name in masks:
-            state.drop_masked_(s.name, g, masks[s.name])
-        state.clip_(g)
-    sent = [state.compress(s.name, flat.narrow(0, s.offset, s.numel), s.k)
-            for s in plan.compressed]
-    positions = {s.name: state.masks.positions(s.name, masks[s.name])
-                 for s in plan.slots if s.compact}
-    if plan.sparse:
-        state.stats.sparse_buckets += 1
-        summed = _exchange_sparse(state, plan, flat, sent, positions)
-    else:
-        state.stats.dense_buckets += 1
-        summed = _exchange_dense(state, plan, flat, sent, positions)
-    return summed.then(lambda _: _finish(state, plan, bucket, flat))
 
 
-def _live_entries(flat: Tensor, slots: Iterable[_Slot], positions: Mapping[str, Tensor],
-                  dtype: torch.dtype) -> Tensor:
-    """The entries of ``slots`` that travel, one after another, in ``dtype``."""
-    return torch.cat([gather_live(flat.narrow(0, s.offset, s.numel), positions.get(s.name))
-                      for s in slots]).to(dtype)
-
-
-def _put_back_(flat: Tensor, slots: Iterable[_Slot], positions: Mapping[str, Tensor],
-               received: Tensor) -> None:
-    offset = 0
-    for s in slots:
-        scatter_live_(flat.narrow(0, s.offset, s.numel), positions.get(s.name),
-                      received.narrow(0, offset, s.live))
-        offset += s.live
-
-
-def _exchange_sparse(state: DGCState, plan: _Plan, flat: Tensor,
-                     sent: list[tuple[Tensor, Tensor]],
-                     positions: Mapping[str, Tensor]) -> torch.futures.Future:
-    """Allreduce the dense tensors and allgather the packed pairs; resolves to ``flat``
-    holding the sum over ranks."""
-    futures = []
-    dense_slots = plan.dense
-    if dense_slots:
-        # Small and 1-D tensors travel in the value dtype too (as torch's fp16 hook does):
-        # at 0.1% density their fp32 bytes would otherwise dominate the message.
-        dense = _live_entries(flat, dense_slots, positions,
-                              codec.VALUE_DTYPES[state.options.value_dtype])
-        futures.append(_allreduce(state, dense))
-    # Indices count positions in the bucket, so one scatter covers every tensor.
-    indices = torch.cat([i + s.offset for s, (i, _) in zip(plan.compressed, sent)])
-    packed = codec.pack(indices, torch.cat([v for _, v in sent]), plan.layout)
-    gathered = packed.new_empty(state.world_size * packed.numel())
-    futures.append(_allgather(state, gathered, packed))
-
-    def unpack(_) -> Tensor:
-        flat.zero_()
-        codec.scatter_sum_(flat, *codec.unpack(gathered, plan.layout, state.world_size))
-        if dense_slots:
-            _put_back_(flat, dense_slots, positions, dense)
-        return flat
-
-    return torch.futures.collect_all(futures).then(unpack)
-
-
-def _exchange_dense(state: DGCState, plan: _Plan, flat: Tensor,
-                    sent: list[tuple[Tensor, Tensor]],
-                    positions: Mapping[str, Tensor]) -> torch.futures.Future:
-    """Same sum as ``_exchange_sparse`` by one allreduce of the bucket in the value dtype, the
-    compressed tensors reduced to their selected entries (cheaper when the density is
-    high). Under fixed masks only the live entries travel."""
-    for s, (indices, values) in zip(plan.compressed, sent):
-        flat.narrow(0, s.offset, s.numel).zero_().index_copy_(0, indices, values.to(flat.dtype))
-    wire_dtype = plan.layout.value_dtype
-    if not positions and wire_dtype == flat.dtype:
-        return _allreduce(state, flat)
-    live = _live_entries(flat, plan.slots, positions, wire_dtype)
-    return _allreduce(state, live).then(lambda _: _put_back_(flat, plan.slots, positions, live))
-
-
-def _finish(state: DGCState, plan: _Plan, bucket: dist.GradBucket, flat: Tensor) -> Tensor:
-    """Average, then add the momentum of the dense tensors and of weight decay."""
-    flat.div_(state.world_size)
-    for s in plan.dense:
-        state.dense_momentum_(s.name, flat.narrow(0, s.offset, s.numel))
+def _add_weight_decay(state: DGCState, bucket: dist.GradBucket, flat: Tensor) -> Tensor:
+    """Add each tensor's weight-decay term, with its own momentum, to the update."""
     if state.weight_decay:
         # gradients() are views into ``flat`` shaped (and strided) like the parameters.
-        for s, p, view in zip(plan.slots, bucket.parameters(), bucket.gradients()):
-            update = state.weight_decay_update(s.name, p)
+        for e, p, view in zip(state.entries(bucket), bucket.parameters(), bucket.gradients()):
+            update = state.weight_decay_update(e.name, p)
             if update is not None:
-                view.add_(update)
+                view.add_(update, alpha=state.grad_scale)
     return flat
 
 
 def _finite_on_all_ranks(state: DGCState, flat: Tensor) -> bool:
     bad = torch.isfinite(flat).all().logical_not().to(torch.float32).reshape(1)
-    _allreduce(state, bad, op=dist.ReduceOp.MAX).wait()
+    state.world.allreduce(bad, op=dist.ReduceOp.MAX).wait()
     return bad.item() == 0  # the one host sync, only with check_finite
-
-
-def _allreduce(state: DGCState, t: Tensor, op=dist.ReduceOp.SUM) -> torch.futures.Future:
-    state.stats.bytes_sent += wire.allreduce_bytes(t.nbytes, state.world_size)
-    work = dist.all_reduce(t, op=op, group=state.process_group, async_op=True)
-    return work.get_future()
-
-
-def _allgather(state: DGCState, out: Tensor, t: Tensor) -> torch.futures.Future:
-    state.stats.bytes_sent += wire.allgather_bytes(t.nbytes, state.world_size)
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    return gather(out, t, group=state.process_group, async_op=True).get_future()

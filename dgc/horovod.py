@@ -22,8 +22,10 @@ averages, applies the dense tensors' momentum and the local weight-decay momentu
 the wrapped SGD without momentum or weight decay, as ``dgc.attach`` arranges for DDP.
 
 Differences from the DDP hook: tensors are exchanged one by one rather than per bucket, so
-a compressed tensor always uses the allgather (no dense fallback), and under fixed masks
-the dense tensors are sent whole. One backward per ``step()``.
+a compressed tensor always uses the allgather (no dense fallback; ``exchange`` other than
+``allgather`` or ``auto`` is refused: the sparse allreduce and gtopk run their rounds from
+the DDP hook's bucket, ``dgc.transport``), and under fixed masks the dense tensors are sent
+whole. One backward per ``step()``.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ from dgc.attach import _TAKEN_OVER, _check_still_plain_sgd, _settings, _sgd_mome
 from dgc.compressor import Compressor
 from dgc.hook import DGCStats
 from dgc.options import DGCOptions
-from dgc.wire import allgather_bytes, allreduce_bytes
+from dgc.wire import account, allgather_bytes, allreduce_bytes
 from sparse_comm.schema import ConfigError, build
 
 
@@ -55,6 +57,12 @@ class DistributedOptimizer:
         opts = build(DGCOptions, options)
         if opts.check_finite:
             raise ConfigError("check_finite", "supported by the DDP hook only, not under Horovod")
+        if opts.exchange not in ("auto", "allgather"):
+            raise ConfigError("exchange", f"{opts.exchange!r} is supported by the DDP hook "
+                                          f"only; under Horovod the pairs are allgathered")
+        if opts.topology != "flat":
+            raise ConfigError("topology", f"{opts.topology!r} is supported by the DDP hook "
+                                          f"only; under Horovod DGC runs flat")
         momentum, nesterov = _sgd_momentum(optimizer)
         named = [(n, p) for n, p in named_parameters if p.requires_grad]
         by_id = {id(p): n for n, p in named}
@@ -80,6 +88,7 @@ class DistributedOptimizer:
         self._hooks = [p.register_post_accumulate_grad_hook(self._make_hook(n))
                        for n, p in named]
         self.stats = DGCStats()  # this rank's wire bytes, counted like the DDP hook's
+        self._nodes = max(1, hvd.size() // hvd.local_size())
 
     # -- the optimizer interface -----------------------------------------------------------
     @property
@@ -150,13 +159,15 @@ class DistributedOptimizer:
             layout = codec.Layout(indices.numel(), value_dtype,
                                   codec.INDEX_DTYPES[c.options.index_dtype])
             packed = codec.pack(indices, values, layout)
-            self.stats.bytes_sent += allgather_bytes(packed.nbytes, c.world_size)
+            account(self.stats, allgather_bytes(packed.nbytes, c.world_size), c.world_size,
+                    self._nodes)
             handle = hvd.allgather_async(packed, name=f"dgc.sparse.{name}")
             self._pending[name] = (handle, layout)
         else:
             self.stats.density[name] = 1.0
             dense = g.to(value_dtype)
-            self.stats.bytes_sent += allreduce_bytes(dense.nbytes, c.world_size)
+            account(self.stats, allreduce_bytes(dense.nbytes, c.world_size), c.world_size,
+                    self._nodes)
             handle = hvd.allreduce_async(dense, op=hvd.Sum, name=f"dgc.dense.{name}")
             self._pending[name] = (handle, None)
 

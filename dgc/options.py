@@ -10,7 +10,7 @@ Momentum, Nesterov and weight decay are not options here: they belong to the opt
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from sparse_comm.schema import require
@@ -87,6 +87,54 @@ class DGCOptions:
     untouched, so a GradScaler skips the step without corrupting them. Costs one host sync and
     one 4-byte allreduce per bucket, so it is off unless you train with a loss scaler."""
 
+    topology: Literal["flat", "hierarchical"] = "flat"
+    """``flat``: every rank compresses its own gradient and the pairs go to every rank, so
+    each rank sends (p - 1) k pairs. ``hierarchical``: dense inside a node, compressed
+    across nodes (``dgc.transport.hierarchical``): the node's ranks reduce-scatter each
+    bucket, each rank runs DGC on its shard of the node's sum, the shard's pairs go only to
+    the ranks holding the same shard on the other nodes, and the node allgathers the
+    result; DGC's memory and selection per rank shrink to 1 / ranks_per_node."""
+
+    ranks_per_node: int | None = None
+    """Ranks on each node, placed node by node (ranks 0..r-1 on the first). Default: the
+    launcher's local world size (torchrun's ``LOCAL_WORLD_SIZE``; ``launch.distenv`` finds
+    it under mpirun, Slurm and horovodrun). Also splits every run's bytes into intra- and
+    inter-node ones."""
+
+    adam_mode: Literal["frozen_variance", "error_feedback"] = "frozen_variance"
+    """How DGC works with ``torch.optim.Adam``/``AdamW`` (``dgc.adam``): ``frozen_variance``
+    averages densely for ``adam_warmup_steps`` while Adam estimates its second moment, then
+    freezes it and compresses the first moment with DGC's momentum correction (1-bit Adam's
+    scheme); ``error_feedback`` compresses raw gradients with a residual and leaves Adam
+    untouched. Ignored with SGD."""
+
+    adam_warmup_steps: int = 1000
+    """Dense steps before ``frozen_variance`` freezes Adam's second moment (1-bit Adam warms
+    up for 15-25% of BERT pre-training; a few hundred steps settle it on small models)."""
+
+    exchange: Literal["allgather", "sparse_allreduce", "gtopk", "auto"] = "auto"
+    """How the pairs are summed over ranks (``dgc.transport``): ``allgather`` (the paper's;
+    each rank sends (p - 1) k pairs in one collective), ``sparse_allreduce`` (split and
+    reduce, Ok-Topk's scheme: about (c1 + c2) k (p - 1) / p pairs, whatever p, over p - 1
+    messages), ``gtopk`` (recursive doubling with a top-k merge, Shi et al.'s global top-k:
+    k log2(p) pairs in log2(p) messages; p a power of two), or ``auto``: per bucket the one
+    ``dgc.plan.route_costs`` prices cheapest on the link below, with the dense fallback
+    also priced (gtopk not on two ranks, where one swap moves the allgather's bytes and
+    drops pairs). Under the hierarchical topology this is its inter-node stage."""
+
+    sparse_capacity: list[float] = field(default_factory=lambda: [2.0, 1.0])
+    """``[c1, c2]``: the sparse allreduce sends at most ``ceil(c1 k / p)`` pairs to each
+    region's owner and each owner publishes ``ceil(c2 k / p)`` sums. What does not fit
+    stays in the residual."""
+
+    exchange_latency_us: float = 0.0
+    """Latency per message of the link the exchanges cross, for ``exchange: auto`` and the
+    dense fallback; 0 compares bytes on the wire. The launcher sets it (and the bandwidth)
+    from its hardware preset's inter-node link."""
+
+    exchange_gbytes: float = 10.0
+    """Bandwidth of that link per rank, GB/s (matters only with a latency)."""
+
     seed: int = 0
     """Seed of the threshold's samples. Each sample's offset is a hash of (seed, rank,
     parameter name, selection count) (``sparse_comm.draws``), never a stream shared across
@@ -118,3 +166,13 @@ class DGCOptions:
         require(0.0 < self.sample_ratio <= 1.0, "sample_ratio",
                 f"must be in (0, 1], got {self.sample_ratio}")
         require(self.min_numel >= 1, "min_numel", f"must be >= 1, got {self.min_numel}")
+        require(len(self.sparse_capacity) == 2 and min(self.sparse_capacity) > 0,
+                "sparse_capacity", f"must be two factors > 0, got {self.sparse_capacity}")
+        require(self.exchange_latency_us >= 0, "exchange_latency_us",
+                f"must be >= 0, got {self.exchange_latency_us}")
+        require(self.exchange_gbytes > 0, "exchange_gbytes",
+                f"must be > 0, got {self.exchange_gbytes}")
+        require(self.adam_warmup_steps >= 1, "adam_warmup_steps",
+                f"must be >= 1, got {self.adam_warmup_steps}")
+        require(self.ranks_per_node is None or self.ranks_per_node >= 1, "ranks_per_node",
+                f"must be >= 1 or null, got {self.ranks_per_node}")

@@ -1,8 +1,9 @@
 """The experiment configuration: a typed tree loaded from YAML plus ``--set`` overrides.
 
 A config file may name a ``base:`` file (relative to itself) whose values it overrides, so
-experiments are small deltas on a shared baseline. ``dgc:`` and ``sparsity:`` sections are
-off when absent or null; giving any key of them (in YAML or with ``--set``) turns them on.
+experiments are small deltas on a shared baseline. ``dgc:``, ``sparsity:`` and ``quantize:``
+sections are off when absent or null; giving any key of them (in YAML or with ``--set``)
+turns them on.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import yaml
 from dgc.options import DGCOptions
 from launch.costmodel.hardware import HardwareConfig
 from launch.data import DataConfig
+from launch.deep_compression import QuantizeConfig
 from launch.models import ModelConfig
 from sparse_comm.schema import ConfigError, build, require, to_dict
 from sparse_train.options import SparsityOptions
@@ -25,18 +27,30 @@ class TrainConfig:
     epochs: int = 10
     max_steps: int | None = None  # a cap on optimizer steps, for quick runs
     seed: int = 0
+    optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 0.0
-    batch_size: int = 64  # per process
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False  # sgd
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
+    eps: float = 1e-8  # adamw
+    weight_decay: float = 0.0  # sgd: L2 in the gradient; adamw: decoupled
+    batch_size: int = 64  # per process, per micro-step
+    grad_accum_steps: int = 1  # micro-steps per optimizer step (DDP no_sync on all but the last)
+    amp: Literal["none", "bf16", "fp16"] = "none"  # autocast; fp16 adds a GradScaler
+    clip_grad_norm: float | None = None  # global L2 norm; with DGC, its local clipping
     lr_schedule: Literal["constant", "cosine", "step"] = "cosine"
     lr_milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # epoch fractions, "step"
     lr_warmup_epochs: float = 0.0
     log_every: int = 20  # steps between metric records
     checkpoint_every: int | None = None  # steps; a checkpoint is also written every epoch
-    # Start from the model weights in this file (a run's checkpoint.pt or a plain state
-    # dict) instead of the seeded initialisation: a lottery ticket, a pruned model.
+    # A non-finite loss or gradient: "stop" (exit status 3 with one line, no checkpoint of
+    # the non-finite weights; read at log and checkpoint steps, no host sync per step) or
+    # "skip" the step on every rank and count it (one host sync per step; with DGC it turns
+    # dgc.check_finite on so that residuals stay finite).
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    # Start from the model weights of this run directory (its newest checkpoint) or file
+    # (a checkpoint or a plain state dict) instead of the seeded initialisation: a lottery
+    # ticket, a pruned model.
     init_from: str | None = None
 
     def check(self):
@@ -47,6 +61,13 @@ class TrainConfig:
         require(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
         require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas",
+                f"must be two numbers in [0, 1), got {self.betas}")
+        require(self.eps > 0, "eps", f"must be > 0, got {self.eps}")
+        require(self.grad_accum_steps >= 1, "grad_accum_steps",
+                f"must be >= 1, got {self.grad_accum_steps}")
+        require(self.clip_grad_norm is None or self.clip_grad_norm > 0, "clip_grad_norm",
+                f"must be > 0 or null, got {self.clip_grad_norm}")
         require(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
         require(self.checkpoint_every is None or self.checkpoint_every >= 1, "checkpoint_every",
                 f"must be >= 1 or null, got {self.checkpoint_every}")
@@ -73,7 +94,7 @@ class DDPConfig:
     find_unused_parameters: bool = False
     # The baselines DGC is measured against: torch's own hooks, bytes counted like ours.
     # "allreduce" is DDP's averaging allreduce; a `dgc:` section replaces the hook.
-    comm_hook: Literal["allreduce", "fp16", "bf16", "powersgd"] = "allreduce"
+    comm_hook: Literal["allreduce", "fp16", "bf16", "powersgd", "hierarchical"] = "allreduce"
     powersgd_rank: int = 4  # PowerSGD's matrix_approximation_rank (Vogels et al. 2019)
     # Dense steps before PowerSGD starts compressing; torch's docs suggest about 10% of
     # training so the sensitive first steps see exact gradients.
@@ -98,6 +119,9 @@ class Config:
     hardware: HardwareConfig = field(default_factory=HardwareConfig)  # for the est/* figures
     dgc: DGCOptions | None = None
     sparsity: SparsityOptions | None = None
+    # Deep Compression after training: weight sharing, fine-tuning, encoding
+    # (launch/deep_compression.py).
+    quantize: QuantizeConfig | None = None
     # "ddp": gradients through a DDP communication hook (torchrun, mpirun, srun); "horovod":
     # through Horovod under horovodrun (launch/hvd_engine.py).
     engine: Literal["ddp", "horovod"] = "ddp"
@@ -108,6 +132,12 @@ class Config:
         if self.engine == "horovod" and self.ddp.comm_hook != "allreduce":
             raise ConfigError("ddp.comm_hook", f"{self.ddp.comm_hook!r} is a DDP hook; "
                                                f"engine 'horovod' does not use DDP")
+        if self.engine == "horovod" and self.train.grad_accum_steps > 1:
+            raise ConfigError("train.grad_accum_steps", "engine 'horovod' averages every "
+                                                        "backward; use engine: ddp")
+        if self.dgc is not None and self.train.clip_grad_norm and self.dgc.clip_norm:
+            raise ConfigError("train.clip_grad_norm", "with DGC it sets dgc.clip_norm "
+                                                      "(local clipping); set one of them")
         if self.dgc is not None and self.ddp.comm_hook != "allreduce":
             raise ConfigError("ddp.comm_hook", f"{self.ddp.comm_hook!r} and a dgc: section "
                                                f"both set the communication hook; keep one")

@@ -31,7 +31,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Sampler, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, Sampler, TensorDataset
 from tqdm import tqdm
 
 from sparse_comm.schema import ConfigError, require
@@ -71,9 +71,16 @@ class DataConfig:
     synthetic_test_size: int = 1024
     synthetic_shape: list[int] = dataclasses.field(default_factory=lambda: [1, 28, 28])
     synthetic_classes: int = 10
+    # Training augmentation: shift each image by up to this many pixels in each direction
+    # (zero fill), drawn per sample from a generator keyed by (seed, rank, step), so a
+    # resumed run draws the same shifts. Transformers, lacking convolutions' translation
+    # prior, need it on small datasets.
+    shift_pixels: int = 0
 
     def check(self) -> None:
         require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
+        require(self.shift_pixels >= 0, "shift_pixels",
+                f"must be >= 0, got {self.shift_pixels}")
         require(self.synthetic_train_size >= 1, "synthetic_train_size",
                 f"must be >= 1, got {self.synthetic_train_size}")
         require(self.synthetic_test_size >= 1, "synthetic_test_size",
@@ -370,18 +377,50 @@ class StridedSampler(Sampler[int]):
         return len(range(self.rank, self.size, self.world_size))
 
 
+class EpochSampler(Sampler[int]):
+    """Rank ``rank``'s share of an epoch: the dataset in an order seeded by (seed, epoch),
+    the same order whatever the world size, from global position ``start`` on (the samples
+    an interrupted run already took, by whatever world size), every ``world_size``-th
+    entry, the tail dropped so that every rank takes the same number.
+
+    From ``start = 0`` this is ``DistributedSampler(shuffle=True, drop_last=True)`` index
+    for index; a resumed run (``set_epoch(epoch, start)``) takes exactly the samples the
+    interrupted one had not, split among however many ranks it now has.
+    """
+
+    def __init__(self, size: int, rank: int, world_size: int, seed: int = 0):
+        assert 0 <= rank < world_size, (rank, world_size)
+        self.size, self.rank, self.world_size, self.seed = size, rank, world_size, seed
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def _order(self) -> list[int]:
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)  # DistributedSampler's seeding
+        rest = torch.randperm(self.size, generator=g).tolist()[self.start:]
+        return rest[:len(rest) // self.world_size * self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._order()[self.rank::self.world_size])
+
+    def __len__(self) -> int:
+        return max(0, self.size - self.start) // self.world_size
+
+
 def make_loaders(train_ds: TensorDataset, test_ds: TensorDataset, batch_size: int, rank: int,
                  world_size: int, seed: int, num_workers: int = 0
-                 ) -> tuple[DataLoader, DistributedSampler, DataLoader]:
+                 ) -> tuple[DataLoader, EpochSampler, DataLoader]:
     """Per-rank loaders: a shuffled training shard and a disjoint, unpadded test shard.
 
     ``batch_size`` is per rank. The training sampler drops the tail so that every rank takes
     the same number of steps; call ``sampler.set_epoch(epoch)`` before each epoch for a new,
-    seed-determined order. Batches are taken from the tensors with one index each, which is
-    why the loaders batch at the sampler rather than collating single samples.
+    seed-determined order (``set_epoch(epoch, start)`` to skip the samples already taken).
+    Batches are taken from the tensors with one index each, which is why the loaders batch
+    at the sampler rather than collating single samples.
     """
-    train_sampler = DistributedSampler(train_ds, num_replicas=world_size, rank=rank,
-                                       shuffle=True, seed=seed, drop_last=True)
+    train_sampler = EpochSampler(len(train_ds), rank, world_size, seed)
     test_sampler = StridedSampler(len(test_ds), rank, world_size)
 
     def loader(dataset: TensorDataset, sampler: Sampler[int]) -> DataLoader:
@@ -392,3 +431,21 @@ def make_loaders(train_ds: TensorDataset, test_ds: TensorDataset, batch_size: in
                           generator=torch.Generator().manual_seed(seed))
 
     return loader(train_ds, train_sampler), train_sampler, loader(test_ds, test_sampler)
+
+
+def random_shift(images: torch.Tensor, pixels: int, generator: torch.Generator
+                 ) -> torch.Tensor:
+    """Each image of (N, C, H, W) moved by its own offset of up to ``pixels`` in each
+    direction, the uncovered border filled with zeros (the normalised background's value
+    is not zero, but the model sees the same fill everywhere)."""
+    if pixels == 0:
+        return images
+    n, _, height, width = images.shape
+    padded = torch.nn.functional.pad(images, (pixels,) * 4)
+    dy = torch.randint(0, 2 * pixels + 1, (n,), generator=generator).to(images.device)
+    dx = torch.randint(0, 2 * pixels + 1, (n,), generator=generator).to(images.device)
+    rows = (dy[:, None] + torch.arange(height, device=images.device))[:, :, None]
+    cols = (dx[:, None] + torch.arange(width, device=images.device))[:, None, :]
+    picked = padded.permute(0, 2, 3, 1)[torch.arange(n, device=images.device)[:, None, None],
+                                        rows, cols]
+    return picked.permute(0, 3, 1, 2).contiguous()

@@ -282,6 +282,19 @@ def _horovod_store(env: DistEnv, timeout: datetime.timedelta) -> dist.Store:
     return dist.TCPStore(host, port, env.world_size, is_master=False, timeout=timeout)
 
 
+def _torchrun_store(env: DistEnv, timeout: datetime.timedelta) -> dist.Store:
+    """torchrun's store, its keys prefixed by the restart count. Workers restarted by
+    ``--max-restarts`` find the agent's store still holding the previous attempt's keys,
+    and Gloo (torch 2.13) would connect its mesh to the dead attempt's ports; a fresh
+    prefix per attempt gives each attempt its own keys."""
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(env.master_addr, env.master_port, env.world_size,
+                          is_master=not agent and env.rank == 0, timeout=timeout,
+                          wait_for_workers=False)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"sparse-comm/attempt-{attempt}", store)
+
+
 def init(env: DistEnv, timeout_s: float = 600.0) -> torch.device:
     """Start the default process group (NCCL with CUDA, else Gloo) and pick this rank's device."""
     timeout = datetime.timedelta(seconds=timeout_s)
@@ -292,7 +305,8 @@ def init(env: DistEnv, timeout_s: float = 600.0) -> torch.device:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if env.launcher == "torchrun":
-        dist.init_process_group(backend, timeout=timeout)
+        dist.init_process_group(backend, store=_torchrun_store(env, timeout), rank=env.rank,
+                                world_size=env.world_size, timeout=timeout)
         return device
     if env.launcher == "single":
         store = dist.HashStore()
@@ -306,3 +320,18 @@ def init(env: DistEnv, timeout_s: float = 600.0) -> torch.device:
     dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size,
                             timeout=timeout)
     return device
+
+
+def node_layout(local_ranks: list[int]) -> tuple[int, int | None]:
+    """(nodes, ranks per node) from every rank's local rank, in rank order: a node starts
+    wherever a local rank is 0. The ranks per node are None unless every node has the same
+    number of ranks, placed node by node (local rank = rank mod ranks per node), which the
+    hierarchical topology needs."""
+    nodes = max(1, sum(1 for r in local_ranks if r == 0))
+    size = len(local_ranks)
+    if size % nodes:
+        return nodes, None
+    per_node = size // nodes
+    if any(r != i % per_node for i, r in enumerate(local_ranks)):
+        return nodes, None
+    return nodes, per_node

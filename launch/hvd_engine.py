@@ -25,6 +25,7 @@ class HorovodAllreduce(CountsBytes):
         import horovod.torch as hvd
         self._hvd = hvd
         self.stats = AllreduceStats()
+        self.ranks_per_node = hvd.local_size()
         self.masks: GradientMasks | None = None
         self._names = {id(p): n for n, p in model.named_parameters()}
         self._pending: dict[Tensor, tuple[Tensor | None, object]] = {}
@@ -40,7 +41,7 @@ class HorovodAllreduce(CountsBytes):
                      else self.masks.live_positions(self._names[id(param)]))
         sent = gather_live(param.grad.reshape(-1), positions)
         size = self._hvd.size()
-        self.stats.bytes_sent += allreduce_bytes(sent.nbytes, size)
+        self.count_allreduce(sent.nbytes, size)
         self.stats.bytes_dense += allreduce_bytes(param.grad.nbytes, size)
         self.stats.steps += not self._pending
         self._pending[param] = (positions, self._hvd.allreduce_async(sent, op=self._hvd.Average))

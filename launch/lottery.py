@@ -104,7 +104,7 @@ class Lottery:
         elif not rewind.is_file():
             # Stop at step S, keep the weights, then continue the same run to the end.
             self.train(where, sets + [f"train.max_steps={self.args.rewind_step}"])
-            checkpoint.save_atomic(checkpoint.load(where / "checkpoint.pt")["model"], rewind)
+            checkpoint.save_atomic(checkpoint.run_state(where)["model"], rewind)
             (where / "summary.json").unlink()
         done, end = where / "summary.json", self.cfg.train.max_steps
         summary = json.loads(done.read_text()) if done.is_file() else \
@@ -124,7 +124,7 @@ class Lottery:
                                   f"train.init_from={init}"])
 
     def trained(self, where: Path) -> dict[str, torch.Tensor]:
-        model = checkpoint.load(where / "checkpoint.pt")["model"]
+        model = checkpoint.run_state(where)["model"]
         return {name: model[name] for name in self.layers}
 
     def run(self) -> list[dict]:

@@ -11,6 +11,7 @@ import math
 from collections import OrderedDict
 from typing import Literal
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -30,13 +31,22 @@ class ModelConfig:
     gives 29.0M.
     """
 
-    name: Literal["lenet300", "lenet5", "resnet20", "wide_mlp"] = "lenet300"
+    name: Literal["lenet300", "lenet5", "resnet20", "wide_mlp", "vit"] = "lenet300"
     width: int = 4096
     depth: int = 2
+    heads: int = 4  # vit: attention heads (width must divide by it)
+    patch: int = 4  # vit: side of the square patches (the image side must divide by it)
+    mlp_ratio: float = 2.0  # vit: hidden width of each block's MLP over ``width``
 
     def check(self) -> None:
         require(self.width >= 1, "width", f"must be >= 1, got {self.width}")
         require(self.depth >= 1, "depth", f"must be >= 1, got {self.depth}")
+        require(self.heads >= 1, "heads", f"must be >= 1, got {self.heads}")
+        require(self.patch >= 1, "patch", f"must be >= 1, got {self.patch}")
+        require(self.mlp_ratio > 0, "mlp_ratio", f"must be > 0, got {self.mlp_ratio}")
+        if self.name == "vit":
+            require(self.width % self.heads == 0, "heads",
+                    f"must divide model.width = {self.width}, got {self.heads}")
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -59,6 +69,13 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int
         return MLP(math.prod(input_shape), [300, 100], num_classes)
     if cfg.name == "wide_mlp":
         return MLP(math.prod(input_shape), [cfg.width] * cfg.depth, num_classes)
+    if cfg.name == "vit":
+        channels, height, width = input_shape
+        if height % cfg.patch or width % cfg.patch:
+            raise ValueError(f"model vit: model.patch = {cfg.patch} must divide the image "
+                             f"size {height}x{width}")
+        return ViT(input_shape, num_classes, cfg.width, cfg.depth, cfg.heads, cfg.patch,
+                   cfg.mlp_ratio)
     if cfg.name == "lenet5":
         if input_shape != (1, 28, 28):
             raise ValueError(f"model lenet5 takes 28x28 single-channel images (1, 28, 28), "
@@ -160,3 +177,50 @@ class BasicBlock(nn.Module):
         if self.extra_channels > 0:
             x = F.pad(x, (0, 0, 0, 0, 0, self.extra_channels))
         return x
+
+
+class ViT(nn.Module):
+    """A small vision transformer (Dosovitskiy et al., ICLR 2021): non-overlapping patches
+    embedded by a strided convolution, a learned class token and position embeddings, then
+    ``depth`` pre-norm blocks (LayerNorm, multi-head self-attention, residual; LayerNorm,
+    GELU MLP, residual), a final LayerNorm and a linear head on the class token.
+
+    On MNIST with patch 4 (49 patches), width 64, depth 4, 4 heads it has about 140k
+    parameters, and its LayerNorm scales, biases and embeddings are the 1-D tensors that DGC
+    sends dense.
+    """
+
+    def __init__(self, input_shape: tuple[int, int, int], num_classes: int, width: int,
+                 depth: int, heads: int, patch: int, mlp_ratio: float = 2.0):
+        super().__init__()
+        channels, height, side = input_shape
+        tokens = (height // patch) * (side // patch)
+        self.patch_embed = nn.Conv2d(channels, width, kernel_size=patch, stride=patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos_embed = nn.Parameter(torch.randn(1, tokens + 1, width) * 0.02)
+        self.blocks = nn.Sequential(*(Block(width, heads, mlp_ratio) for _ in range(depth)))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        return self.head(self.norm(self.blocks(x))[:, 0])
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(width)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(width, hidden), act=nn.GELU(),
+                                             fc2=nn.Linear(hidden, width)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.norm1(x)
+        x = x + self.attn(y, y, y, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))

@@ -145,3 +145,33 @@ def cheapest_to_target(points: list[SettingPoint], target: float
         if reached is not None and (out[family] is None or reached[0] < out[family][1]):
             out[family] = (point, *reached)
     return out
+
+
+def step_time(points: list[tuple[float, float]], bytes_per_step: float) -> float:
+    """Seconds per step at ``bytes_per_step``, interpolated linearly between measured
+    (bytes per step, seconds per step) points of one scheme; held flat beyond the ends."""
+    if not points:
+        raise ValueError("no measured step times")
+    points = sorted(points)
+    if bytes_per_step <= points[0][0]:
+        return points[0][1]
+    for (b0, t0), (b1, t1) in zip(points, points[1:]):
+        if bytes_per_step <= b1:
+            return t0 + (t1 - t0) * (bytes_per_step - b0) / (b1 - b0) if b1 > b0 else t1
+    return points[-1][1]
+
+
+def time_to_target(point: SettingPoint, target: float, measured: list[tuple[float, float]]
+                   ) -> tuple[float, float] | None:
+    """(seconds, steps) for ``point`` to reach ``target`` (%): each epoch of its mean curve
+    costs its steps times the step time at that epoch's bytes per step (so a warm-up or a
+    dense start is priced at what it sends); None where the target is never reached."""
+    seconds, last_bytes, last_step = 0.0, 0.0, 0.0
+    for sent, accuracy, step in point.mean_curve():
+        steps = step - last_step
+        if steps > 0:
+            seconds += steps * step_time(measured, (sent - last_bytes) / steps)
+        if accuracy >= target:
+            return seconds, step
+        last_bytes, last_step = sent, step
+    return None

@@ -135,7 +135,7 @@ def main(argv=None) -> int:
     p = OneLineParser(prog="launch.sensitivity", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="the run's YAML config")
     p.add_argument("--checkpoint", required=True, metavar="RUN_DIR",
-                   help="a run directory (its checkpoint.pt) or a checkpoint file")
+                   help="a run directory (its newest complete checkpoint) or a checkpoint file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--method", choices=["magnitude", "channel", "slimming", "bank", "block"],
                    help="how a layer is pruned (default: from the config's sparsity method)")

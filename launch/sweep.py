@@ -119,7 +119,7 @@ def train_command(config: Path, sets: list[str], nproc: int, resume: Path | None
 
 def run_one(config: Path, sets: list[str], nproc: int, where: Path, log: Path,
             lock: Path | None = None) -> int:
-    resume = where if (where / "checkpoint.pt").is_file() else None
+    resume = where if (where / "checkpoints").is_dir() else None
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     with open(log, "a") as out, _held(lock):

@@ -1,16 +1,24 @@
-"""Weights & Biases logging from rank 0 that never stops or slows training.
+"""Weights & Biases logging from rank 0 that never stops or slows training, nor loses a row.
 
-Mode "online" is used only when credentials exist; otherwise the run goes offline with one
-line telling how to sync it later. Any wandb failure disables further logging with one
-warning: the run's own ``metrics.jsonl`` and ``summary.json`` stay the record of truth.
+Mode "online" is used only when credentials exist and the server answers a TCP connection
+within a few seconds (``reachable``); otherwise the run is recorded offline, with one line
+telling how to sync it later (``wandb sync``): credentials without a network used to hold
+``wandb.init`` for its 60 s timeout and then leave no record at all. A wandb failure in the
+middle of a run switches to a new offline run that first replays every row and the summary
+logged so far, so the wandb record still holds everything ``metrics.jsonl`` does; only if
+that fails too is wandb given up for the run.
 """
 from __future__ import annotations
 
 import logging
 import netrc
 import os
+import socket
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +47,40 @@ def resolve_mode(requested: str) -> str:
     return requested
 
 
-class Tracker:
-    """A thin guard around one wandb run; every method is a no-op once disabled."""
+SERVER = "https://api.wandb.ai"
+PROBE_TIMEOUT_S = 3.0
 
-    def __init__(self, run=None):
-        self._run = run
+
+def reachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to ``url``'s host opens within ``timeout`` seconds. The name
+    lookup, which socket timeouts do not cover, runs in the same bounded thread."""
+    parsed = urlparse(url if "//" in url else f"https://{url}")
+    port = parsed.port or (80 if parsed.scheme == "http" else 443)
+    answer: list[bool] = []
+
+    def probe():
+        try:
+            socket.create_connection((parsed.hostname, port), timeout=timeout).close()
+            answer.append(True)
+        except (OSError, UnicodeError):
+            answer.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return bool(answer and answer[0])
+
+
+class Tracker:
+    """A thin guard around one wandb run; every method is a no-op once disabled.
+
+    ``reopen``, if given, starts an offline run to carry on in when the current one fails;
+    the rows and summary logged so far are replayed into it."""
+
+    def __init__(self, run=None, reopen: Callable[[], Any] | None = None):
+        self._run, self._reopen = run, reopen
+        self._rows: list[dict[str, Any]] = []
+        self._summary: dict[str, Any] = {}
 
     @property
     def active(self) -> bool:
@@ -59,14 +96,35 @@ class Tracker:
         try:
             fn(*args, **kwargs)
         except Exception as err:  # wandb must never take training down
+            self._fail_over(what, err)
+
+    def _fail_over(self, what: str, err: Exception) -> None:
+        reopen, self._reopen, self._run = self._reopen, None, None
+        if reopen is None:
             log.warning("wandb %s failed (%s); wandb logging is off for the rest of the run",
                         what, err)
-            self._run = None
+            return
+        try:
+            run = reopen()
+            for row in self._rows:
+                run.log(row)
+            if self._summary:
+                run.summary.update(self._summary)
+        except Exception as again:
+            log.warning("wandb %s failed (%s) and an offline run could not take over (%s); "
+                        "wandb logging is off for the rest of the run", what, err, again)
+            return
+        self._run = run
+        log.warning("wandb %s failed (%s); continuing in an offline run that holds every row "
+                    "so far; sync it later with: wandb sync %s", what, err,
+                    Path(run.dir).parent)
 
     def log(self, metrics: dict[str, Any]) -> None:
+        self._rows.append(metrics)
         self._guard("log", lambda: self._run.log(metrics))
 
     def summary(self, values: dict[str, Any]) -> None:
+        self._summary.update(values)
         self._guard("summary", lambda: self._run.summary.update(values))
 
     def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
@@ -93,12 +151,16 @@ def start(mode: str, project: str, name: str, out_dir: str | Path, config: dict,
     mode = resolve_mode(mode)
     if mode == "disabled":
         return Tracker()
-    try:
-        import wandb
+    server = os.environ.get("WANDB_BASE_URL", SERVER)
+    if mode == "online" and not reachable(server):
+        log.warning("wandb: %s does not answer; recording this run offline instead", server)
+        mode = "offline"
 
+    def open_run(run_mode: str):
+        import wandb
         run = wandb.init(project=project, name=name, group=group, entity=entity,
                          tags=list(tags) or None, job_type=job_type, config=config,
-                         dir=str(out_dir), mode=mode, reinit="create_new",
+                         dir=str(out_dir), mode=run_mode, reinit="create_new",
                          settings=wandb.Settings(silent=True, console="off",
                                                  init_timeout=60, x_disable_stats=True))
         if define_axes:
@@ -108,10 +170,21 @@ def start(mode: str, project: str, name: str, out_dir: str | Path, config: dict,
             run.define_metric("comm/*", step_metric=STEP_AXIS)
             run.define_metric("test/*", step_metric=BYTES_AXIS)
             run.define_metric("epoch/*", step_metric=BYTES_AXIS)
+        return run
+
+    try:
+        run = open_run(mode)
     except Exception as err:
-        log.warning("wandb could not start (%s); training continues without it", err)
-        return Tracker()
+        if mode == "offline":
+            log.warning("wandb could not start (%s); training continues without it", err)
+            return Tracker()
+        log.warning("wandb could not start online (%s); recording this run offline", err)
+        try:
+            run, mode = open_run("offline"), "offline"
+        except Exception as again:
+            log.warning("wandb could not start (%s); training continues without it", again)
+            return Tracker()
     if mode == "offline":
-        log.info("wandb is offline (no credentials or WANDB_MODE=offline); sync later with: "
-                 "wandb sync %s", Path(run.dir).parent)
-    return Tracker(run)
+        log.info("wandb is offline; sync later with: wandb sync %s", Path(run.dir).parent)
+        return Tracker(run)
+    return Tracker(run, reopen=lambda: open_run("offline"))

@@ -3,18 +3,24 @@
     torchrun --nproc-per-node=2 -m launch.train --config configs/quickstart.yaml [--set k=v ...]
     python -m launch.train --config configs/mnist_lenet300_dense.yaml      # one process
     python -m launch.train --resume runs/NAME                               # continue a run
+    torchrun --max-restarts=3 ... -m launch.train --config C --resume auto  # survive failures
 
 One step: forward, backward (DDP buckets go through the communication hook: counted dense
 allreduce, or DGC), optimizer step (a sparsifier, if attached, masks around it), scheduler.
-Rank 0 writes ``OUT_DIR/{config.yaml,metrics.jsonl,summary.json,checkpoint.pt}`` and logs
-the same records to wandb.
+Rank 0 writes ``OUT_DIR/{config.yaml,metrics.jsonl,summary.json}`` and logs the same records
+to wandb; every rank writes its shard of ``OUT_DIR/checkpoints/`` (``launch.checkpoint``).
+A run restarted by torchrun (``--max-restarts``), requeued by Slurm or rerun with
+``--resume auto`` continues from its last complete checkpoint, on the same or another
+number of ranks (``launch.resume``).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,17 +32,22 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from launch import checkpoint, distenv, tracking
+from launch import checkpoint, distenv, resume, tracking
 from launch.cli import OneLineParser
-from launch.comm import (CountingAllreduceState, TorchHookState, counted_torch_hook,
-                         counting_allreduce_hook)
+from launch.comm import (CountingAllreduceState, HierarchicalAllreduceState, TorchHookState,
+                         counted_torch_hook, counting_allreduce_hook,
+                         hierarchical_allreduce_hook)
 from launch.config import Config, config_to_dict, load_config
 from launch.costmodel import estimate_run
-from launch.data import load_datasets, make_loaders
+from launch.data import load_datasets, make_loaders, random_shift
+from launch.divergence import Diverged, NonFiniteGuard
 from launch.models import build_model
+from launch.records import RunWriter, keep_rows_up_to
+from sparse_comm import draws
 from sparse_comm.schema import ConfigError
 
 log = logging.getLogger("launch.train")
+AUTO = "auto"
 
 
 def parse_args(argv=None):
@@ -44,27 +55,52 @@ def parse_args(argv=None):
     p.add_argument("--config", help="YAML experiment config")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.lr=0.05 (repeatable)")
-    p.add_argument("--resume", metavar="RUN_DIR",
-                   help="continue the run in RUN_DIR from its checkpoint.pt")
+    p.add_argument("--resume", metavar="RUN_DIR|auto",
+                   help="continue the run in RUN_DIR from its last complete checkpoint; "
+                        "'auto': continue the config's run if it has one, else start it")
     args = p.parse_args(argv)
-    if args.config is None and args.resume is None:
-        p.error("one of --config or --resume is required")
+    if args.config is None and args.resume in (None, AUTO):
+        p.error("--config is required (unless --resume names a run directory)")
     return args
 
 
-def resolve_config(args) -> tuple[Config, Path | None]:
-    """The run's config, and the checkpoint to resume from (if any)."""
-    if args.resume is None:
-        return load_config(args.config, args.overrides), None
+def restart_count() -> int:
+    """How many times torchrun restarted this job's workers (0 on the first attempt)."""
+    try:
+        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    except ValueError:
+        return 0
+
+
+def job_id() -> str | None:
+    """An id that stays the same when the job is restarted: torchrun's run id (rendezvous
+    id), else Slurm's job id (kept across requeues)."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id and run_id != "none":
+        return run_id
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def resolve_config(args) -> tuple[Config, str | Path | None]:
+    """The run's config, and what to resume: a run directory, ``"auto"`` (the config's run
+    if a checkpoint exists) or None. A torchrun restart resumes automatically."""
+    if args.resume is None or args.resume == AUTO:
+        cfg = load_config(args.config, args.overrides)
+        stem = Path(args.config).stem
+        cfg.run_name = cfg.run_name or (f"{stem}-{job_id()}" if job_id() else None)
+        wants = AUTO if args.resume == AUTO or restart_count() > 0 else None
+        if wants and cfg.out_dir is None and cfg.run_name is None:
+            raise ConfigError("run_name", "--resume auto needs a run to find: set run_name or "
+                                          "out_dir, or launch under torchrun or Slurm")
+        return cfg, wants
     run_dir = Path(args.resume)
-    ckpt = run_dir / "checkpoint.pt" if run_dir.is_dir() else run_dir
-    if not ckpt.is_file():
-        raise ConfigError("", f"--resume: no checkpoint at {ckpt}")
-    saved = yaml.safe_load((ckpt.parent / "config.yaml").read_text())
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError("", f"--resume: {run_dir} is not a run directory (no config.yaml)")
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     cfg = load_config(args.config, args.overrides, base=None if args.config else saved)
-    cfg.out_dir = str(ckpt.parent)
+    cfg.out_dir = str(run_dir)
     cfg.run_name = cfg.run_name or saved.get("run_name")
-    return cfg, ckpt
+    return cfg, run_dir
 
 
 def lr_lambda(cfg: Config, steps_per_epoch: int, total_steps: int):
@@ -121,8 +157,11 @@ def _config_section(section: str):
         raise ConfigError(f"{section}.{err.key}" if err.key else section, err.problem) from None
 
 
-def attach_plugins(cfg: Config, model: DDP, optimizer) -> dict:
-    """Register the communication hook and the sparsifier; returns them by name."""
+def attach_plugins(cfg: Config, model: DDP, optimizer,
+                   ranks_per_node: int | None = None) -> dict:
+    """Register the communication hook and the sparsifier; returns them by name.
+    ``ranks_per_node`` (from the launch) places the ranks on nodes, for hierarchical DGC
+    and for splitting bytes into intra- and inter-node ones."""
     if cfg.engine == "horovod":
         return _attach_horovod(cfg, model, optimizer)
     plugins = {}
@@ -133,21 +172,73 @@ def attach_plugins(cfg: Config, model: DDP, optimizer) -> dict:
                                                       **config_to_dict(cfg.sparsity))
     if cfg.dgc is not None:
         import dgc
+        options = config_to_dict(cfg.dgc)
+        options["ranks_per_node"] = options["ranks_per_node"] or ranks_per_node
+        if cfg.train.on_nonfinite == "skip" or cfg.train.amp == "fp16":
+            # a skipped step (ours, or a GradScaler's) must leave the residuals alone
+            options["check_finite"] = True
+        if cfg.train.clip_grad_norm:  # the paper's local clipping, per rank and tensor
+            options["clip_norm"] = cfg.train.clip_grad_norm
+        options.update(exchange_link(cfg, dist.get_world_size(), ranks_per_node))
         with _config_section("dgc"):
             plugins["comm"] = dgc.attach(model, optimizer, sparsifier=plugins.get("sparsity"),
-                                         **config_to_dict(cfg.dgc))
+                                         **options)
+    elif cfg.ddp.comm_hook == "hierarchical":
+        if ranks_per_node is None:
+            raise ConfigError("ddp.comm_hook", "'hierarchical' needs the same number of "
+                                               "ranks on every node, placed node by node")
+        state = HierarchicalAllreduceState(ranks_per_node)
+        model.register_comm_hook(state, hierarchical_allreduce_hook)
+        plugins["comm"] = state
     elif cfg.ddp.comm_hook != "allreduce":
         state = TorchHookState(cfg.ddp.comm_hook, powersgd_rank=cfg.ddp.powersgd_rank,
-                               powersgd_start_iter=cfg.ddp.powersgd_start_iter)
+                               powersgd_start_iter=cfg.ddp.powersgd_start_iter,
+                               ranks_per_node=ranks_per_node)
         model.register_comm_hook(state, counted_torch_hook)
         plugins["comm"] = state
     else:
         sparsifier = plugins.get("sparsity")
         state = CountingAllreduceState(sparsifier=sparsifier,
-                                       model=model if sparsifier is not None else None)
+                                       model=model if sparsifier is not None else None,
+                                       ranks_per_node=ranks_per_node)
         model.register_comm_hook(state, counting_allreduce_hook)
         plugins["comm"] = state
     return plugins
+
+
+def exchange_link(cfg: Config, world_size: int, ranks_per_node: int | None = None) -> dict:
+    """DGC's exchange link from the run's ``hardware.preset`` (the link its pairs cross,
+    which the dense fallback prices), unless the config names one; and for ``exchange:
+    auto`` the exchange the cost model prices fastest for this model on that cluster
+    (``launch.costmodel.run.resolve_exchange``, what ``launch.estimate`` shows)."""
+    from launch.costmodel.hardware import load_cluster
+    from launch.costmodel.run import resolve_exchange, with_exchange_link, workload
+    cluster = load_cluster(cfg.hardware.preset)
+    hierarchical = cfg.dgc.topology == "hierarchical"
+    options = with_exchange_link(cfg.dgc, cluster, world_size, inter_only=hierarchical)
+    out = {"exchange_latency_us": options.exchange_latency_us,
+           "exchange_gbytes": options.exchange_gbytes}
+    if cfg.dgc.exchange == "auto" and world_size > 1:
+        per_node = ranks_per_node or cluster.per_node
+        out["exchange"] = resolve_exchange(
+            workload(cfg), "hierarchical-dgc" if hierarchical else "dgc",
+            dataclasses.replace(cluster, per_node=per_node), world_size, cfg.hardware,
+            per_node)
+    return out
+
+
+def launch_ranks_per_node(cfg: Config, env: distenv.DistEnv) -> int | None:
+    """Ranks per node as the launch placed them (every rank's local rank, gathered); a
+    one-line error when hierarchical DGC is asked for on nodes of unequal size."""
+    local_ranks = [None] * env.world_size
+    dist.all_gather_object(local_ranks, env.local_rank)
+    nodes, per_node = distenv.node_layout(local_ranks)
+    hierarchical = cfg.dgc is not None and cfg.dgc.topology == "hierarchical"
+    if per_node is None and hierarchical and cfg.dgc.ranks_per_node is None:
+        raise ConfigError("dgc.topology", f"'hierarchical' needs the same number of ranks on "
+                                          f"every node, placed node by node; this launch "
+                                          f"has local ranks {local_ranks}")
+    return per_node
 
 
 def _attach_horovod(cfg: Config, model: torch.nn.Module, optimizer) -> dict:
@@ -177,35 +268,69 @@ def plugin_rows(plugins: dict) -> dict:
     return row
 
 
-class RunWriter:
-    """Rank 0's records: metrics.jsonl, summary.json and the wandb mirror of both."""
-
-    def __init__(self, out_dir: Path, tracker: tracking.Tracker, enabled: bool):
-        self.out_dir, self.tracker, self.enabled = out_dir, tracker, enabled
-        self._metrics = open(out_dir / "metrics.jsonl", "a") if enabled else None
-
-    def record(self, row: dict) -> None:
-        if not self.enabled:
-            return
-        self._metrics.write(json.dumps(row) + "\n")
-        self._metrics.flush()
-        self.tracker.log(row)
-
-    def summary(self, summary: dict) -> None:
-        if not self.enabled:
-            return
-        tmp = self.out_dir / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        tmp.replace(self.out_dir / "summary.json")
-        self.tracker.summary(summary)
-
-    def close(self) -> None:
-        if self._metrics:
-            self._metrics.close()
-        self.tracker.finish()
+def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    t = cfg.train
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.eps,
+                                 weight_decay=t.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum,
+                           nesterov=t.nesterov, weight_decay=t.weight_decay)
 
 
-def run(cfg: Config, env: distenv.DistEnv, resume_from: Path | None, device) -> dict:
+def micro_steps(loader, accum: int):
+    """The loader's batches in groups of ``accum``, one group per optimizer step; a
+    trailing group shorter than that is dropped."""
+    group = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == accum:
+            yield group
+            group = []
+
+
+def forward_backward(ddp, micro: list, device, amp, scaler, shift: int = 0,
+                     key: tuple = ()) -> torch.Tensor:
+    """Forward and backward of one step's micro-batches, gradients averaged over them; DDP
+    (or DGC) communicates only on the last (``no_sync`` before it). ``shift``: the random
+    translation of ``data.shift_pixels``, drawn from a generator keyed by ``key`` and the
+    micro-step. Returns the mean loss."""
+    total = torch.zeros((), device=device)
+    for i, (x, y) in enumerate(micro):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if shift:
+            g = torch.Generator().manual_seed(draws.integer(*key, i) % (1 << 63))
+            x = random_shift(x, shift, g)
+        last = i == len(micro) - 1
+        sync = contextlib.nullcontext() if last or not hasattr(ddp, "no_sync") else ddp.no_sync()
+        with sync:
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                loss = F.cross_entropy(ddp(x), y) / len(micro)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        total += loss.detach().float()
+    return total
+
+
+def layout(cfg: Config, plugins: dict, ranks_per_node: int | None) -> dict:
+    """What a checkpoint's per-rank shards depend on besides the world size."""
+    comm = "dgc" if cfg.dgc is not None else (
+        cfg.ddp.comm_hook if cfg.ddp.comm_hook != "allreduce" else "allreduce")
+    topology = cfg.dgc.topology if cfg.dgc is not None else "flat"
+    return {"comm": comm, "topology": topology,
+            "ranks_per_node": getattr(plugins["comm"], "ranks_per_node", None)
+            or ranks_per_node}
+
+
+def rebase_schedule(scheduler, progress: dict, steps_per_epoch: int, epoch_samples: int,
+                    schedule_steps: int) -> None:
+    """After a change of world size: put the LR schedule at the same fraction of the run."""
+    done = progress["epoch"] + progress.get("epoch_samples", 0) / max(1, epoch_samples)
+    scheduler.last_epoch = round(done * steps_per_epoch)
+    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_lr()):
+        group["lr"] = lr
+    scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
+
+
+def run(cfg: Config, env: distenv.DistEnv, resume_from: str | Path | None, device) -> dict:
     rank0 = env.is_main
     torch.manual_seed(cfg.train.seed)
     name = [cfg.run_name or f"run-{time.strftime('%Y%m%d-%H%M%S')}"]
@@ -221,9 +346,15 @@ def run(cfg: Config, env: distenv.DistEnv, resume_from: Path | None, device) -> 
     train_loader, sampler, test_loader = make_loaders(
         train_set, test_set, cfg.train.batch_size, env.rank, env.world_size, cfg.train.seed,
         num_workers=cfg.data.num_workers)
-    steps_per_epoch = len(train_loader)
+    accum = cfg.train.grad_accum_steps
+    steps_per_epoch = len(train_loader) // accum
+    if steps_per_epoch == 0:
+        raise ConfigError("train.grad_accum_steps", f"{accum} micro-batches per step, but an "
+                                                    f"epoch has {len(train_loader)} per rank")
+    epoch_samples = len(sampler) * env.world_size
     schedule_steps = cfg.train.epochs * steps_per_epoch  # max_steps stops early, same schedule
-    total_steps = min(schedule_steps, cfg.train.max_steps or schedule_steps)
+    # the epochs end the run; max_steps, if set, caps the optimizer steps before that
+    total_steps = cfg.train.max_steps or math.inf
 
     model = build_model(cfg.model, info.input_shape, info.num_classes).to(device)
     if cfg.train.init_from:
@@ -239,53 +370,60 @@ def run(cfg: Config, env: distenv.DistEnv, resume_from: Path | None, device) -> 
         ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                   bucket_cap_mb=cfg.ddp.bucket_cap_mb, static_graph=cfg.ddp.static_graph,
                   find_unused_parameters=cfg.ddp.find_unused_parameters)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
-                                nesterov=cfg.train.nesterov, weight_decay=cfg.train.weight_decay)
+    optimizer = build_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(cfg, steps_per_epoch, schedule_steps))
-    plugins = attach_plugins(cfg, ddp, optimizer)
+    ranks_per_node = launch_ranks_per_node(cfg, env)
+    plugins = attach_plugins(cfg, ddp, optimizer, ranks_per_node)
     comm = plugins["comm"]
     if hasattr(comm, "set_total_steps"):  # DGC's warmup_fraction is of the planned run
         comm.set_total_steps(schedule_steps)
+    meta = layout(cfg, plugins, ranks_per_node)
 
-    progress = {"epoch": 0, "batch": 0, "step": 0, "wall_time_s": 0.0, "loss_sum": 0.0}
+    progress = {"epoch": 0, "epoch_samples": 0, "batches": 0, "step": 0, "wall_time_s": 0.0,
+                "loss_sum": 0.0}
     if resume_from is not None:
-        state = checkpoint.load(resume_from)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        for key, plugin in plugins.items():
-            plugin_state = state["plugins"][key]
-            plugin.load_state_dict(plugin_state[env.rank] if isinstance(plugin_state, list)
-                                   else plugin_state)
-        checkpoint.set_rng_state(state["rng"][env.rank])
-        progress = state["progress"]
-        log.info("resumed %s at epoch %d, step %d", resume_from, progress["epoch"], progress["step"])
+        found = checkpoint.latest(out_dir)
+        if found is None and resume_from != AUTO:
+            raise ConfigError("", f"--resume: no complete checkpoint under "
+                                  f"{checkpoint.root(out_dir)}")
+        if found is not None:
+            saved_world = checkpoint.read_manifest(found)["world_size"]
+            progress = resume.restore(found, model, optimizer, scheduler, plugins, meta,
+                                      cfg.train.seed)
+            if saved_world != env.world_size:
+                rebase_schedule(scheduler, progress, steps_per_epoch, epoch_samples,
+                                schedule_steps)
+            log.info("resumed %s at epoch %d, step %d", found, progress["epoch"],
+                     progress["step"])
 
     tracker = tracking.Tracker()
+    if rank0 and resume_from is not None:
+        keep_rows_up_to(out_dir / "metrics.jsonl", progress["step"])
     if rank0:
         tracker = tracking.start(cfg.wandb.mode, cfg.wandb.project, cfg.run_name, out_dir,
                                  config_to_dict(cfg), group=cfg.wandb.group,
                                  entity=cfg.wandb.entity, tags=cfg.wandb.tags)
     writer = RunWriter(out_dir, tracker, rank0)
+    amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.amp]
+    scaler = torch.amp.GradScaler(device.type) if cfg.train.amp == "fp16" else None
+    # a GradScaler skips overflowing steps itself: the guard then watches the loss only
+    guard = NonFiniteGuard(cfg.train.on_nonfinite, device, gradients=scaler is None)
 
     def save_checkpoint():
-        per_rank = [None] * env.world_size
-        dist.all_gather_object(per_rank, {
-            "rng": checkpoint.rng_state(),
-            "comm": comm.state_dict()})  # DGC residuals differ per rank
-        if rank0:
-            plugin_states = {key: p.state_dict() for key, p in plugins.items()}
-            plugin_states["comm"] = [r["comm"] for r in per_rank]
-            checkpoint.save_atomic({
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "plugins": plugin_states,
-                "rng": [r["rng"] for r in per_rank], "progress": dict(progress),
-                "config": config_to_dict(cfg)}, out_dir / "checkpoint.pt")
+        guard.check()  # never a checkpoint of non-finite weights
+        progress["wall_time_s"] = time.perf_counter() - started
+        progress["loss_sum"] = float(loss_sum)
+        progress["skipped_steps"] = progress.get("skipped_steps", 0) + guard.skipped
+        guard.skipped = 0
+        resume.save(out_dir, progress, model, optimizer, scheduler, plugins,
+                    config_to_dict(cfg), meta)
 
     def comm_row() -> dict:
         return {tracking.BYTES_AXIS: comm.stats.bytes_sent,
-                "comm/bytes_dense_cum": comm.stats.bytes_dense}
+                "comm/bytes_dense_cum": comm.stats.bytes_dense,
+                "comm/bytes_intra_node_cum": comm.stats.bytes_intra,
+                "comm/bytes_inter_node_cum": comm.stats.bytes_inter}
 
     show_bars = rank0 and sys.stderr.isatty()  # logs of batch jobs stay readable
     started = time.perf_counter() - progress["wall_time_s"]
@@ -293,53 +431,74 @@ def run(cfg: Config, env: distenv.DistEnv, resume_from: Path | None, device) -> 
     test_acc, test_loss, train_loss = (progress.get(k, float("nan")) for k in
                                        ("test_accuracy", "test_loss", "train_loss"))
     step = progress["step"]
+    # The epoch's losses are summed on the device and read at log steps and epoch ends:
+    # a loss.item() per step would wait for the device every step.
+    loss_sum = torch.tensor(progress["loss_sum"], dtype=torch.float64, device=device)
     for epoch in range(progress["epoch"], cfg.train.epochs):
         if step >= total_steps:
             break
-        sampler.set_epoch(epoch)
+        sampler.set_epoch(epoch, progress["epoch_samples"])
         for plugin in plugins.values():
             if hasattr(plugin, "set_epoch"):
                 plugin.set_epoch(epoch)
-        skip, progress["epoch"] = progress["batch"], epoch
-        bar = tqdm(total=steps_per_epoch, initial=skip, disable=not show_bars, leave=False,
-                   desc=f"epoch {epoch + 1}/{cfg.train.epochs}", mininterval=1.0)
-        for batch, (x, y) in enumerate(train_loader):
-            if batch < skip:
-                continue
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss = F.cross_entropy(ddp(x), y)
+        progress["epoch"] = epoch
+        bar = tqdm(total=steps_per_epoch, initial=progress["batches"], disable=not show_bars,
+                   leave=False, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", mininterval=1.0)
+        finished = True
+        for micro in micro_steps(train_loader, accum):
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            if scaler is not None and hasattr(comm, "grad_scale"):
+                comm.grad_scale = scaler.get_scale()
+            loss = forward_backward(ddp, micro, device, amp, scaler, cfg.data.shift_pixels,
+                                    (cfg.train.seed, env.rank, "shift", epoch,
+                                     progress["epoch_samples"]))
+            progress["epoch_samples"] += sum(len(y) for _, y in micro) * env.world_size
+            progress["batches"] += 1
+            bar.update(1)
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            if cfg.train.clip_grad_norm and cfg.dgc is None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad_norm)
+            if guard.should_skip(step + 1, loss, model):
+                optimizer.zero_grad(set_to_none=True)
+                continue
+            if scaler is not None:
+                scale = scaler.get_scale()
+                scaler.step(optimizer)
+                scaler.update()
+                if hasattr(comm, "rescale_memory") and scaler.get_scale() != scale:
+                    comm.rescale_memory(scaler.get_scale() / scale)  # residuals are scaled
+            else:
+                optimizer.step()
             scheduler.step()
             step += 1
-            loss_value = loss.item()
-            progress.update(batch=batch + 1, step=step, loss_sum=progress["loss_sum"] + loss_value)
-            bar.update(1)
+            progress["step"] = step
+            loss_sum += loss.detach()
             if step % cfg.train.log_every == 0:
+                guard.check()
+                loss_value = loss.item()
                 bar.set_postfix(loss=f"{loss_value:.4f}")
                 writer.record({tracking.STEP_AXIS: step, "train/loss": loss_value,
                                "train/lr": scheduler.get_last_lr()[0], "epoch": epoch,
                                **comm_row()})
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
-                progress["wall_time_s"] = time.perf_counter() - started
                 save_checkpoint()
             if step >= total_steps:
+                finished = False
                 break
         bar.close()
-        batches = progress["batch"]
-        train_loss = mean_across_ranks(progress["loss_sum"] / max(1, batches), device)
+        guard.check()
+        batches = progress["batches"]
+        train_loss = mean_across_ranks(float(loss_sum) / max(1, batches), device)
         test_acc, test_loss = evaluate(ddp, test_loader, device)
-        epoch_done = batches == steps_per_epoch
         progress.update(test_accuracy=test_acc, test_loss=test_loss, train_loss=train_loss)
-        progress.update(epoch=epoch + 1 if epoch_done else epoch,
-                        batch=0 if epoch_done else batches,
-                        loss_sum=0.0 if epoch_done else progress["loss_sum"],
-                        wall_time_s=time.perf_counter() - started)
+        if finished:
+            progress.update(epoch=epoch + 1, epoch_samples=0, batches=0)
+            loss_sum.zero_()
         writer.record({tracking.STEP_AXIS: step, "epoch/index": epoch + 1,
                        "epoch/train_loss": train_loss, "test/accuracy": test_acc,
                        "test/loss": test_loss, "epoch/weight_density": prunable_density(model),
-                       "epoch/wall_time_s": progress["wall_time_s"], **comm_row(),
+                       "epoch/wall_time_s": time.perf_counter() - started, **comm_row(),
                        **plugin_rows(plugins)})
         if rank0:
             log.info("epoch %d: train loss %.4f, test accuracy %.4f, %.1f MB sent",
@@ -348,15 +507,24 @@ def run(cfg: Config, env: distenv.DistEnv, resume_from: Path | None, device) -> 
 
     summary = {
         "test_accuracy": test_acc, "test_loss": test_loss, "train_loss": train_loss,
-        "epochs": step / steps_per_epoch, "steps": step, "world_size": env.world_size,
+        "epochs": progress["epoch"] + progress["epoch_samples"] / epoch_samples,
+        "steps": step, "world_size": env.world_size,
         "wall_time_s": time.perf_counter() - started,
         "comm_bytes_sent": comm.stats.bytes_sent, "comm_bytes_dense": comm.stats.bytes_dense,
+        "comm_bytes_intra_node": comm.stats.bytes_intra,
+        "comm_bytes_inter_node": comm.stats.bytes_inter,
         "compression_ratio": comm.stats.bytes_dense / comm.stats.bytes_sent
         if comm.stats.bytes_sent else None,  # None: one process sends nothing
         "weight_density": prunable_density(model),
+        "skipped_steps": progress.get("skipped_steps", 0) + guard.skipped,
         "parameters": sum(p.numel() for p in model.parameters()),
         "run_name": cfg.run_name,
     }
+    if cfg.quantize is not None:  # Deep Compression stages: launch/deep_compression.py
+        from launch.deep_compression import compress
+        summary.update(compress(cfg, ddp, optimizer, plugins, train_loader, sampler,
+                                lambda m: evaluate(m, test_loader, device), writer,
+                                info.input_shape, info.num_classes))
     if rank0:
         summary.update(estimate_run(
             cfg, model, world_size=env.world_size,
@@ -365,6 +533,8 @@ def run(cfg: Config, env: distenv.DistEnv, resume_from: Path | None, device) -> 
     writer.summary(summary)
     writer.close()
     return summary
+
+
 
 
 def main(argv=None) -> int:
@@ -383,6 +553,12 @@ def main(argv=None) -> int:
     except ConfigError as err:  # e.g. a sparsity layer pattern that matches no parameter
         print(f"launch.train: error: {err}", file=sys.stderr)
         return 2
+    except Diverged as err:
+        if env.is_main:
+            print(f"launch.train: error: {err}; stopped (train.on_nonfinite: stop), the last "
+                  f"checkpoint under {checkpoint.root(cfg.out_dir)} is from before it",
+                  file=sys.stderr)
+        return 3
     finally:
         dist.destroy_process_group()
     if env.is_main:

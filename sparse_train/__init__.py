@@ -16,6 +16,12 @@ sparsity learning). Options: :class:`SparsityOptions`. After channel removal,
 
 and ``sparse_train.regularizers`` has the penalty terms for any training loop.
 
+After training, the rest of Deep Compression (Han, Mao & Dally 2016):
+``sparse_train.quantize.share_weights`` (trained weight sharing: a k-means codebook per
+layer, fine-tuned through the optimizer) and ``sparse_train.codec`` (relative indices and
+codebook indices, Huffman-coded, in a file that decodes to the exact weights, with a
+storage report per stage and layer).
+
 For a gradient-compression hook, ``Sparsifier.fixed_masks()`` gives the masks by
 parameter name when they are settled and identical on every rank, else None, and
 ``Sparsifier.grad_mask_policy`` says whether gradients at masked positions must be
@@ -37,6 +43,7 @@ from . import regularizers
 from .export import export
 from .formats import NMCompressed, compress_nm, storage_bytes
 from .options import SparsityOptions
+from .quantize import WeightSharing, share_weights
 from .shrink import shrink
 from .sparsifier import Sparsifier
 
@@ -44,7 +51,11 @@ from .sparsifier import Sparsifier
 def attach(model: nn.Module, optimizer: torch.optim.Optimizer,
            options: SparsityOptions | Mapping[str, Any] | None = None,
            **fields: Any) -> Sparsifier:
-    """Sparsify ``model`` (plain or DDP-wrapped) as ``optimizer`` steps.
+    """Sparsify ``model`` (plain, DDP-wrapped or compiled) as ``optimizer`` steps.
+
+    ``optimizer`` may be Accelerate's ``AcceleratedOptimizer`` or Lightning's
+    ``LightningOptimizer``: the masks follow the torch optimizer inside. Under Lightning use
+    ``sparse_train.lightning.SparsityCallback``, which also checkpoints the masks.
 
     Options come from ``options`` (a SparsityOptions or a mapping, e.g. the launcher's
     ``sparsity:`` section) overridden by keyword ``fields``; mistakes raise
@@ -57,4 +68,4 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer,
 
 
 __all__ = ["attach", "export", "shrink", "regularizers", "storage_bytes", "compress_nm",
-           "NMCompressed", "Sparsifier", "SparsityOptions"]
+           "NMCompressed", "Sparsifier", "SparsityOptions", "WeightSharing", "share_weights"]

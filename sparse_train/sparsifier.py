@@ -4,13 +4,14 @@ Between optimizer steps every selected parameter holds ``W * mask``: that is wha
 forward sees, what ``model.state_dict()`` saves and what a DDP gradient hook receives
 gradients for. Around each ``optimizer.step()``:
 
-* pre-hook, penalties (slimming, group lasso): first add the penalty's gradient, which
-  is what adding the penalty to the loss would do, after DDP has averaged the gradients;
-* pre-hook, hard masks: zero the gradient at masked positions, so momentum and Adam
+* before the update, penalties (slimming, group lasso): first add the penalty's gradient,
+  which is what adding the penalty to the loss would do, after DDP has averaged the
+  gradients;
+* before the update, hard masks: zero the gradient at masked positions, so momentum and Adam
   moments never build up there;
-* pre-hook, soft masks (DNS while it is revising masks): copy the dense W, kept in this
-  sparsifier, back into the parameter, so the optimizer updates dense W with the gradient
-  taken at ``W * mask`` (straight-through) and pruned weights keep training;
+* before the update, soft masks (DNS while it is revising masks): copy the dense W, kept in
+  this sparsifier, back into the parameter, so the optimizer updates dense W with the
+  gradient taken at ``W * mask`` (straight-through) and pruned weights keep training;
 * post-hook: count the step, let the method revise the masks, save dense W aside if the
   method is soft, and write ``W * mask`` into the parameter. When a mask prunes more
   weights, their entries in the optimizer's per-parameter state (momentum buffer, Adam
@@ -23,6 +24,12 @@ would have to be removed and re-added around every forward and touch the user's 
 Keeping the masked value in the parameter needs neither, leaves the training loop and
 the model's state dict unchanged, and costs one copy of the sparsified weights only for
 soft methods.
+
+"Before the update" is the step pre-hook, except for ``optimizer.step(closure)`` (Lightning's
+automatic optimization, LBFGS): there forward and backward run inside ``step``, after the
+pre-hook, which therefore wraps the closure and does its work when the closure returns.
+Done in the pre-hook itself it would find no gradients of this step to mask yet, and a soft
+method would run the forward at dense W.
 
 Because masks are computed from weights that DDP keeps identical on every rank, by
 deterministic rules (and for DNS a generator seeded the same everywhere), every rank
@@ -39,6 +46,8 @@ import torch
 from torch import Tensor, nn
 
 from sparse_comm.schema import ConfigError
+from sparse_comm.wrappers import unwrap_model as unwrap
+from sparse_comm.wrappers import unwrap_optimizer
 
 from .channels import PRODUCERS
 from .formats import storage_bytes
@@ -51,12 +60,6 @@ log = logging.getLogger(__name__)
 
 GradMaskPolicy = Literal["keep", "drop"]
 PRUNABLE = PRODUCERS  # the layers whose weights are sparsified by default
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user's model inside a DistributedDataParallel / DataParallel wrapper."""
-    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    return model.module if isinstance(model, wrappers) else model
 
 
 def select_weights(module: nn.Module, patterns: list[str]) -> dict[str, nn.Parameter]:
@@ -98,7 +101,8 @@ class Sparsifier:
                  options: SparsityOptions):
         self.options = options
         self.method = build_method(options)
-        self.optimizer = optimizer
+        # Accelerate's and Lightning's optimizer wrappers never run torch's step hooks
+        self.optimizer = optimizer = unwrap_optimizer(optimizer)
         selected = select_weights(unwrap(model), options.layers)
         self.params, self.skipped = self.method.bind(unwrap(model), selected)
         for name, reason in self.skipped.items():
@@ -118,8 +122,26 @@ class Sparsifier:
 
     # --- the optimizer step ---------------------------------------------------------------
 
+    def _before_step(self, optimizer, args, kwargs):
+        # args[0] is the optimizer itself; a closure comes next or as a keyword
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is None:
+            self._prepare_update()
+            return None
+
+        def closure_then_prepare():
+            result = closure()
+            self._prepare_update()
+            return result
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": closure_then_prepare}
+        return (args[0], closure_then_prepare, *args[2:]), kwargs
+
     @torch.no_grad()
-    def _before_step(self, optimizer, args, kwargs) -> None:
+    def _prepare_update(self) -> None:
+        """Penalty gradients, then masked gradients (hard masks) or dense weights (soft),
+        for the coming update."""
         self.method.regularize(self.step)
         for name, p in self.params.items():
             if name in self._dense:

@@ -67,6 +67,18 @@ def test_fewest_bytes_to_a_target_come_from_the_mean_per_epoch_curve(tmp_path):
     assert pareto.cheapest_to_target(points, 99.5)[("lenet300", "DGC")] is None
 
 
+def test_time_to_target_prices_each_epoch_at_its_own_bytes_per_step(tmp_path):
+    # measured: 0 B/step -> 1 s, 1000 B/step -> 3 s; in between it is linear, beyond it flat
+    measured = [(1000.0, 3.0), (0.0, 1.0)]
+    assert pareto.step_time(measured, 500.0) == pytest.approx(2.0)
+    assert pareto.step_time(measured, 5000.0) == 3.0
+    # 10 steps per epoch at 500 B/step (2 s each): accuracy 97, 98, 99
+    fake_run(tmp_path / "r", [0.97, 0.98, 0.99], 5000.0)
+    point = pareto.group_settings([load_run(tmp_path / "r")])[0]
+    assert pareto.time_to_target(point, 98.0, measured) == (pytest.approx(40.0), 20)
+    assert pareto.time_to_target(point, 99.5, measured) is None
+
+
 def test_compare_writes_the_front_chart_tables_and_wandb(tmp_path):
     fake_run(tmp_path / "sweep" / "dense" / "seed0", [0.95, 0.97, 0.98], 1e9)
     fake_run(tmp_path / "sweep" / "dense" / "seed1", [0.95, 0.97, 0.982], 1e9, seed=1)

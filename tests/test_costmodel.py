@@ -194,13 +194,55 @@ def test_powersgd_sends_p_and_q_and_leaves_small_and_1d_tensors_plain():
 
 
 def test_dgc_gathers_k_pairs_at_the_configured_widths_and_sends_small_tensors_dense():
-    options = DGCOptions(density=0.01, value_dtype="fp16", index_dtype="int32", min_numel=1024)
+    options = DGCOptions(density=0.01, value_dtype="fp16", index_dtype="int32", min_numel=1024,
+                         exchange="allgather")
     buckets = [[("w", (2000, 10)), ("b", (2000,)), ("small", (10, 50))]]
     t = tr.dgc(buckets, options, 4, passes=0)
     # k = 200 of w's 20,000; b (1-D) and small (500 < min_numel) go dense in fp16.
     assert [(c.kind, c.nbytes) for c in t.collectives] == [
         ("allreduce", 2500 * 2), ("allgather", 200 * (2 + 4))]
     assert t.wire_bytes(4) == pytest.approx(1.5 * 5000 + 3 * 1200)
+
+
+def test_the_sparse_allreduce_sends_capacities_and_auto_takes_it_when_it_is_cheaper():
+    """The same bucket by split-and-reduce at p = 4: C1 = ceil(2 * 200 / 4) = 100 pairs
+    (600 bytes) to each of 4 regions, C2 = 50 published (300 bytes, padded to 304);
+    counted by hand it is 1800 + 912 bytes against the allgather's 3600, so ``auto``
+    (with no latency: bytes) takes it."""
+    options = DGCOptions(density=0.01, value_dtype="fp16", index_dtype="int32", min_numel=1024)
+    buckets = [[("w", (2000, 10)), ("b", (2000,)), ("small", (10, 50))]]
+    t = tr.dgc(buckets, options, 4, passes=0)
+    assert [(c.kind, c.nbytes) for c in t.collectives] == [
+        ("allreduce", 2500 * 2), ("all_to_all", 4 * 600), ("allgather", 304)]
+    assert t.wire_bytes(4) == pytest.approx(1.5 * 5000 + 0.75 * 2400 + 3 * 304)
+    assert tr.dgc(buckets, options, 2, passes=0).collectives[-1].kind == "allgather"
+    # gtopk would send 1200 + 1600 bytes in two swaps: more than 2712, so not it either
+    assert "sendrecv" not in {c.kind for c in t.collectives}
+
+
+def test_gtopk_swaps_log2_p_times_and_splits_the_swaps_across_nodes_over_the_node():
+    """The same bucket by recursive doubling at p = 8: k = 200 pairs, 6 bytes in the first
+    round, 8 (float32 sums) after. With 4 ranks per node rounds 0 and 1 stay inside the
+    node and round 2 crosses: a slice of 50 pairs per rank, allgathered in the node."""
+    options = DGCOptions(density=0.01, value_dtype="fp16", index_dtype="int32", min_numel=1024,
+                         exchange="gtopk")
+    buckets = [[("w", (2000, 10)), ("b", (2000,)), ("small", (10, 50))]]
+    flat = tr.dgc(buckets, options, 8, passes=0)
+    assert [(c.kind, c.nbytes, c.group) for c in flat.collectives] == [
+        ("allreduce", 2500 * 2, "world"), ("sendrecv", 1200, "intra"),
+        ("sendrecv", 1600, "intra"), ("sendrecv", 1600, "intra")]
+    nodes = tr.dgc(buckets, options, 8, passes=0, per_node=4)
+    assert [(c.kind, c.nbytes, c.group) for c in nodes.collectives[1:]] == [
+        ("sendrecv", 1200, "intra"), ("sendrecv", 1600, "intra"),
+        ("sendrecv", 400, "inter"), ("allgather", 400, "intra")]
+    assert sum(c.link_bytes(8, 4)[1] for c in nodes.collectives[1:]) == 400  # the slice only
+    assert route_costs_gtopk_is_infinite_off_powers_of_two(options)
+
+
+def route_costs_gtopk_is_infinite_off_powers_of_two(options) -> bool:
+    from dgc.plan import make_plan
+    plan = make_plan(["w"], [torch.Size([2000, 10])], 0.01, 6, options)
+    return plan.route == "dense"  # gtopk cannot run on 6 ranks; the fallback takes it
 
 
 def test_dgc_sends_at_least_one_entry_per_tensor_at_vanishing_density():
@@ -315,7 +357,7 @@ def test_dia_bytes_equal_what_scipy_stores():
 
 
 def test_dgc_traffic_of_the_shipped_lenet300_config_counted_by_hand():
-    """Independent of dgc.hook.make_plan: configs/mnist_lenet300_dgc.yaml at p = 4 puts
+    """Independent of dgc.plan.make_plan: configs/mnist_lenet300_dgc.yaml at p = 4 puts
     one bucket of LeNet-300-100 on the wire as k = ceil(0.001 n) pairs of (int32, fp16):
     fc1 236, fc2 30, fc3 1 = 267 pairs, 1602 bytes padded to 1608, allgathered (each rank
     sends its 1608 bytes 3 times), and the 410 biases in fp16, allreduced (2 * 3/4 of 820
@@ -441,3 +483,36 @@ def test_estimate_run_uses_2_4_masks_where_sparse_kernels_apply():
                          model, world_size=8)
     assert out["est/comm_bytes_per_step"] < dense["est/comm_bytes_per_step"]
     assert out["est/weight_bytes/nm24"] < out["est/weight_bytes/dense"]
+
+
+def test_hierarchical_dgc_reduces_inside_the_node_and_gathers_a_shard_across_nodes():
+    """Counted by hand for one bucket (w: 400x10, b: 400) on 2 nodes of 2 ranks: pieces of
+    2000 and 200 entries per rank, k = ceil(0.01 * 2000) = 20 pairs (int32 + fp16, 120 B
+    padded to 120), the bias piece dense in fp16 (400 B)."""
+    options = DGCOptions(density=0.01, value_dtype="fp16", index_dtype="int32")
+    t = tr.hierarchical_dgc([[("w", (400, 10)), ("b", (400,))]], options, 4, 2, passes=0)
+    assert [(c.kind, c.nbytes, c.group) for c in t.collectives] == [
+        ("reduce_scatter", 2 * 2200 * 4, "intra"), ("allreduce", 200 * 2, "inter"),
+        ("allgather", 120, "inter"), ("allgather", 2200 * 4, "intra")]
+    intra, inter = t.link_bytes(4, 2)
+    assert intra == pytest.approx(0.5 * 2 * 2200 * 4 + 2200 * 4)
+    assert inter == pytest.approx(400 + 120)  # p_inter = 2: each collective's size once
+    dense = tr.hierarchical_dense([[("w", (400, 10)), ("b", (400,))]], 2)
+    assert [(c.kind, c.nbytes, c.group) for c in dense.collectives] == [
+        ("reduce_scatter", 4400 * 4, "intra"), ("allreduce", 2200 * 4, "inter"),
+        ("allgather", 2200 * 4, "intra")]
+
+
+def test_a_flat_ring_over_two_nodes_crosses_them_on_two_of_its_hops():
+    t = tr.Traffic("t", [tr.Collective("allgather", 1000)])
+    assert t.link_bytes(4, 2) == pytest.approx((1500, 1500))  # 3000 B, 2 of 4 hops cross
+    assert t.link_bytes(4, 4) == pytest.approx((3000, 0))  # one node
+
+
+def test_subgroup_collectives_run_on_their_own_link_class():
+    cluster = simple_cluster()
+    t = col.sequence_time([("reduce_scatter", 8e6, "intra")], cluster, 8)
+    per_node = min(8, cluster.per_node)
+    assert t == pytest.approx(col.reduce_scatter(8e6, per_node, cluster.intra.latency,
+                                                 cluster.intra.bandwidth)
+                              + cluster.intra.overhead)

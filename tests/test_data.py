@@ -288,3 +288,18 @@ def test_loaders_yield_batches_of_the_requested_size():
     train_loader, _, test_loader = make_loaders(_indexed(100), _indexed(30), 16, 0, 1, 0)
     assert [len(x) for x, _ in train_loader] == [16] * 6 + [4]
     assert [len(x) for x, _ in test_loader] == [16, 14]
+
+
+def test_random_shift_moves_each_image_within_the_bound_and_repeats_with_its_generator():
+    from launch.data import random_shift
+    x = torch.rand(16, 1, 8, 8) + 1.0  # no zeros inside the images
+    a = random_shift(x, 2, torch.Generator().manual_seed(5))
+    b = random_shift(x, 2, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b) and a.shape == x.shape
+    for original, shifted in zip(x, a):
+        found = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+                 if torch.equal(shifted[:, max(dy, 0):8 + min(dy, 0), max(dx, 0):8 + min(dx, 0)],
+                                original[:, max(-dy, 0):8 + min(-dy, 0),
+                                         max(-dx, 0):8 + min(-dx, 0)])]
+        assert found  # some offset within 2 pixels explains it
+    assert not torch.equal(a, x)

@@ -265,7 +265,8 @@ def _agreement_rank(rank, world_size, cases):
         model = MLP(unused=case.get("unused", False))
         ddp = DDP(model, bucket_cap_mb=BUCKET_MB, **case["ddp"])
         opt = _sgd(model, momentum=0.9, nesterov=True, weight_decay=1e-3)
-        state = dgc.attach(ddp, opt, min_numel=MIN_NUMEL, **case["dgc"])
+        # the allgather exchange (the sparse allreduce is tests/test_sparse_allreduce.py)
+        state = dgc.attach(ddp, opt, min_numel=MIN_NUMEL, exchange="allgather", **case["dgc"])
         agree = True
         with _CollectiveCounter(world_size) as counter:
             for step in range(15):

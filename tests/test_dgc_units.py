@@ -7,7 +7,7 @@ import torch.nn as nn
 
 import dgc
 from dgc import codec, memory
-from dgc.hook import make_plan
+from dgc.plan import make_plan
 from dgc.options import DGCOptions
 from dgc.schedule import sparse_count, topk_count
 from sparse_comm.schema import ConfigError, build
@@ -244,7 +244,7 @@ def test_options_build_from_a_config_mapping():
 
 
 @pytest.mark.parametrize("make,error,match", [
-    (lambda ps: torch.optim.Adam(ps), TypeError, "SGD only, got Adam"),
+    (lambda ps: torch.optim.RMSprop(ps), TypeError, "SGD, Adam and AdamW .* got RMSprop"),
     (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, dampening=0.1), ValueError,
      "dampening"),
     (lambda ps: torch.optim.SGD([{"params": ps[:1]}, {"params": ps[1:], "momentum": 0.5}],

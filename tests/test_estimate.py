@@ -18,7 +18,10 @@ def test_prints_a_table_per_world_size_and_writes_the_chart(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert code == 0
     assert "### 1 rank " in printed and "### 16 ranks " in printed
-    for scheme in ("dense fp32", "fp16", "powersgd r=4", "dgc d=0.001 fp16/int32",
+    for scheme in ("dense fp32", "fp16", "powersgd r=4", "dgc d=0.001 fp16/int32 auto",
+                   "dgc d=0.001 fp16/int32 allgather", "dgc d=0.001 fp16/int32 sparse_allreduce",
+                   "dgc d=0.001 fp16/int32 gtopk",
+                   "hierarchical dense", "hierarchical dgc d=0.001 fp16/int32 auto",
                    "2:4 masked, realistic", "2:4 masked, theoretical"):
         assert printed.count(f"| {scheme} |") == 2, scheme
     assert "| dense fp32 | 0 B | 0 |" in printed  # one rank sends nothing

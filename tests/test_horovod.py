@@ -88,7 +88,7 @@ def test_horovod_allreduce_sends_only_live_entries_of_a_2_4_model_like_ddp(tmp_p
 
 
 def test_launcher_trains_logs_and_checkpoints_under_horovodrun(tmp_path):
-    from launch.checkpoint import load
+    from launch.checkpoint import read
     from tests.launch_helpers import read_run
     from tests.wandb_offline import read_offline_run
     out = tmp_path / "run"
@@ -104,8 +104,8 @@ def test_launcher_trains_logs_and_checkpoints_under_horovodrun(tmp_path):
     assert summary["world_size"] == 2 and summary["steps"] == 16
     assert summary["weight_density"] == pytest.approx(0.5)  # 2:4 kept under Horovod
     assert summary["comm_bytes_sent"] < summary["comm_bytes_dense"] / 100
-    ckpt = load(out / "checkpoint.pt")
-    assert len(ckpt["plugins"]["comm"]) == 2  # one DGC residual state per rank
+    _, shards = read(out)
+    assert len(shards) == 2 and all("accumulation" in s["comm"] for s in shards)  # per rank
     history = read_offline_run(out / "wandb")
     assert history["summary"]["test_accuracy"] == pytest.approx(summary["test_accuracy"])
 
@@ -140,6 +140,16 @@ def test_dgc_option_the_horovod_path_lacks_is_one_line_per_rank(tmp_path):
              "only, not under Horovod")
     assert lines.count(error) == 2, lines
     assert not any("Traceback" in line for line in lines), lines
+
+
+def test_an_exchange_other_than_the_allgather_is_refused_under_horovod():
+    import dgc.horovod
+    from sparse_comm.schema import ConfigError
+    net = torch.nn.Linear(4, 4)
+    for exchange in ("gtopk", "sparse_allreduce"):
+        with pytest.raises(ConfigError, match="under Horovod the pairs are allgathered"):
+            dgc.horovod.DistributedOptimizer(torch.optim.SGD(net.parameters(), lr=0.1),
+                                             net.named_parameters(), exchange=exchange)
 
 
 SECOND_BACKWARD = """

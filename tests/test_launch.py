@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from launch.checkpoint import load
+from launch.checkpoint import read
 from tests.launch_helpers import REPO, read_run, train
 from tests.wandb_offline import read_offline_run
 
@@ -45,7 +45,7 @@ def test_two_process_mnist_run_writes_summary_and_metrics(tmp_path):
     assert steps[-1]["comm/bytes_sent_cum"] == pytest.approx(expected)
     epochs = [m for m in metrics if "test/accuracy" in m]
     assert epochs and epochs[-1]["test/accuracy"] == pytest.approx(summary["test_accuracy"])
-    assert (out / "config.yaml").is_file() and (out / "checkpoint.pt").is_file()
+    assert (out / "config.yaml").is_file() and read(out)[0]["progress"]["step"] == 30
 
 
 def test_wandb_offline_run_records_config_history_and_summary(tmp_path):
@@ -162,9 +162,9 @@ def test_resume_matches_uninterrupted_run(tmp_path, case):
     # Stop mid-epoch 2 (8 steps per epoch), then continue to the end from the checkpoint.
     train(config, *SYNTHETIC, *extra, f"out_dir={part}", "train.max_steps=13",
           "train.checkpoint_every=5", nproc=2)
-    assert load(part / "checkpoint.pt")["progress"]["step"] == 13
+    assert read(part)[0]["progress"]["step"] == 13
     train(None, "train.max_steps=null", nproc=2, extra_args=["--resume", str(part)])
-    a, b = load(full / "checkpoint.pt"), load(part / "checkpoint.pt")
+    (a, _), (b, _) = read(full), read(part)
     assert b["progress"]["step"] == a["progress"]["step"] == 24
     for name, tensor in a["model"].items():
         torch.testing.assert_close(b["model"][name], tensor, rtol=0, atol=0, msg=name)
@@ -186,15 +186,17 @@ def test_dgc_and_sparsity_runs_report_their_bytes_and_density(tmp_path):
     # bucket: 134 (int32 index, fp16 value) pairs = 804 bytes, padded to 808 for the
     # allgather, and the 410 biases in fp16 (820 bytes) for the allreduce.
     assert summary["comm_bytes_sent"] == pytest.approx(24 * (808 + 820))
-    ckpt = load(out / "checkpoint.pt")
-    assert len(ckpt["plugins"]["comm"]) == 2  # one DGC residual state per rank
-    assert "masks" in str(ckpt["plugins"]["sparsity"].keys())
+    common, shards = read(out)
+    assert len(shards) == 2 and all("accumulation" in s["comm"] for s in shards)  # per rank
+    assert "masks" in str(common["plugins"]["sparsity"].keys())
     epoch_rows = [m for m in metrics if "test/accuracy" in m]
     assert epoch_rows[-1]["sparsity/fc1.weight"] == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize("override, message", [
     ("dgc.density=2", "config key 'dgc.density': must be in (0, 1]"),
+    ("dgc.ranks_per_node=3", "config key 'dgc.ranks_per_node': 3 ranks per node do not "
+                             "divide the world size 1"),
     ("sparsity.method=prune", "config key 'sparsity.method': must be one of"),
     ("sparsity.layers=[nothing.*]", "config key 'sparsity.layers[0]'"),
 ])

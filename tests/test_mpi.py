@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from launch import distenv
-from launch.checkpoint import load
+from launch.checkpoint import read
 from sparse_comm.schema import ConfigError
 from tests.launch_helpers import REPO, launch_env, read_run, train
 from tests.wandb_offline import read_offline_run
@@ -220,7 +220,7 @@ def test_two_process_mpirun_run_trains_and_logs(tmp_path):
     assert [m["train/step"] for m in metrics if "train/loss" in m] == [5, 10, 15, 20]
     recorded = read_offline_run(out / "wandb")
     assert recorded["summary"]["test_accuracy"] == pytest.approx(summary["test_accuracy"])
-    assert (out / "checkpoint.pt").is_file()
+    assert read(out)[0]["progress"]["step"] == 20
 
 
 def tensors(state, prefix=""):
@@ -242,13 +242,13 @@ def test_dgc_run_under_mpirun_matches_torchrun(tmp_path):
               "data.synthetic_test_size=128", "train.batch_size=32")
     train(config, *common, f"out_dir={tmp_path / 'torchrun'}", nproc=2, timeout=300)
     mpirun_train(config, *common, f"out_dir={tmp_path / 'mpirun'}")
-    a, b = load(tmp_path / "torchrun/checkpoint.pt"), load(tmp_path / "mpirun/checkpoint.pt")
+    (a, shards_a), (b, shards_b) = read(tmp_path / "torchrun"), read(tmp_path / "mpirun")
     assert a["progress"]["step"] == b["progress"]["step"] == 20
     for name, tensor in a["model"].items():
         torch.testing.assert_close(b["model"][name], tensor, rtol=1e-5, atol=0, msg=name)
     # The DGC residuals live in the hook: equal ones mean the hook path ran the same way.
-    residuals_a = dict(tensors(a["plugins"]["comm"]))
-    residuals_b = dict(tensors(b["plugins"]["comm"]))
+    residuals_a = dict(tensors([s["comm"] for s in shards_a]))
+    residuals_b = dict(tensors([s["comm"] for s in shards_b]))
     assert residuals_a and residuals_a.keys() == residuals_b.keys()
     for name, tensor in residuals_a.items():
         torch.testing.assert_close(residuals_b[name], tensor, rtol=1e-5, atol=0, msg=name)
@@ -268,3 +268,12 @@ def test_stale_mpi_variables_without_mpirun_exit_2_with_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "MPI reports rank 0 of 1" in lines[0], proc.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_node_layout_reads_nodes_from_local_ranks():
+    from launch.distenv import node_layout
+    assert node_layout([0, 1, 0, 1]) == (2, 2)
+    assert node_layout([0, 1, 2, 3]) == (1, 4)
+    assert node_layout([0]) == (1, 1)
+    assert node_layout([0, 1, 2, 0, 1]) == (2, None)  # 3 + 2: unequal nodes
+    assert node_layout([0, 0, 1, 1]) == (2, None)  # not placed node by node

@@ -167,3 +167,32 @@ def test_per_mask_values_are_made_again_only_when_their_mask_changes():
     assert value(mask) == 2 and made == [2, 3]
     mask = mask.clone()  # equal contents, but a new tensor
     assert value(mask) == 3 and made == [2, 3, 3]
+
+
+@pytest.mark.parametrize("method", ["nm", "iht", "dns", "dsd", "gmp"])
+@pytest.mark.parametrize("closure_as", ["keyword", "positional"])
+def test_step_with_a_closure_equals_backward_then_step(method, closure_as):
+    """Lightning (and LBFGS) run forward and backward inside step(closure), after the step
+    pre-hooks: the masks must still see this step's gradients, and a soft method must run
+    the forward at W * mask."""
+    finals = []
+    for use_closure in (False, True):
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        sparse_train.attach(model, opt, method=method, **SCHEDULES[method])
+        for x, y in batches(20):
+            if not use_closure:
+                train_step(model, opt, x, y)
+                continue
+
+            def closure(x=x, y=y):
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                return loss
+            opt.step(closure=closure) if closure_as == "keyword" else opt.step(closure)
+        finals.append(([p.detach().clone() for p in model.parameters()],
+                       [s["momentum_buffer"].clone() for s in opt.state.values()]))
+    (params, momenta), (closure_params, closure_momenta) = finals
+    assert all(torch.equal(a, b) for a, b in zip(params, closure_params))
+    assert all(torch.equal(a, b) for a, b in zip(momenta, closure_momenta))

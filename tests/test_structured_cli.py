@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from launch import lottery, sensitivity
+from launch import checkpoint, lottery, sensitivity
 from tests.launch_helpers import REPO, launch_env, train
 from tests.wandb_offline import read_offline_run
 
@@ -86,7 +86,7 @@ def test_lottery_rewinds_prunes_and_runs_the_random_reinit_control(tmp_path):
 
     init, rewind = torch.load(out / "init.pt"), torch.load(out / "rewind.pt")
     ticket = torch.load(out / "round01" / "ticket.pt")
-    trained = torch.load(out / "round01" / "checkpoint.pt", weights_only=False)["model"]
+    trained = checkpoint.run_state(out / "round01")["model"]
     assert not torch.equal(rewind["fc1.weight"], init["fc1.weight"])
     for name in ("fc1.weight", "fc2.weight", "fc3.weight"):
         kept = ticket[name] != 0
@@ -98,3 +98,19 @@ def test_lottery_rewinds_prunes_and_runs_the_random_reinit_control(tmp_path):
             if "lottery/density" in row] == pytest.approx([1.0, 0.8], abs=1e-4)
     assert "lottery/control_accuracy" in recorded["summary"]
     assert (out / "lottery.png").stat().st_size > 0
+
+
+def test_run_state_reads_sharded_checkpoints_and_single_file_runs_of_before(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    old = tmp_path / "old"
+    old.mkdir()
+    torch.save({"model": model.state_dict(), "progress": {"step": 7}}, old / "checkpoint.pt")
+    assert checkpoint.run_state(old)["progress"] == {"step": 7}
+    fresh = torch.nn.Linear(3, 2)
+    checkpoint.load_weights(fresh, old, "train.init_from")
+    assert torch.equal(fresh.weight, model.weight)
+    with pytest.raises(Exception, match="train.init_from"):
+        checkpoint.load_weights(fresh, tmp_path / "empty", "train.init_from")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(Exception, match="no checkpoint under"):
+        checkpoint.load_weights(fresh, tmp_path / "empty", "train.init_from")

@@ -34,8 +34,11 @@ from typing import Literal
 
 from .hardware import Cluster
 
-Kind = Literal["allreduce", "allgather"]
+Kind = Literal["allreduce", "allgather", "reduce_scatter", "all_to_all", "sendrecv"]
 Algorithm = Literal["auto", "ring", "tree", "hierarchical"]
+# Which ranks a collective runs over: all of them, the ranks of one node, or one rank per
+# node (the ranks of equal local index: the hierarchical DGC's inter-node stage).
+GroupKind = Literal["world", "intra", "inter"]
 
 
 def ring_allreduce(nbytes: float, p: int, alpha: float, bandwidth: float) -> float:
@@ -140,10 +143,64 @@ def _flat_link(cluster: Cluster, p: int) -> tuple[float, float]:
 
 def ring_hops(kind: Kind, nbytes: float, p: int) -> tuple[int, float]:
     """A ring collective's hops and the bytes one rank sends at each (``nbytes`` as in
-    ``collective_time``): an allreduce 2(p-1) hops of S/p, an allgather p-1 of one share."""
+    ``collective_time``): an allreduce 2(p-1) hops of S/p, a reduce-scatter p-1 hops of S/p,
+    an allgather p-1 of one share."""
     if kind == "allreduce":
         return 2 * (p - 1), nbytes / p
+    if kind in ("reduce_scatter", "all_to_all"):  # an all-to-all sends each peer 1/p
+        return p - 1, nbytes / p
+    if kind == "sendrecv":  # one swap with one peer
+        return 1, nbytes
     return p - 1, nbytes
+
+
+def group_shape(group: GroupKind, cluster: Cluster, p: int) -> tuple[int, int]:
+    """(ranks in the group, ranks per node) of ``group`` on ``p`` ranks of ``cluster``."""
+    per_node = min(p, cluster.per_node)
+    if group == "intra":
+        return per_node, per_node
+    if group == "inter":
+        return cluster.nodes(p), per_node
+    return p, per_node
+
+
+def _group_time(kind: Kind, nbytes: float, size: int, alpha: float, bandwidth: float) -> float:
+    """A ring collective over a group of ``size`` ranks on one class of link."""
+    if kind == "allreduce":
+        return ring_allreduce(nbytes, size, alpha, bandwidth)
+    if kind in ("reduce_scatter", "all_to_all"):  # the same (p-1) alpha + (p-1)/p S / B
+        return reduce_scatter(nbytes, size, alpha, bandwidth)
+    if kind == "sendrecv":  # both ways at once: one message's time
+        return alpha + nbytes / bandwidth
+    return allgather(size * nbytes, size, alpha, bandwidth)
+
+
+def _subgroup_time(items: Sequence[tuple[Kind, float]], group: GroupKind, cluster: Cluster,
+                   p: int, algorithm: Algorithm = "auto") -> float:
+    """Collectives over the intra- or inter-node groups (all such groups run at once): on
+    the intra-node link, or on each rank's share of its node's inter-node link. An
+    allreduce runs as a ring or, with ``auto``, as a tree where that is faster (NCCL's
+    choice for small messages); allgathers and reduce-scatters are rings."""
+    size, _ = group_shape(group, cluster, p)
+    if size <= 1 and group == "inter" and any(kind == "sendrecv" for kind, _ in items):
+        size = 2  # a flat group's swap that crosses nodes
+    if size <= 1 or not items:
+        return 0.0
+    if group == "intra":
+        link, bandwidth = cluster.intra, cluster.intra.bandwidth
+    else:
+        link, bandwidth = cluster.inter, cluster.inter_bandwidth_per_rank()
+    if link.burst:
+        hops = [ring_hops(kind, nbytes, size) for kind, nbytes in items]
+        return token_bucket_time(hops, link.latency, bandwidth, link.burst, link.overhead)
+    total = 0.0
+    for kind, nbytes in items:
+        took = _group_time(kind, nbytes, size, link.latency, bandwidth)
+        if kind == "allreduce" and algorithm in ("auto", "tree"):
+            tree = tree_allreduce(nbytes, size, link.latency, bandwidth)
+            took = tree if algorithm == "tree" else min(took, tree)
+        total += link.overhead + took
+    return total
 
 
 def _overhead(cluster: Cluster, p: int) -> float:
@@ -153,12 +210,24 @@ def _overhead(cluster: Cluster, p: int) -> float:
     return max(cluster.intra.overhead, cluster.inter.overhead)
 
 
-def sequence_time(collectives: Sequence[tuple[Kind, float]], cluster: Cluster, p: int,
+def sequence_time(collectives: Sequence[tuple], cluster: Cluster, p: int,
                   algorithm: Algorithm = "auto") -> float:
-    """Seconds for ``collectives``, (kind, nbytes) as in ``collective_time``, one after
-    another. On a link shaped by a token bucket they run as rings, which is what Gloo runs,
-    and the bucket carries over from one to the next."""
+    """Seconds for ``collectives``, (kind, nbytes) as in ``collective_time`` or (kind,
+    nbytes, group), one after another. On a link shaped by a token bucket they run as rings,
+    which is what Gloo runs, and the bucket carries over from one to the next (within each
+    class of group)."""
     if p <= 1:
+        return 0.0
+    grouped = {g: [(c[0], c[1]) for c in collectives if (c[2] if len(c) > 2 else "world") == g]
+               for g in ("world", "intra", "inter")}
+    return (_world_time(grouped["world"], cluster, p, algorithm)
+            + _subgroup_time(grouped["intra"], "intra", cluster, p, algorithm)
+            + _subgroup_time(grouped["inter"], "inter", cluster, p, algorithm))
+
+
+def _world_time(collectives: Sequence[tuple[Kind, float]], cluster: Cluster, p: int,
+                algorithm: Algorithm) -> float:
+    if not collectives:
         return 0.0
     link = cluster.intra if cluster.nodes(p) == 1 else cluster.inter
     if not link.burst:
@@ -184,6 +253,12 @@ def collective_time(kind: Kind, nbytes: float, cluster: Cluster, p: int,
                    "tree": tree_allreduce(nbytes, p, *flat),
                    "hierarchical": hierarchical_allreduce(nbytes, per_node, nodes, intra, inter)
                    if nodes > 1 else ring_allreduce(nbytes, p, *intra)}
+    elif kind in ("reduce_scatter", "all_to_all"):
+        ring = reduce_scatter(nbytes, p, *flat)
+        options = {"ring": ring, "tree": ring, "hierarchical": ring}
+    elif kind == "sendrecv":  # one swap, on the slowest hop
+        swap = flat[0] + nbytes / flat[1]
+        options = {"ring": swap, "tree": swap, "hierarchical": swap}
     else:
         assert kind == "allgather", kind
         ring = allgather(p * nbytes, p, *flat)

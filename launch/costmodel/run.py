@@ -9,6 +9,7 @@ cluster at the same world size.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -73,16 +74,78 @@ def workload(cfg: Config, masks: Mapping[str, Tensor] | None = None) -> Workload
 
 
 def scheme_traffic(work: Workload, scheme: str, p: int, hw: HardwareConfig,
-                   powersgd_rank: int = 4) -> tr.Traffic:
-    """One of dense, fp16, bf16, powersgd, dgc, masked."""
+                   powersgd_rank: int = 4, per_node: int = 1) -> tr.Traffic:
+    """One of dense, fp16, bf16, powersgd, dgc, masked, hierarchical-dense,
+    hierarchical-dgc (``per_node`` ranks per node for the last two)."""
     if scheme in ("dense", "fp16", "bf16"):
         return tr.dense(work.buckets, tr.FP32 if scheme == "dense" else 2, scheme)
+    if scheme == "hierarchical-dense":
+        return tr.hierarchical_dense(work.buckets, per_node)
+    cluster = load_cluster(hw.preset)
+    if scheme in ("dgc", "hierarchical-dgc"):
+        return dgc_traffic(work, scheme, cluster, p, hw, per_node)
     if scheme == "powersgd":
         return tr.powersgd(work.buckets, powersgd_rank, hw.selection_passes)
-    if scheme == "dgc":
-        return tr.dgc(work.buckets, work.dgc, p, hw.selection_passes, live=work.live)
     assert scheme == "masked", scheme
     return tr.masked(work.buckets, work.live)
+
+
+EXCHANGES = ("allgather", "sparse_allreduce", "gtopk")
+
+
+def dgc_traffic(work: Workload, scheme: str, cluster: Cluster, p: int, hw: HardwareConfig,
+                per_node: int, exchange: str | None = None) -> tr.Traffic:
+    """Flat (``dgc``) or hierarchical DGC's step with ``exchange`` (default the options';
+    ``auto`` as ``resolve_exchange`` settles it)."""
+    exchange = exchange or work.dgc.exchange
+    if exchange == "auto":
+        exchange = resolve_exchange(work, scheme, cluster, p, hw, per_node)
+    hierarchical = scheme == "hierarchical-dgc"
+    options = with_exchange_link(dataclasses.replace(work.dgc, exchange=exchange), cluster,
+                                 cluster.nodes(p) * per_node if hierarchical else p,
+                                 inter_only=hierarchical)
+    if hierarchical:
+        return tr.hierarchical_dgc(work.buckets, options, p, per_node, hw.selection_passes,
+                                   live=work.live)
+    return tr.dgc(work.buckets, options, p, hw.selection_passes, live=work.live,
+                  per_node=per_node)
+
+
+def resolve_exchange(work: Workload, scheme: str, cluster: Cluster, p: int,
+                     hw: HardwareConfig, per_node: int) -> str:
+    """The exchange ``auto`` takes for a whole run: the one whose collectives this model
+    prices fastest on ``cluster`` (gtopk only where its group is a power of two). The
+    library's own ``auto`` prices each bucket on one link (``dgc.plan.route_costs``); the
+    launcher fixes the exchange this way instead, so a run does what ``launch.estimate``
+    shows."""
+    group = cluster.nodes(p) if scheme == "hierarchical-dgc" else p
+    best, best_s = "allgather", math.inf
+    for exchange in EXCHANGES:
+        if exchange == "gtopk" and (group & (group - 1) or group <= 2):
+            continue
+        traffic = dgc_traffic(work, scheme, cluster, p, hw, per_node, exchange)
+        took = sequence_time([(c.kind, c.nbytes, c.group) for c in traffic.collectives],
+                             cluster, p, hw.algorithm)
+        if took < best_s:
+            best, best_s = exchange, took
+    return best
+
+
+def with_exchange_link(options: DGCOptions, cluster: Cluster, p: int,
+                       inter_only: bool = False) -> DGCOptions:
+    """DGC's options with the link its exchanges cross on ``cluster`` (its latency and a
+    rank's bandwidth there), for ``exchange: auto`` and the dense fallback to price routes
+    as this model does; unless the options already name a link."""
+    defaults = DGCOptions()
+    if (options.exchange_latency_us, options.exchange_gbytes) != (
+            defaults.exchange_latency_us, defaults.exchange_gbytes):
+        return options
+    if cluster.nodes(p) > 1 or inter_only:
+        latency, bandwidth = cluster.inter.latency, cluster.inter_bandwidth_per_rank()
+    else:
+        latency, bandwidth = cluster.intra.latency, cluster.intra.bandwidth
+    return dataclasses.replace(options, exchange_latency_us=latency * 1e6,
+                               exchange_gbytes=bandwidth / 1e9)
 
 
 @dataclass(frozen=True)
@@ -96,8 +159,8 @@ class StepEstimate:
 
 def step_estimate(traffic: tr.Traffic, times: ComputeTimes, cluster: Cluster, p: int,
                   hw: HardwareConfig, sparse: SparseCompute = None) -> StepEstimate:
-    comm = sequence_time([(c.kind, c.nbytes) for c in traffic.collectives], cluster, p,
-                         hw.algorithm)
+    comm = sequence_time([(c.kind, c.nbytes, c.group) for c in traffic.collectives], cluster,
+                         p, hw.algorithm)
     flops_s = {None: times.dense, "theoretical": times.sparse_theoretical,
                "realistic": times.sparse_realistic}[sparse]
     accel = cluster.accelerator
@@ -107,7 +170,8 @@ def step_estimate(traffic: tr.Traffic, times: ComputeTimes, cluster: Cluster, p:
     backward = times.backward * flops_s / times.dense if times.dense else 0.0
     exposed = max(0.0, comm - hw.overlap * backward)
     compute = flops_s + (compress if p > 1 else 0.0)  # one rank has nothing to compress for
-    return StepEstimate(traffic.scheme, traffic.wire_bytes(p), comm, compute, compute + exposed)
+    return StepEstimate(traffic.scheme, traffic.wire_bytes(p, cluster.per_node), comm, compute,
+                        compute + exposed)
 
 
 def cluster_times(work: Workload, cluster: Cluster, hw: HardwareConfig,
@@ -121,7 +185,7 @@ def run_scheme(cfg: Config) -> str:
     """The scheme a run's config selects: DGC, a torch hook, a mask-aware sparse run, or
     dense."""
     if cfg.dgc is not None:
-        return "dgc"
+        return "hierarchical-dgc" if cfg.dgc.topology == "hierarchical" else "dgc"
     if cfg.ddp.comm_hook != "allreduce":
         return cfg.ddp.comm_hook
     return "masked" if cfg.sparsity is not None else "dense"
@@ -148,10 +212,10 @@ def estimate_run(cfg: Config, model: nn.Module, *, world_size: int,
     scheme = run_scheme(cfg)
     out: dict[str, float] = {"est/world_size": float(p)}
 
-    run = scheme_traffic(work, scheme, p, hw, cfg.ddp.powersgd_rank)
+    run = scheme_traffic(work, scheme, p, hw, cfg.ddp.powersgd_rank, cluster.per_node)
     if hw.calibrate and comm_bytes_per_step and world_size > 1:
-        modelled = scheme_traffic(work, scheme, world_size, hw,
-                                  cfg.ddp.powersgd_rank).wire_bytes(world_size)
+        modelled = scheme_traffic(work, scheme, world_size, hw, cfg.ddp.powersgd_rank,
+                                  cluster.per_node).wire_bytes(world_size, cluster.per_node)
         if modelled:
             ratio = comm_bytes_per_step / modelled
             out["est/comm_bytes_measured_over_model"] = ratio
@@ -203,9 +267,17 @@ def variants(cfg: Config, powersgd_rank: int = 4) -> list[Variant]:
     model, _ = meta_model(cfg)
     base = workload(cfg)
     o = base.dgc
+    dgc_label = f"dgc d={o.density:g} {o.value_dtype}/{o.index_dtype}"
+
+    def exchanged(name: str) -> Workload:
+        return dataclasses.replace(base, dgc=dataclasses.replace(o, exchange=name))
     rows = [Variant("dense fp32", "dense", base), Variant("fp16", "fp16", base),
+            Variant("hierarchical dense", "hierarchical-dense", base),
             Variant(f"powersgd r={powersgd_rank}", "powersgd", base),
-            Variant(f"dgc d={o.density:g} {o.value_dtype}/{o.index_dtype}", "dgc", base)]
+            Variant(f"{dgc_label} {o.exchange}", "dgc", base)]
+    rows += [Variant(f"{dgc_label} {name}", "dgc", exchanged(name))
+             for name in EXCHANGES if name != o.exchange]
+    rows.append(Variant(f"hierarchical {dgc_label} {o.exchange}", "hierarchical-dgc", base))
     s = cfg.sparsity
     if s is not None and not (s.method == "nm" and (s.n, s.m) == (2, 4)):
         work = dataclasses.replace(base, masks=expected_masks(model, s))
@@ -228,7 +300,7 @@ def compare(cfg: Config, hw: HardwareConfig, world_sizes: list[int], powersgd_ra
     table = {}
     for p in world_sizes:
         estimates = [(v.label, step_estimate(scheme_traffic(v.work, v.scheme, p, hw,
-                                                             powersgd_rank),
+                                                             powersgd_rank, cluster.per_node),
                                              times[id(v)], cluster, p, hw, v.sparse))
                      for v in rows]
         dense_step = estimates[0][1].step_s

@@ -6,7 +6,7 @@ Gradients travel in DDP's buckets, so each scheme is a list of collectives per b
 * PowerSGD at rank r (Vogels et al. 2019, torch's ``powerSGD_hook``): a tensor viewed as an
   n x m matrix sends P (n x r) and Q (m x r), each allreduced; 1-D tensors, and matrices
   that would not shrink by torch's ``min_compression_rate`` (2), go in one plain allreduce;
-* DGC: exactly ``dgc.hook.make_plan``'s decision, the one the hook takes: an allgather of
+* DGC: exactly ``dgc.plan.make_plan``'s decision, the one the hook takes: an allgather of
   (index, value) pairs plus an allreduce of the tensors that stay dense, or one allreduce of
   the bucket where that moves fewer bytes;
 * masked: a fixed weight mask known to every rank, so only the live gradient entries are
@@ -21,10 +21,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from dgc import wire
-from dgc.hook import make_plan
+from dgc.plan import make_plan
 from dgc.options import DGCOptions
 
-from .collectives import Kind
+from .collectives import GroupKind, Kind
 
 Param = tuple[str, tuple[int, ...]]  # a parameter's name and shape
 FP32 = 4
@@ -38,12 +38,34 @@ POWERSGD_MIN_COMPRESSION_RATE = 2
 @dataclass(frozen=True)
 class Collective:
     kind: Kind
-    nbytes: float  # allreduce: the tensor's bytes; allgather: one rank's contribution
+    nbytes: float  # allreduce, reduce-scatter: the tensor's bytes; allgather: one rank's
+    group: GroupKind = "world"  # all ranks, one node's, or one rank per node
 
-    def wire_bytes(self, p: int) -> float:
+    def size(self, p: int, per_node: int) -> int:
+        """Ranks in this collective's group on ``p`` ranks of ``per_node`` per node."""
+        return {"world": p, "intra": min(p, per_node),
+                "inter": max(1, p // max(1, min(p, per_node)))}[self.group]
+
+    def wire_bytes(self, p: int, per_node: int | None = None) -> float:
+        size = self.size(p, per_node or p)
         if self.kind == "allreduce":
-            return wire.allreduce_bytes(self.nbytes, p)
-        return wire.allgather_bytes(self.nbytes, p)
+            return wire.allreduce_bytes(self.nbytes, size)
+        if self.kind == "reduce_scatter":
+            return wire.reduce_scatter_bytes(self.nbytes, size)
+        if self.kind == "all_to_all":
+            return wire.all_to_all_bytes(self.nbytes, size)
+        if self.kind == "sendrecv":  # one swap with one peer, on the group's link
+            return float(self.nbytes)
+        return wire.allgather_bytes(self.nbytes, size)
+
+    def link_bytes(self, p: int, per_node: int) -> tuple[float, float]:
+        """(intra-node, inter-node) shares of this collective's per-rank wire bytes."""
+        total = self.wire_bytes(p, per_node)
+        if self.group == "intra" or (self.kind == "sendrecv" and p <= per_node):
+            return total, 0.0
+        if self.group == "inter":
+            return 0.0, total
+        return wire.ring_link_split(total, p, max(1, p // max(1, min(p, per_node))))
 
 
 @dataclass
@@ -55,11 +77,15 @@ class Traffic:
     memory_bytes: float = 0.0  # bytes read and written to compress and decompress
     flops: float = 0.0  # fp32 arithmetic to compress (PowerSGD's products)
 
-    def wire_bytes(self, p: int) -> float:
-        return sum(c.wire_bytes(p) for c in self.collectives)
+    def wire_bytes(self, p: int, per_node: int | None = None) -> float:
+        return sum(c.wire_bytes(p, per_node) for c in self.collectives)
+
+    def link_bytes(self, p: int, per_node: int) -> tuple[float, float]:
+        shares = [c.link_bytes(p, per_node) for c in self.collectives]
+        return sum(a for a, _ in shares), sum(b for _, b in shares)
 
     def scaled(self, factor: float) -> Traffic:
-        return Traffic(self.scheme, [Collective(c.kind, c.nbytes * factor)
+        return Traffic(self.scheme, [Collective(c.kind, c.nbytes * factor, c.group)
                                      for c in self.collectives], self.memory_bytes, self.flops)
 
 
@@ -128,26 +154,62 @@ def powersgd(buckets: Sequence[Sequence[Param]], rank: int, passes: float) -> Tr
 
 
 def dgc(buckets: Sequence[Sequence[Param]], options: DGCOptions, p: int, passes: float,
-        density: float | None = None, live: Mapping[str, int] | None = None) -> Traffic:
+        density: float | None = None, live: Mapping[str, int] | None = None,
+        per_node: int | None = None) -> Traffic:
     """DGC at ``density`` (default: the options' final one, after warm-up). ``live``: entries
     kept by fixed weight masks, by name; k counts only those, and dense transport sends only
-    them (``dgc.hook`` with a sparsifier attached)."""
+    them (``dgc.hook`` with a sparsifier attached). ``per_node``: ranks per node (default
+    all on one), which says which of gtopk's swaps cross nodes."""
     density = options.density if density is None else density
     traffic = Traffic(f"dgc-d{density:g}")
     for bucket in buckets:
         names, shapes = [n for n, _ in bucket], [s for _, s in bucket]
         plan = make_plan(names, shapes, density, max(p, 1), options, live, bool(live))
         traffic.memory_bytes += passes * FP32 * sum(s.numel for s in plan.compressed)
-        value_bytes = plan.layout.value_dtype.itemsize
-        if not plan.sparse:  # the fallback allreduce, in the value dtype
-            traffic.collectives.append(Collective("allreduce",
-                                                  sum(s.live for s in plan.slots) * value_bytes))
-            continue
-        dense_elems = sum(s.live for s in plan.dense)
-        if dense_elems:  # sent in the value dtype too (dgc.hook._exchange_sparse)
-            traffic.collectives.append(Collective("allreduce", dense_elems * value_bytes))
-        traffic.collectives.append(Collective("allgather", plan.layout.nbytes))
+        traffic.collectives += route_collectives(plan, max(p, 1), options, "world",
+                                                 per_node or max(p, 1))
     return traffic
+
+
+def route_collectives(plan, p: int, options: DGCOptions, group: GroupKind,
+                      per_node: int | None = None) -> list[Collective]:
+    """The collectives ``dgc.transport`` starts for ``plan`` on a group of ``p`` ranks:
+    the dense fallback's allreduce, or the dense slots' allreduce beside the pairs'
+    allgather, or beside the sparse allreduce's all-to-all and allgather (its regions'
+    histogram, once every 64 steps, left out), or beside gtopk's log2(p) swaps. A swap of
+    a ``"world"`` group stays inside a node while the peer's distance divides the
+    ``per_node`` ranks placed on each node (default: all ``p``)."""
+    from dgc.transport.sparse_allreduce import capacities
+    value_bytes = plan.layout.value_dtype.itemsize
+    if not plan.sparse:  # the fallback allreduce, in the value dtype
+        return [Collective("allreduce", sum(s.live for s in plan.slots) * value_bytes, group)]
+    out = []
+    dense_elems = sum(s.live for s in plan.dense)
+    if dense_elems:  # sent in the value dtype too
+        out.append(Collective("allreduce", dense_elems * value_bytes, group))
+    if plan.route == "allgather":
+        return out + [Collective("allgather", plan.layout.nbytes, group)]
+    if plan.route == "gtopk":
+        index = plan.layout.index_dtype.itemsize
+        r = min(per_node or p, p)
+        for j in range(p.bit_length() - 1):
+            pair = index + (value_bytes if j == 0 else FP32)
+            if group != "world" or r % (2 << j) == 0:  # inside a node, or one rank per node
+                out.append(Collective("sendrecv", plan.layout.count * pair,
+                                      "intra" if group == "world" else group))
+            elif r == 1:
+                out.append(Collective("sendrecv", plan.layout.count * pair, "inter"))
+            else:  # across nodes: a slice per rank, the node allgathers the slices
+                part = -(-plan.layout.count // r) * pair
+                out += [Collective("sendrecv", part, "inter"),
+                        Collective("allgather", part, "intra")]
+        return out
+    pair = plan.layout.index_dtype.itemsize + value_bytes
+    caps = [capacities(s.k, p, options.sparse_capacity) for s in plan.compressed]
+    row = -(-sum(c1 for c1, _ in caps) * pair // 8) * 8
+    published = -(-sum(c2 for _, c2 in caps) * pair // 8) * 8
+    return out + [Collective("all_to_all", p * row, group),
+                  Collective("allgather", published, group)]
 
 
 def masked(buckets: Sequence[Sequence[Param]], live: Mapping[str, int], scheme: str = "masked"
@@ -161,4 +223,55 @@ def masked(buckets: Sequence[Sequence[Param]], live: Mapping[str, int], scheme: 
             traffic.collectives.append(Collective("allreduce", elems * FP32))
         # Packing the live entries reads the masked gradients once; unpacking writes them.
         traffic.memory_bytes += 2 * FP32 * sum(numel(s) for n, s in bucket if n in live)
+    return traffic
+
+
+def hierarchical_dense(buckets: Sequence[Sequence[Param]], per_node: int,
+                       itemsize: int = FP32) -> Traffic:
+    """Dense allreduce the hierarchical way, per bucket: reduce-scatter inside the node,
+    allreduce of each shard across nodes, allgather inside the node."""
+    traffic = Traffic("hierarchical dense")
+    for bucket in buckets:
+        total = sum(numel(s) for _, s in bucket) * itemsize
+        shard = math.ceil(total / per_node)
+        traffic.collectives += [Collective("reduce_scatter", shard * per_node, "intra"),
+                                Collective("allreduce", shard, "inter"),
+                                Collective("allgather", shard, "intra")]
+    return traffic
+
+
+def hierarchical_dgc(buckets: Sequence[Sequence[Param]], options: DGCOptions, p: int,
+                     per_node: int, passes: float, density: float | None = None,
+                     live: Mapping[str, int] | None = None) -> Traffic:
+    """Hierarchical DGC (``dgc.transport.hierarchical``), exactly as the hook plans it for
+    local rank 0: the bucket reduce-scattered inside the node (fp32), the shard's pieces
+    planned and exchanged across the p / per_node nodes, the shard allgathered inside the
+    node. ``live``: entries kept by fixed masks, by name (k counts live entries per piece,
+    the collectives carry whole tensors)."""
+    from dgc.plan import Piece, plan_pieces
+    from dgc.transport.hierarchical import piece_bounds
+    density = options.density if density is None else density
+    per_node = max(1, min(p, per_node))
+    nodes = max(1, p // per_node)
+    traffic = Traffic(f"hierarchical dgc-d{density:g}")
+    live = live or {}
+    for bucket in buckets:
+        pieces, sizes = [], [0] * per_node
+        for name, shape in bucket:
+            n = numel(shape)
+            bounds = piece_bounds(n, per_node)
+            for j in range(per_node):
+                sizes[j] += bounds[j + 1] - bounds[j]
+            mine = bounds[1] - bounds[0]
+            kept = round(live.get(name, n) * mine / n) if n else 0
+            pieces.append(Piece(name, tuple(shape), mine, kept))
+        shard = max(sizes)
+        plan = plan_pieces(pieces, density, nodes, options)
+        traffic.memory_bytes += passes * FP32 * sum(s.numel for s in plan.compressed)
+        traffic.collectives.append(Collective("reduce_scatter", shard * per_node * FP32,
+                                              "intra"))
+        traffic.collectives += route_collectives(plan, nodes, options, "inter")
+        traffic.collectives.append(Collective("allgather", shard * FP32, "intra"))
+        # the bucket copied into shard-major order and back
+        traffic.memory_bytes += 4 * FP32 * shard * per_node
     return traffic

@@ -1,0 +1,66 @@
+"""DGC's exchanges against PowerSGD at scale, as the hardware cost model sees them.
+
+    python benchmarks/scaling_model.py --config configs/synthetic_wide_mlp_dgc.yaml
+
+For every cluster preset in configs/hardware/ and world sizes 8 to 1024 (8 ranks per node),
+the modelled step of dense DDP, PowerSGD rank 4 and DGC with each exchange (allgather,
+sparse_allreduce, auto; flat and hierarchical), as speedup over dense, and the two checks
+the issues ask of the model: hierarchical DGC at least 5x faster than flat DGC at 1024 ranks
+and never slower (issue 15), DGC with ``auto`` at least as fast as PowerSGD rank 4 at every
+size (issue 16). The numbers are ``launch.estimate``'s, one column per row of its table.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from launch.config import load_config  # noqa: E402
+from launch.costmodel.run import compare  # noqa: E402
+from sparse_comm.schema import build  # noqa: E402
+
+CLUSTERS = ["a100-pcie-25gbe", "h100-pcie-100gbe", "dgx-a100-hdr", "dgx-h100-ndr", "h200-ndr"]
+SIZES = [8, 16, 32, 64, 128, 256, 512, 1024]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="configs/synthetic_wide_mlp_dgc.yaml")
+    p.add_argument("--world-sizes", default=",".join(map(str, SIZES)))
+    args = p.parse_args(argv)
+    sizes = [int(s) for s in args.world_sizes.split(",")]
+    cfg = load_config(args.config, [])
+    for preset in CLUSTERS:
+        hw = build(type(cfg.hardware), {**vars(cfg.hardware), "preset": preset}, "hardware")
+        table = compare(cfg, hw, sizes)
+        labels = [label for label, _, _ in table[sizes[0]]]
+        pick = {"powersgd r=4": "PowerSGD r4"}
+        for label in labels:
+            if label.startswith("dgc") or label.startswith("hierarchical dgc"):
+                pick[label] = (("hier " if label.startswith("hier") else "flat ")
+                               + label.rsplit(" ", 1)[-1])
+        print(f"\n{preset}: speedup over dense DDP (modelled step in ms)\n")
+        print("| ranks | " + " | ".join(pick.values()) + " |")
+        print("|---|" + "---|" * len(pick))
+        hier_ok, auto_ok = True, True
+        for n in sizes:
+            rows = {label: (e.step_s, s) for label, e, s in table[n]}
+            cells = [f"{rows[l][1]:.2f}x ({rows[l][0] * 1e3:.3g})" for l in pick]
+            print(f"| {n} | " + " | ".join(cells) + " |")
+            flat = next(v for l, v in rows.items() if l.startswith("dgc") and l.endswith(" auto"))
+            hier = next(v for l, v in rows.items() if l.startswith("hier") and "dgc" in l)
+            hier_ok &= hier[0] <= flat[0] * (1 + 1e-9)
+            auto_ok &= flat[0] <= rows["powersgd r=4"][0] * (1 + 1e-9)
+            if n == 1024:
+                ratio = flat[0] / hier[0]
+        print(f"\nhierarchical never slower than flat: {'yes' if hier_ok else 'NO'}; "
+              f"at 1024 ranks {ratio:.2f}x faster (bar 5x); "
+              f"DGC auto at least as fast as PowerSGD r4 everywhere: {'yes' if auto_ok else 'NO'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

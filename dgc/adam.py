@@ -1,0 +1,146 @@
+"""DGC for Adam and AdamW: which moment is compressed, and when.
+
+Adam divides its first moment by the square root of its second, which is not linear in the
+gradient, so error feedback on raw gradients hands Adam gradients whose squares no longer
+estimate its variance: an entry sent rarely arrives carrying many steps' worth at once. On
+BERT that diverges (1-bit Adam, Tang et al., ICML 2021, Sec. 3). Two modes:
+
+``frozen_variance`` (1-bit Adam's scheme, Tang et al. 2021; 0/1 Adam, Lu et al. 2022): for
+``adam_warmup_steps`` steps the hook averages gradients densely and the optimizer runs its
+own Adam, estimating the second moment. Then the second moment (and its bias correction)
+is frozen and the first moment is what DGC compresses. Adam's ``m <- b1 m + (1 - b1) g`` is
+``(1 - b1)`` times the heavy-ball momentum ``u <- b1 u + g`` that DGC's momentum correction
+keeps, so DGC runs with momentum ``b1`` (accumulation, selection, momentum masking as for
+SGD), each rank's ``u`` starting from the warm-up's ``m / (1 - b1)``, and the step becomes
+
+    p <- p - lr / (1 - b1^t) * (1 - b1) d / (sqrt(v / (1 - b2^T)) + eps)
+
+with ``d`` the averaged compressed momentum, ``v`` and ``T`` the second moment and step
+count frozen at the end of the warm-up. One safeguard is this project's, not 1-bit Adam's:
+``v`` is floored at ``VARIANCE_FLOOR`` times its tensor's mean. An entry whose gradient was
+exactly zero through the warm-up (a dead ReLU unit) has ``v = 0``, and if it comes alive
+later its steps would be divided by ``eps`` alone (a 1e-8 denominator: seen to blow a
+small MLP up within three steps); with the floor it moves like an entry of typical scale. AdamW's decoupled decay ``p <- p (1 - lr wd)`` is
+applied beside it; Adam's L2 term gets DGC's local weight-decay momentum, as with SGD. With
+nothing dropped (density 1.0) this is Adam with a frozen variance exactly. Cost: the
+warm-up's traffic is dense, and a variance frozen for good does not follow a later change
+of the gradients' scale (a learning-rate restart, new data).
+
+``error_feedback``: top-k of the gradient with a residual (DGC with no momentum), the
+optimizer untouched: Adam sees the averaged sparse gradient. Nothing to configure, but the
+second moment then comes from sparse, bursty gradients, the failure above.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+ADAM_TYPES = (torch.optim.Adam, torch.optim.AdamW)
+VARIANCE_FLOOR = 0.01  # of the tensor's mean frozen variance
+
+
+def adam_settings(optimizer: torch.optim.Optimizer) -> tuple[float, bool]:
+    """(b1, decoupled weight decay) of an Adam or AdamW optimizer, or a one-line error."""
+    beta1 = set()
+    for i, group in enumerate(optimizer.param_groups):
+        if group.get("maximize", False):
+            raise ValueError(f"dgc.attach: param group {i} has maximize=True, unsupported")
+        if any(optimizer.state.get(p, {}).get("exp_avg") is not None for p in group["params"]):
+            raise ValueError("dgc.attach: the optimizer already holds Adam moments; attach "
+                             "before the first step")
+        beta1.add(float(group["betas"][0]))
+    if len(beta1) > 1:
+        raise ValueError(f"dgc.attach: param groups differ in betas[0] {sorted(beta1)}; "
+                         f"DGC's momentum correction uses one")
+    decoupled = isinstance(optimizer, torch.optim.AdamW) or any(
+        g.get("decoupled_weight_decay", False) for g in optimizer.param_groups)
+    return beta1.pop(), decoupled
+
+
+class FrozenVariance:
+    """Drives ``state`` (a ``dgc.DGCState``) and ``optimizer`` through the warm-up and the
+    frozen phase; its state is saved with the DGC state's."""
+
+    def __init__(self, state, optimizer: torch.optim.Optimizer, names: dict[int, str],
+                 warmup_steps: int, beta1: float, decoupled: bool):
+        self.state, self.optimizer, self.names = state, optimizer, names
+        self.warmup_steps, self.beta1, self.decoupled = warmup_steps, beta1, decoupled
+        self.steps = 0
+        self.bias2: dict[str, float] = {}  # 1 - b2^T per parameter, T the warm-up's steps
+        self.floor: dict[str, float] = {}  # the least frozen variance per parameter
+        self.frozen = False
+        self._apply_phase()
+        optimizer.register_step_pre_hook(self._before_step)
+        optimizer.register_step_post_hook(self._after_step)
+
+    def _apply_phase(self) -> None:
+        # While Adam estimates its variance, the hook only averages (dense, no memory).
+        self.state.passthrough = not self.frozen
+        self.state.momentum = self.beta1 if self.frozen else 0.0
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        if self.frozen:
+            return
+        self.steps += 1
+        if self.steps >= self.warmup_steps:
+            self._freeze()
+
+    @torch.no_grad()
+    def _freeze(self) -> None:
+        for group in self.optimizer.param_groups:
+            beta2 = group["betas"][1]
+            for p in group["params"]:
+                st = self.optimizer.state.get(p)
+                if not st:
+                    continue
+                name = self.names[id(p)]
+                self.bias2[name] = 1.0 - beta2 ** float(st["step"])
+                variance = st["max_exp_avg_sq"] if group.get("amsgrad") else st["exp_avg_sq"]
+                self.floor[name] = VARIANCE_FLOOR * float(variance.mean())
+                self.state.seed_momentum(name, st["exp_avg"] / (1.0 - self.beta1))
+        self.frozen = True
+        self._apply_phase()
+
+    @torch.no_grad()
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        """In the frozen phase: apply Adam's update from the hook's averaged momentum ``d``
+        (in ``.grad``) and the frozen variance, then clear ``.grad`` so that the optimizer's
+        own step leaves the parameter alone."""
+        if not self.frozen:
+            return
+        self.steps += 1
+        for group in optimizer.param_groups:
+            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+            amsgrad = group.get("amsgrad", False)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = optimizer.state[p]
+                st["step"] += 1
+                name = self.names[id(p)]
+                st["exp_avg"].copy_(p.grad).mul_(1.0 - self.beta1)
+                variance = st["max_exp_avg_sq"] if amsgrad else st["exp_avg_sq"]
+                denom = (variance.clamp(min=self.floor[name]).sqrt_()
+                         .div_(math.sqrt(self.bias2[name])).add_(eps))
+                if self.decoupled and wd:
+                    p.mul_(1.0 - lr * wd)
+                bias1 = 1.0 - self.beta1 ** self.steps
+                p.addcdiv_(st["exp_avg"], denom, value=-lr / bias1)
+                p.grad = None
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "bias2": dict(self.bias2), "floor": dict(self.floor),
+                "frozen": self.frozen}
+
+    def load_state_dict(self, saved: dict) -> None:
+        self.steps, self.frozen = int(saved["steps"]), bool(saved["frozen"])
+        self.bias2, self.floor = dict(saved["bias2"]), dict(saved["floor"])
+        self._apply_phase()
+
+
+def seed_tensor(seed: Tensor, piece: tuple[int, int] | None) -> Tensor:
+    """A seeded momentum, cut to the piece a rank holds (hierarchical DGC)."""
+    flat = seed.reshape(-1)
+    return flat if piece is None else flat.narrow(0, *piece)

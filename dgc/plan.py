@@ -1,0 +1,152 @@
+"""What to do with one bucket: which tensors go sparse with which k, and by which route.
+
+A plan depends only on shapes, masks, density, the options and the size of the group that
+exchanges, all the same on every rank, so every rank derives the same plan and starts the
+same collectives in the same order. The route is the cheapest of the exchanges the options
+allow, priced by ``route_costs`` (alpha-beta, with the link the options give; with no
+latency that is bytes on the wire per rank).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from dgc import codec, wire
+from dgc.options import DGCOptions
+from dgc.schedule import sparse_count
+from sparse_comm.schema import ConfigError
+
+log = logging.getLogger(__name__)
+Route = Literal["allgather", "sparse_allreduce", "gtopk", "dense"]
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One tensor's place (or one piece of a tensor, for the hierarchical transport) in
+    the buffer that is exchanged. ``k`` is None for a slot that goes dense; ``live`` counts
+    the entries that travel when it does (fewer than ``numel`` under a fixed sparsity mask,
+    whose live entries go without indices)."""
+
+    name: str
+    offset: int
+    numel: int
+    k: int | None
+    live: int
+
+    @property
+    def compact(self) -> bool:
+        return self.live < self.numel
+
+
+@dataclass(frozen=True)
+class Plan:
+    slots: tuple[Slot, ...]
+    route: Route
+    """How the compressed slots travel: ``allgather``, ``sparse_allreduce`` or ``gtopk`` of
+    their pairs (the dense slots allreduced beside), or ``dense``: everything in one
+    allreduce (the dense fallback)."""
+    layout: codec.Layout
+
+    @property
+    def sparse(self) -> bool:
+        return self.route != "dense"
+
+    @property
+    def compressed(self) -> list[Slot]:
+        return [s for s in self.slots if s.k is not None]
+
+    @property
+    def dense(self) -> list[Slot]:
+        return [s for s in self.slots if s.k is None]
+
+
+@dataclass(frozen=True)
+class Piece:
+    """What the plan needs of a slot: the tensor's ``shape`` (which decides whether it is
+    compressed at all), the slot's ``numel`` and its ``live`` (unmasked) entries."""
+
+    name: str
+    shape: tuple[int, ...]
+    numel: int
+    live: int
+
+
+def make_plan(names: Iterable[str], shapes: Iterable[torch.Size], density: float,
+              world_size: int, options: DGCOptions,
+              live: Mapping[str, int] | None = None, fixed: bool = False) -> Plan:
+    """The plan of a bucket of whole tensors. ``live``: entries left by hard sparsity
+    masks, by name (k counts only those); ``fixed``: the masks are settled on every rank,
+    so dense transport sends live entries only."""
+    live = live or {}
+    pieces = [Piece(n, tuple(s), math.prod(s), live.get(n, math.prod(s)))
+              for n, s in zip(names, shapes)]
+    return plan_pieces(pieces, density, world_size, options, fixed)
+
+
+def plan_pieces(pieces: Sequence[Piece], density: float, world_size: int,
+                options: DGCOptions, fixed: bool = False) -> Plan:
+    slots, offset = [], 0
+    for p in pieces:
+        k = sparse_count(p.shape, p.live, density, options.min_numel)
+        slots.append(Slot(p.name, offset, p.numel, k, p.live if fixed else p.numel))
+        offset += p.numel
+    layout = codec.Layout(sum(s.k for s in slots if s.k is not None),
+                          codec.VALUE_DTYPES[options.value_dtype],
+                          codec.INDEX_DTYPES[options.index_dtype])
+    if layout.index_dtype == torch.int32 and offset >= 2**31:
+        raise ConfigError("index_dtype", f"a bucket of {offset} elements needs 'int64'")
+    if layout.count == 0:
+        return Plan(tuple(slots), "dense", layout)
+    costs = route_costs(slots, layout, world_size, options)
+    allowed = {"allgather": ("allgather",), "sparse_allreduce": ("sparse_allreduce",),
+               "gtopk": ("gtopk",), "auto": ("allgather", "sparse_allreduce", "gtopk")
+               }[options.exchange]
+    if world_size <= 2:  # one swap moves what the allgather moves, and drops pairs
+        allowed = tuple(r for r in allowed if r != "gtopk") or allowed
+    routes = list(allowed) + (["dense"] if options.dense_fallback else [])
+    route = min(routes, key=lambda r: (costs[r], routes.index(r)))
+    return Plan(tuple(slots), route, layout)
+
+
+def route_costs(slots: Sequence[Slot], layout: codec.Layout, p: int, options: DGCOptions
+                ) -> dict[Route, float]:
+    """Seconds (alpha-beta, the options' link; bytes per rank with no latency) of each
+    route for this bucket on ``p`` ranks. The dense slots' allreduce, beside the sparse
+    routes, counts for each; everything travels in the value dtype but gtopk's sums after
+    its first round (float32). gtopk needs a power of two: elsewhere it costs infinity."""
+    from dgc.transport.sparse_allreduce import capacities
+    alpha = options.exchange_latency_us * 1e-6
+    beta = 1.0 / (options.exchange_gbytes * 1e9)
+    pair = layout.index_dtype.itemsize + layout.value_dtype.itemsize
+    value = layout.value_dtype.itemsize
+
+    def allreduce(nbytes: float) -> float:
+        return 2 * (p - 1) * alpha + wire.allreduce_bytes(nbytes, p) * beta if nbytes else 0.0
+
+    dense_numel = sum(s.live for s in slots if s.k is None)
+    beside = allreduce(dense_numel * value)
+    c1, c2 = capacities(layout.count, p, options.sparse_capacity)
+    return {
+        "allgather": beside + (p - 1) * alpha + wire.allgather_bytes(layout.nbytes, p) * beta,
+        "sparse_allreduce": beside + 2 * (p - 1) * alpha
+        + (wire.all_to_all_bytes(p * c1 * pair, p) + wire.allgather_bytes(c2 * pair, p)) * beta,
+        "gtopk": beside + gtopk_seconds(layout, p, alpha, beta),
+        "dense": allreduce(sum(s.live for s in slots) * value),
+    }
+
+
+def gtopk_seconds(layout: codec.Layout, p: int, alpha: float, beta: float) -> float:
+    """log2(p) swaps of the bucket's k pairs, the first in the value dtype, the rest with
+    float32 sums; infinity unless p is a power of two."""
+    if p & (p - 1):
+        return math.inf
+    rounds = p.bit_length() - 1
+    index = layout.index_dtype.itemsize
+    first = layout.count * (index + layout.value_dtype.itemsize)
+    later = layout.count * (index + 4)
+    return rounds * alpha + (first + max(rounds - 1, 0) * later) * beta if rounds else 0.0

@@ -1,0 +1,130 @@
+"""DGC with Adam and AdamW on 2 real Gloo ranks: the dense warm-up is DDP + AdamW, the frozen
+phase is Adam with a frozen variance, ranks agree, resume is bitwise; the launcher runs
+AdamW + DGC with bf16 autocast and gradient accumulation."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import dgc
+from tests.distributed import run_ranks
+from tests.launch_helpers import REPO, read_run, train
+from tests.test_dgc_distributed import MLP, _flat, _train
+
+WARMUP = 6
+
+
+def _adamw(model, cls=torch.optim.AdamW, wd=1e-2):
+    return cls(model.parameters(), lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=wd)
+
+
+def _frozen_reference(model, ddp, opt, rank, steps, start, beta1=0.9):
+    """DDP + Adam whose second moment is frozen after the warm-up: the update the
+    frozen-variance mode must give at density 1.0."""
+    from dgc.adam import VARIANCE_FLOOR
+    bias2 = {p: 1 - 0.99 ** float(opt.state[p]["step"]) for p in model.parameters()}
+    floor = {p: VARIANCE_FLOOR * float(opt.state[p]["exp_avg_sq"].mean())
+             for p in model.parameters()}
+    t = int(opt.state[next(iter(model.parameters()))]["step"])
+    for step in range(start, start + steps):
+        _train(ddp, torch.optim.SGD(model.parameters(), lr=0.0), 1, rank, start=step)
+        t += 1
+        with torch.no_grad():
+            for p in model.parameters():
+                st = opt.state[p]
+                st["exp_avg"].mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                denom = st["exp_avg_sq"].clamp(min=floor[p]).sqrt() / math.sqrt(bias2[p]) + 1e-8
+                p.mul_(1 - 1e-2 * 1e-2)
+                p.addcdiv_(st["exp_avg"], denom, value=-1e-2 / (1 - beta1 ** t))
+
+
+def _equivalence_rank(rank, world_size):
+    out = {}
+    for mode in ("frozen_variance", "error_feedback"):
+        ref = MLP()
+        ref_ddp = DDP(ref, bucket_cap_mb=0.001)
+        ref_opt = _adamw(ref)
+        _train(ref_ddp, ref_opt, WARMUP, rank)
+        got = MLP()
+        ddp = DDP(got, bucket_cap_mb=0.001)
+        opt = _adamw(got)
+        state = dgc.attach(ddp, opt, density=1.0, adam_mode=mode, adam_warmup_steps=WARMUP,
+                           min_numel=100)
+        _train(ddp, opt, WARMUP, rank)
+        out[f"{mode}/warmup"] = max(((a - b).norm() / b.norm()).item()
+                                    for a, b in zip(got.parameters(), ref.parameters()))
+        if mode == "frozen_variance":
+            _frozen_reference(ref, ref_ddp, ref_opt, rank, 8, WARMUP)
+            _train(ddp, opt, 8, rank, start=WARMUP)
+            out[f"{mode}/frozen"] = max(((a - b).norm() / b.norm()).item()
+                                        for a, b in zip(got.parameters(), ref.parameters()))
+            out["frozen"] = state.adam.frozen and not state.passthrough
+    return out
+
+
+def test_density_one_is_ddp_adamw_in_the_warmup_and_frozen_variance_adam_after():
+    for r in run_ranks(_equivalence_rank, 2, timeout=240):
+        assert r["frozen"]
+        for key, worst in r.items():
+            if key != "frozen":
+                assert worst < 1e-6, (key, worst)
+
+
+def _agree_and_resume_rank(rank, world_size, mode, cls):
+    def fresh(seed):
+        model = MLP(seed, wide=True)
+        ddp = DDP(model, bucket_cap_mb=0.001)
+        opt = _adamw(model, cls)
+        state = dgc.attach(ddp, opt, density=0.02, adam_mode=mode, adam_warmup_steps=4,
+                           warmup_epochs=0, min_numel=100)
+        return model, ddp, opt, state
+
+    model, ddp, opt, state = fresh(0)
+    _train(ddp, opt, 12, rank)
+    uninterrupted = _flat(model)
+    everyone = [torch.empty_like(uninterrupted) for _ in range(world_size)]
+    torch.distributed.all_gather(everyone, uninterrupted)
+    model, ddp, opt, state = fresh(0)
+    _train(ddp, opt, 7, rank)
+    saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(),
+                           "dgc": state.state_dict()})
+    model, ddp, opt, state = fresh(1)
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["opt"])
+    state.load_state_dict(saved["dgc"])
+    _train(ddp, opt, 5, rank, start=7)
+    return (all(torch.equal(everyone[0], e) for e in everyone),
+            torch.equal(_flat(model), uninterrupted), state.stats.sparse_buckets > 0,
+            torch.isfinite(uninterrupted).all().item())
+
+
+@pytest.mark.parametrize("mode,cls", [("frozen_variance", torch.optim.AdamW),
+                                      ("frozen_variance", torch.optim.Adam),
+                                      ("error_feedback", torch.optim.AdamW)])
+def test_ranks_agree_and_resume_is_bitwise(mode, cls):
+    for agree, same, compressed, finite in run_ranks(_agree_and_resume_rank, 2, mode, cls):
+        assert agree and same and compressed and finite
+
+
+def test_other_optimizers_get_one_line():
+    model = nn.Linear(2, 2)
+    with pytest.raises(TypeError, match="SGD, Adam and AdamW .* got Adagrad"):
+        dgc.attach(model, torch.optim.Adagrad(model.parameters()))
+
+
+def test_the_launcher_runs_adamw_with_dgc_bf16_autocast_and_gradient_accumulation(tmp_path):
+    out = tmp_path / "run"
+    train(REPO / "configs/mnist_lenet300_dgc.yaml", "data.name=synthetic",
+          "data.synthetic_train_size=512", "data.synthetic_test_size=128",
+          "train.batch_size=16", "train.epochs=2", "wandb.mode=disabled",
+          "train.optimizer=adamw", "train.lr=0.001", "train.weight_decay=0.01",
+          "train.amp=bf16", "train.grad_accum_steps=2", "dgc.adam_warmup_steps=4",
+          "dgc.warmup_epochs=0", "train.clip_grad_norm=1.0", f"out_dir={out}", nproc=2)
+    summary, metrics = read_run(out)
+    assert summary["steps"] == 16  # 512 / (16 x 2 ranks x 2 micro-steps) x 2 epochs
+    assert math.isfinite(summary["test_accuracy"]) and summary["comm_bytes_sent"] > 0
+    # after the 4 dense steps the first moment is compressed
+    assert summary["comm_bytes_sent"] < 0.5 * summary["comm_bytes_dense"]

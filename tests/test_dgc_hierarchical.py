@@ -1,0 +1,185 @@
+"""Hierarchical DGC on 4 real Gloo ranks as 2 nodes x 2: SGD at density 1, nothing lost per
+shard, ranks agree, resume, one rank per node is flat DGC, bytes by link class."""
+import copy
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import dgc
+from dgc.transport.hierarchical import piece_bounds
+from tests.distributed import run_ranks
+from tests.test_dgc_distributed import MLP, _flat, _sgd, _train
+
+BUCKET_MB = 0.001  # several buckets, each mixing dense and compressed tensors
+HIER = dict(topology="hierarchical", ranks_per_node=2, min_numel=100)
+
+
+def _run(rank, build, steps=12, start=0):
+    model = MLP()
+    ddp = DDP(model, bucket_cap_mb=BUCKET_MB)
+    opt, state = build(ddp, model)
+    _train(ddp, opt, steps, rank, start=start, state=state)
+    return model, ddp, opt, state
+
+
+def _equivalence_and_flat_rank(rank, world_size):
+    out = {}
+    # density 1.0 (momentum masking on) equals DDP + SGD with momentum and weight decay
+    ref, *_ = _run(rank, lambda ddp, m: (_sgd(m, momentum=0.9, weight_decay=1e-2), None))
+    got, _, _, state = _run(rank, lambda ddp, m: (
+        opt := _sgd(m, momentum=0.9, weight_decay=1e-2),
+        dgc.attach(ddp, opt, density=1.0, **HIER))[::1])
+    out["density1"] = max(((a - b).norm() / b.norm()).item()
+                           for a, b in zip(got.parameters(), ref.parameters()))
+    # one rank per node is flat DGC, bit for bit
+    options = dict(density=0.05, warmup_densities=[0.5], value_dtype="fp16", min_numel=100)
+    flat, *_ = _run(rank, lambda ddp, m: (opt := _sgd(m, momentum=0.9, nesterov=True),
+                                          dgc.attach(ddp, opt, **options))[::1], steps=15)
+    hier, *_ = _run(rank, lambda ddp, m: (
+        opt := _sgd(m, momentum=0.9, nesterov=True),
+        dgc.attach(ddp, opt, topology="hierarchical", ranks_per_node=1, **options))[::1],
+        steps=15)
+    out["one_per_node_equal"] = torch.equal(_flat(flat), _flat(hier))
+    # every rank holds the same parameters
+    model, _, _, state = _run(rank, lambda ddp, m: (
+        opt := _sgd(m, momentum=0.9), dgc.attach(ddp, opt, density=0.05, **HIER))[::1])
+    everyone = [torch.empty_like(_flat(model)) for _ in range(world_size)]
+    dist.all_gather(everyone, _flat(model))
+    out["agree"] = all(torch.equal(everyone[0], e) for e in everyone)
+    out["memory"] = sum(t.numel() for t in state.state_dict()["accumulation"].values())
+    out["stats"] = state.compression_stats()
+    # inter-node bytes: flat DGC's ring crosses nodes on 2 of its 4 hops; hierarchical
+    # sends each shard's pairs to the one peer holding it on the other node
+    for topology in ("flat", "hierarchical"):
+        _, _, _, state = _run(rank, lambda ddp, m: (
+            opt := _sgd(m, momentum=0.9), dgc.attach(ddp, opt, density=0.01, warmup_epochs=0,
+                                                     min_numel=100, ranks_per_node=2,
+                                                     topology=topology,
+                                                     exchange="allgather"))[::1])
+        out[topology] = state.compression_stats()
+    return out
+
+
+def test_density_one_agreement_and_one_rank_per_node_is_flat():
+    results = run_ranks(_equivalence_and_flat_rank, 4, timeout=300)
+    compressed = 16 * 64 + 64 * 48 + 48 * 8  # MLP's weights of >= 100 entries
+    for r in results:
+        assert r["density1"] < 1e-6
+        assert r["one_per_node_equal"]
+        assert r["agree"]
+        # each rank keeps the residual of half of each compressed tensor (its pieces)
+        assert r["memory"] == compressed // 2
+        assert r["stats"]["bytes_inter_node"] > 0 and r["stats"]["bytes_intra_node"] > 0
+        flat, hier = r["flat"], r["hierarchical"]
+        assert flat["bytes_intra_node"] == flat["bytes_inter_node"]  # half the hops cross
+        assert hier["bytes_inter_node"] < flat["bytes_inter_node"] / 2
+
+
+def _conservation_rank(rank, world_size):
+    """Over all ranks: what was applied, times p, plus every owner's residual equals the
+    sum over steps of the momentum-corrected gradient sum U(t) = m U(t-1) + G(t), G(t) the
+    sum of all ranks' gradients (per piece, the node sums' momenta add up to it)."""
+    torch.manual_seed(0)
+    model = MLP(wide=True)
+    ddp = DDP(model, bucket_cap_mb=BUCKET_MB)
+    names = {id(p): n for n, p in model.named_parameters()}
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    # sorted: a set's order differs between processes, and the all_reduces below must not
+    compressed = sorted(n for n, s in shapes.items() if len(s) > 1 and s.numel() >= 100)
+    state = dgc.DGCState(model=ddp, momentum=0.9, density=0.02, warmup_epochs=0,
+                         momentum_masking=False, value_dtype="fp16", **HIER)
+    raw, out = {}, {}
+
+    def recording_hook(state, bucket):
+        bucket_names = [names[id(p)] for p in bucket.parameters()]
+        raw.update((n, g.detach().clone().reshape(-1))
+                   for n, g in zip(bucket_names, bucket.gradients()))
+
+        def keep(fut):
+            result = fut.value()
+            offset = 0
+            for n in bucket_names:
+                out[n] = result[offset:offset + shapes[n].numel()].clone()
+                offset += shapes[n].numel()
+            return result
+        return dgc.dgc_hook(state, bucket).then(keep)
+
+    ddp.register_comm_hook(state, recording_hook)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    total_u = {n: torch.zeros(shapes[n].numel()) for n in compressed}
+    u = {n: torch.zeros(shapes[n].numel()) for n in compressed}
+    applied = {n: torch.zeros(shapes[n].numel()) for n in compressed}
+    for step in range(20):
+        raw.clear()
+        _train(ddp, opt, 1, rank, start=step)
+        for n in compressed:
+            g = raw[n].clone()
+            dist.all_reduce(g)
+            u[n].mul_(0.9).add_(g)
+            total_u[n] += u[n]
+            applied[n] += out[n] * world_size
+    # every owner's residual, put back at its piece of the tensor, summed over all ranks
+    residual = {n: torch.zeros(shapes[n].numel()) for n in compressed}
+    local = rank % 2
+    for n, v in state.state_dict()["accumulation"].items():
+        if n in compressed:
+            b = piece_bounds(shapes[n].numel(), 2)
+            residual[n][b[local]:b[local + 1]] += v
+    for n in compressed:
+        dist.all_reduce(residual[n])
+    return {n: ((applied[n] + residual[n] - total_u[n]).norm() / total_u[n].norm()).item()
+            for n in compressed}
+
+
+def test_nothing_is_lost_per_shard():
+    for errors in run_ranks(_conservation_rank, 4, timeout=300):
+        assert errors and max(errors.values()) < 1e-5, errors
+
+
+def _resume_rank(rank, world_size):
+    def fresh(seed):
+        model = MLP(seed, wide=True)
+        ddp = DDP(model, bucket_cap_mb=BUCKET_MB)
+        opt = _sgd(model, momentum=0.9, weight_decay=1e-3)
+        return model, ddp, opt, dgc.attach(ddp, opt, density=0.02, warmup_densities=[0.3],
+                                           **HIER)
+    model, ddp, opt, state = fresh(0)
+    _train(ddp, opt, 14, rank, state=state)
+    uninterrupted = _flat(model)
+    model, ddp, opt, state = fresh(0)
+    _train(ddp, opt, 7, rank, state=state)
+    saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(),
+                           "dgc": state.state_dict()})
+    model, ddp, opt, state = fresh(1)
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["opt"])
+    state.load_state_dict(saved["dgc"])
+    _train(ddp, opt, 7, rank, start=7, state=state)
+    return torch.equal(_flat(model), uninterrupted)
+
+
+def test_resume_into_a_new_ddp_model_is_bitwise():
+    assert all(run_ranks(_resume_rank, 4, timeout=300))
+
+
+def _hier_dense_rank(rank, world_size):
+    from launch.comm import HierarchicalAllreduceState, hierarchical_allreduce_hook
+    ref = MLP()
+    ref_ddp = DDP(ref, bucket_cap_mb=BUCKET_MB)
+    _train(ref_ddp, torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9), 6, rank)
+    got = MLP()
+    ddp = DDP(got, bucket_cap_mb=BUCKET_MB)
+    state = HierarchicalAllreduceState(2)
+    ddp.register_comm_hook(state, hierarchical_allreduce_hook)
+    _train(ddp, torch.optim.SGD(got.parameters(), lr=0.05, momentum=0.9), 6, rank)
+    worst = max(((a - b).norm() / b.norm()).item()
+                for a, b in zip(got.parameters(), ref.parameters()))
+    return worst, state.stats.bytes_intra, state.stats.bytes_inter
+
+
+def test_the_hierarchical_dense_baseline_is_ddp_and_sends_a_shard_across_nodes():
+    for worst, intra, inter in run_ranks(_hier_dense_rank, 4, timeout=240):
+        assert worst < 1e-6
+        assert 0 < inter < intra  # each rank carries half the bucket across, once each way
