@@ -47,6 +47,19 @@ def live_entries(flat: Tensor, slots: Iterable[Slot], positions: Mapping[str, Te
                       for s in slots]).to(dtype)
 
 
+def start_dense(group: Group, plan: Plan, flat: Tensor, positions: Mapping[str, Tensor]
+                ) -> tuple[list[Slot], Tensor | None, list[torch.futures.Future]]:
+    """Start the allreduce of the plan's dense slots beside a sparse exchange: (the slots in
+    name order, the buffer being summed, its future), or ([], None, []) if there are none.
+    Small and 1-D tensors travel in the value dtype too (as torch's fp16 hook does): at
+    0.1% density their fp32 bytes would otherwise dominate the message."""
+    slots = dense_in_name_order(plan)
+    if not slots:
+        return [], None, []
+    dense = live_entries(flat, slots, positions, plan.layout.value_dtype)
+    return slots, dense, [group.allreduce(dense)]
+
+
 def put_back_(flat: Tensor, slots: Iterable[Slot], positions: Mapping[str, Tensor],
               received: Tensor) -> None:
     offset = 0
@@ -58,13 +71,7 @@ def put_back_(flat: Tensor, slots: Iterable[Slot], positions: Mapping[str, Tenso
 
 def _pairs(group: Group, plan: Plan, flat: Tensor, sent: Pairs,
            positions: Mapping[str, Tensor]) -> torch.futures.Future:
-    futures = []
-    dense_slots = dense_in_name_order(plan)
-    if dense_slots:
-        # Small and 1-D tensors travel in the value dtype too (as torch's fp16 hook does):
-        # at 0.1% density their fp32 bytes would otherwise dominate the message.
-        dense = live_entries(flat, dense_slots, positions, plan.layout.value_dtype)
-        futures.append(group.allreduce(dense))
+    dense_slots, dense, futures = start_dense(group, plan, flat, positions)
     # Indices count positions in the buffer, so one scatter covers every slot.
     indices = torch.cat([i + s.offset for s, (i, _) in zip(plan.compressed, sent)])
     packed = codec.pack(indices, torch.cat([v for _, v in sent]), plan.layout)

@@ -59,11 +59,7 @@ def exchange(group: Group, plan: Plan, flat: Tensor, sent: allgather.Pairs,
     ``DGCState``) keeps each tensor's regions and takes back what is not applied."""
     if not plan.sparse:
         return allgather.exchange(group, plan, flat, sent, positions)
-    futures = []
-    dense_slots = allgather.dense_in_name_order(plan)
-    if dense_slots:
-        dense = allgather.live_entries(flat, dense_slots, positions, plan.layout.value_dtype)
-        futures.append(group.allreduce(dense))
+    dense_slots, dense, futures = allgather.start_dense(group, plan, flat, positions)
     n, p, mine = flat.numel(), group.size, group.rank
     slots = plan.compressed
     bounds = state.regions(group, slots, [i for i, _ in sent])
