@@ -114,6 +114,8 @@ SUITES = {
          ["dgc.exchange=sparse_allreduce"]),
         ("dgc-hierarchical-p4", "configs/mnist_lenet300_dgc.yaml", 4,
          ["dgc.topology=hierarchical", "dgc.ranks_per_node=2"]),
+        ("dgc-gtopk-p4", "configs/mnist_lenet300_dgc.yaml", 4, ["dgc.exchange=gtopk"]),
+        ("dgc-gtopk-p8", "configs/mnist_lenet300_dgc.yaml", 8, ["dgc.exchange=gtopk"]),
     ],
     "wide": [
         ("wide-dgc-p2", "configs/synthetic_wide_mlp_dgc.yaml", 2, []),
