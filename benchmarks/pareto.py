@@ -29,7 +29,8 @@ def sweeps(model: str) -> list[tuple[str, str, list[str], list[str]]]:
         ("dense", dense, [], []),
         ("fp16", dense, ["ddp.comm_hook=fp16"], []),
         ("powersgd", dense, psgd, ["ddp.powersgd_rank=1,2,4", "ddp.powersgd_start_iter=10,391"]),
-        ("dgc-paper", dgc, ["dgc.warmup_epochs=4"], []),  # the reference's 4 epochs
+        # the reference implementation's 4 geometric epochs (the configs' old default)
+        ("dgc-paper", dgc, ["dgc.warmup_epochs=4", "dgc.warmup_densities=null"], []),
         ("dgc-1epoch", dgc, one_stage, ["dgc.warmup_densities=[0.01],[0.003]"]),
         ("dgc-halfepoch", dgc, one_stage + ["dgc.warmup_densities=[0.01]",
                                             "dgc.warmup_fraction=0.05"], []),
