@@ -110,7 +110,8 @@ def group_settings(runs: list[dict]) -> list[SettingPoint]:
         for key in keys:
             values = dict(key)
             label = ", ".join(f"{k.split('.', 1)[-1]}={values.get(k, '-')}"
-                              for k in sorted(varying)) or scheme
+                              for k in sorted(varying)
+                              if values.get(k, "None") != "None") or scheme
             points.append(SettingPoint(model, scheme, label, groups[key]))
     return sorted(points, key=lambda p: (p.model, p.scheme, p.bytes_sent))
 
