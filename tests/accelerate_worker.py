@@ -150,3 +150,7 @@ def main(out: Path) -> None:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     main(Path(sys.argv[1]))
+    # Accelerate never destroys the group it joined; left alive, Gloo's threads abort in the
+    # interpreter's teardown (exit -6, pytorch/pytorch#179291).
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -44,7 +45,6 @@ def main() -> int:
     if args.engine == "ddp":
         import datetime
 
-        import torch.distributed as dist
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
         rank, size = dist.get_rank(), dist.get_world_size()
         wrapped = torch.nn.parallel.DistributedDataParallel(net)
@@ -84,6 +84,10 @@ def main() -> int:
         torch.save({"params": {n: t.detach().clone() for n, t in net.named_parameters()},
                     "bytes_sent": stats.bytes_sent, "bytes_dense": stats.bytes_dense,
                     "world_size": size}, args.out)
+    if args.engine == "ddp":  # before exit: Gloo's threads abort in the interpreter's teardown
+        dist.destroy_process_group()  # (pytorch/pytorch#179291)
+    else:
+        hvd.shutdown()
     return 0
 
 

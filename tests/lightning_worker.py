@@ -165,3 +165,5 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     main(sys.argv[1], Path(sys.argv[2]))
+    if dist.is_initialized():  # left alive, Gloo's threads can abort at exit (#179291)
+        dist.destroy_process_group()
