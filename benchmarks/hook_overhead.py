@@ -10,9 +10,7 @@ indices, warm-up over); the difference is the time DGC spends clipping, accumula
 selecting, packing, unpacking and applying momentum. Medians over the steps.
 """
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import torch
@@ -21,6 +19,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import dgc
+from launch.distenv import exit_process
 from launch.models import ModelConfig, build_model
 
 
@@ -81,10 +80,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    # Everything is printed and the group destroyed; skip the interpreter's teardown, where
-    # torch 2.13's threads sometimes abort ("terminate called without an active exception",
-    # exit -6; seen once in CI after the table was out).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_process(main())  # no teardown: Gloo's threads can abort there (launch/distenv.py)

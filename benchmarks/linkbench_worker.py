@@ -37,6 +37,7 @@ import sparse_train
 from launch.comm import (CountingAllreduceState, HierarchicalAllreduceState, TorchHookState,
                          counted_torch_hook, counting_allreduce_hook,
                          hierarchical_allreduce_hook)
+from launch.distenv import exit_process
 from launch.models import ModelConfig, build_model
 
 MODELS = {  # name -> (ModelConfig, input shape); inputs are synthetic, 10 classes
@@ -361,4 +362,4 @@ def main(argv=None) -> int:
     return 0
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())  # no teardown: Gloo's threads can abort there (launch/distenv.py)

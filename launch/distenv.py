@@ -335,3 +335,26 @@ def node_layout(local_ranks: list[int]) -> tuple[int, int | None]:
     if any(r != i % per_node for i, r in enumerate(local_ranks)):
         return nodes, None
     return nodes, per_node
+
+
+def exit_process(code: int) -> None:
+    """End a rank's process with ``code`` once its work and output are done, skipping the
+    interpreter's teardown.
+
+    A communication hook's future completes on a Gloo worker thread, which then takes the
+    GIL to drop the hook's Python callback. If the main thread is already finalising the
+    interpreter, that thread is unwound by ``pthread_exit`` and the C++ runtime aborts
+    ("terminate called without an active exception", exit -6): a finished run reported as
+    failed. Seen in CI under load, with the process group destroyed (pytorch/pytorch#179291
+    describes the same teardown race). Flushing and leaving with ``os._exit`` closes it.
+    """
+    import logging
+    import sys
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing left to say
+            pass
+    os._exit(code)

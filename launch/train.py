@@ -568,4 +568,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    distenv.exit_process(main())

@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import dgc
 import sparse_train
+from launch.distenv import exit_process
 from tests.sparse_helpers import SCHEDULES
 
 STEPS, BUCKET_MB = 10, 0.001
@@ -150,7 +151,5 @@ def main(out: Path) -> None:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     main(Path(sys.argv[1]))
-    # Accelerate never destroys the group it joined; left alive, Gloo's threads abort in the
-    # interpreter's teardown (exit -6, pytorch/pytorch#179291).
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    dist.destroy_process_group()  # Accelerate leaves the group it joined alive
+    exit_process(0)  # no teardown: Gloo's threads can abort there (launch/distenv.py)

@@ -84,12 +84,11 @@ def main() -> int:
         torch.save({"params": {n: t.detach().clone() for n, t in net.named_parameters()},
                     "bytes_sent": stats.bytes_sent, "bytes_dense": stats.bytes_dense,
                     "world_size": size}, args.out)
-    if args.engine == "ddp":  # before exit: Gloo's threads abort in the interpreter's teardown
-        dist.destroy_process_group()  # (pytorch/pytorch#179291)
-    else:
-        hvd.shutdown()
+    if args.engine == "ddp":
+        dist.destroy_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from launch.distenv import exit_process  # no teardown: Gloo's threads can abort there
+    exit_process(main())
