@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import dgc
-from launch.distenv import exit_process
+from launch.distenv import exit_process, quiesce
 from launch.models import ModelConfig, build_model
 
 
@@ -75,6 +75,7 @@ def main(argv=None) -> int:
           f"DGC overhead (ms) | overhead / backward |\n|---|---|---|---|---|---|\n"
           f"| {cfg.name} {cfg.width}x{cfg.depth} on {shape} | {params / 1e6:.1f}M | {1e3 * d:.1f} | "
           f"{1e3 * c:.1f} | {1e3 * (c - d):.1f} | {(c - d) / d:.1%} |")
+    quiesce()
     dist.destroy_process_group()
     return 0
 

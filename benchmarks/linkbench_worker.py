@@ -23,7 +23,6 @@ import datetime
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -37,7 +36,7 @@ import sparse_train
 from launch.comm import (CountingAllreduceState, HierarchicalAllreduceState, TorchHookState,
                          counted_torch_hook, counting_allreduce_hook,
                          hierarchical_allreduce_hook)
-from launch.distenv import exit_process
+from launch.distenv import exit_process, quiesce
 from launch.models import ModelConfig, build_model
 
 MODELS = {  # name -> (ModelConfig, input shape); inputs are synthetic, 10 classes
@@ -357,7 +356,7 @@ def main(argv=None) -> int:
         out = {"world_size": world, "model": args.model, "results": results}
     if rank == 0:
         args.out.write_text(json.dumps(out))
-    dist.barrier()
+    quiesce()
     dist.destroy_process_group()
     return 0
 

@@ -53,6 +53,11 @@ class DGCStats:
     """The part of ``bytes_sent`` on links between nodes."""
     bytes_dense: float = 0.0
     """Wire bytes plain DDP would have sent: one allreduce of each bucket as it is."""
+    bytes_dense_tensors: float = 0.0
+    """The part of ``bytes_sent`` that carried the tensors a compressed bucket sends whole
+    beside its pairs (1-D and small ones: ``dgc.plan``'s dense slots). Under Horovod, where
+    each tensor is its own message, every tensor sent whole (all of them while the density
+    warm-up sends everything)."""
     sparse_buckets: int = 0
     dense_buckets: int = 0
     nonfinite_buckets: int = 0
@@ -235,7 +240,7 @@ class DGCState(Compressor):
         s = self.stats
         return {"steps": s.steps, "density": self.density, "bytes_sent": s.bytes_sent,
                 "bytes_intra_node": s.bytes_intra, "bytes_inter_node": s.bytes_inter,
-                "bytes_dense": s.bytes_dense,
+                "bytes_dense": s.bytes_dense, "bytes_dense_tensors": s.bytes_dense_tensors,
                 "compression_ratio": s.bytes_dense / s.bytes_sent if s.bytes_sent else 1.0,
                 "sparse_buckets": s.sparse_buckets, "dense_buckets": s.dense_buckets,
                 "nonfinite_buckets": s.nonfinite_buckets}

@@ -129,6 +129,7 @@ class DistributedOptimizer:
         s = self.stats
         return {"steps": s.steps, "density": self.compressor.density,
                 "bytes_sent": s.bytes_sent, "bytes_dense": s.bytes_dense,
+                "bytes_dense_tensors": s.bytes_dense_tensors,
                 "compression_ratio": s.bytes_dense / s.bytes_sent if s.bytes_sent else 1.0}
 
     # -- communication -----------------------------------------------------------------------
@@ -166,8 +167,9 @@ class DistributedOptimizer:
         else:
             self.stats.density[name] = 1.0
             dense = g.to(value_dtype)
-            account(self.stats, allreduce_bytes(dense.nbytes, c.world_size), c.world_size,
-                    self._nodes)
+            wire_bytes = allreduce_bytes(dense.nbytes, c.world_size)
+            account(self.stats, wire_bytes, c.world_size, self._nodes)
+            self.stats.bytes_dense_tensors += wire_bytes
             handle = hvd.allreduce_async(dense, op=hvd.Sum, name=f"dgc.dense.{name}")
             self._pending[name] = (handle, None)
 

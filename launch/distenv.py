@@ -22,6 +22,7 @@ import datetime
 import os
 import re
 import socket
+import time
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -337,17 +338,30 @@ def node_layout(local_ranks: list[int]) -> tuple[int, int | None]:
     return nodes, per_node
 
 
-def exit_process(code: int) -> None:
-    """End a rank's process with ``code`` once its work and output are done, skipping the
-    interpreter's teardown.
+def quiesce() -> None:
+    """Let the process group's threads finish with Python before the group is torn down.
 
     A communication hook's future completes on a Gloo worker thread, which then takes the
-    GIL to drop the hook's Python callback. If the main thread is already finalising the
-    interpreter, that thread is unwound by ``pthread_exit`` and the C++ runtime aborts
-    ("terminate called without an active exception", exit -6): a finished run reported as
-    failed. Seen in CI under load, with the process group destroyed (pytorch/pytorch#179291
-    describes the same teardown race). Flushing and leaving with ``os._exit`` closes it.
-    """
+    GIL to drop the hook's Python callback. Two endings go wrong if that thread is still
+    waiting for the GIL (seen under load on 2 cores, 1 run in 20 to 40):
+    - the main thread destroys the group while holding the GIL: the destructor joins the
+      worker thread, which waits for the GIL: a deadlock (a ``DistributedDataParallel``
+      freed after ``destroy_process_group`` drops the last reference this way);
+    - the interpreter is finalising: the thread is unwound by ``pthread_exit`` and the C++
+      runtime aborts ("terminate called without an active exception", exit -6; the same
+      teardown race as pytorch/pytorch#179291).
+    A barrier waits for every earlier collective (Gloo's barrier does), with the GIL
+    released; the pause then hands the GIL to a thread still holding a callback. Call it on
+    every rank after the last step, on the success path only (a barrier with a rank gone
+    would wait for the timeout)."""
+    if dist.is_initialized():
+        dist.barrier()
+        time.sleep(0.2)
+
+
+def exit_process(code: int) -> None:
+    """End a rank's process with ``code`` once its work and output are done, skipping the
+    interpreter's teardown (where a Gloo thread can still abort: see ``quiesce``)."""
     import logging
     import sys
 

@@ -423,7 +423,9 @@ def run(cfg: Config, env: distenv.DistEnv, resume_from: str | Path | None, devic
         return {tracking.BYTES_AXIS: comm.stats.bytes_sent,
                 "comm/bytes_dense_cum": comm.stats.bytes_dense,
                 "comm/bytes_intra_node_cum": comm.stats.bytes_intra,
-                "comm/bytes_inter_node_cum": comm.stats.bytes_inter}
+                "comm/bytes_inter_node_cum": comm.stats.bytes_inter,
+                **({"comm/bytes_dense_tensors_cum": comm.stats.bytes_dense_tensors}
+                   if hasattr(comm.stats, "bytes_dense_tensors") else {})}
 
     show_bars = rank0 and sys.stderr.isatty()  # logs of batch jobs stay readable
     started = time.perf_counter() - progress["wall_time_s"]
@@ -511,6 +513,8 @@ def run(cfg: Config, env: distenv.DistEnv, resume_from: str | Path | None, devic
         "steps": step, "world_size": env.world_size,
         "wall_time_s": time.perf_counter() - started,
         "comm_bytes_sent": comm.stats.bytes_sent, "comm_bytes_dense": comm.stats.bytes_dense,
+        # DGC only: the bytes of the tensors sent whole beside the pairs (1-D and small ones)
+        "comm_bytes_dense_tensors": getattr(comm.stats, "bytes_dense_tensors", None),
         "comm_bytes_intra_node": comm.stats.bytes_intra,
         "comm_bytes_inter_node": comm.stats.bytes_inter,
         "compression_ratio": comm.stats.bytes_dense / comm.stats.bytes_sent
@@ -550,6 +554,7 @@ def main(argv=None) -> int:
     device = distenv.init(env)
     try:
         summary = run(cfg, env, resume_from, device)
+        distenv.quiesce()
     except ConfigError as err:  # e.g. a sparsity layer pattern that matches no parameter
         print(f"launch.train: error: {err}", file=sys.stderr)
         return 2

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import dgc
 import sparse_train
-from launch.distenv import exit_process
+from launch.distenv import exit_process, quiesce
 from tests.sparse_helpers import SCHEDULES
 
 STEPS, BUCKET_MB = 10, 0.001
@@ -151,5 +151,5 @@ def main(out: Path) -> None:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     main(Path(sys.argv[1]))
-    dist.destroy_process_group()  # Accelerate leaves the group it joined alive
-    exit_process(0)  # no teardown: Gloo's threads can abort there (launch/distenv.py)
+    quiesce()
+    exit_process(0)  # no teardown: a Gloo thread can abort there (launch/distenv.py)

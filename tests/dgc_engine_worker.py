@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dgc  # noqa: E402
 import dgc.horovod  # noqa: E402  (imports Horovod only when used)
 import sparse_train  # noqa: E402
+from launch.distenv import exit_process, quiesce  # noqa: E402
 
 DGC = dict(density=0.01, warmup_epochs=0, value_dtype="fp16", min_numel=256,
            dense_fallback=False, clip_norm=5.0)
@@ -85,10 +86,9 @@ def main() -> int:
                     "bytes_sent": stats.bytes_sent, "bytes_dense": stats.bytes_dense,
                     "world_size": size}, args.out)
     if args.engine == "ddp":
-        dist.destroy_process_group()
+        quiesce()
     return 0
 
 
 if __name__ == "__main__":
-    from launch.distenv import exit_process  # no teardown: Gloo's threads can abort there
-    exit_process(main())
+    exit_process(main())  # no teardown: a Gloo thread can abort there (launch/distenv.py)

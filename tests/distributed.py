@@ -16,6 +16,8 @@ import traceback
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from launch.distenv import quiesce
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -33,6 +35,7 @@ def _worker(rank, world_size, port, fn, args, queue, collective_timeout):
                                 timeout=datetime.timedelta(seconds=collective_timeout))
         try:
             result = fn(rank, world_size, *args)
+            quiesce()  # else destroying the group can deadlock (launch/distenv.py)
         finally:
             dist.destroy_process_group()
         queue.put((rank, True, result))

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 import dgc
 import sparse_train
 from dgc.lightning import DGCStrategy
-from launch.distenv import exit_process
+from launch.distenv import exit_process, quiesce
 from sparse_train.lightning import SparsityCallback
 from tests.sparse_helpers import SCHEDULES
 
@@ -166,6 +166,5 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     main(sys.argv[1], Path(sys.argv[2]))
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    exit_process(0)  # no teardown: Gloo's threads can abort there (launch/distenv.py)
+    quiesce()
+    exit_process(0)  # no teardown: a Gloo thread can abort there (launch/distenv.py)

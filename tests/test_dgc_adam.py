@@ -1,7 +1,6 @@
 """DGC with Adam and AdamW on 2 real Gloo ranks: the dense warm-up is DDP + AdamW, the frozen
 phase is Adam with a frozen variance, ranks agree, resume is bitwise; the launcher runs
 AdamW + DGC with bf16 autocast and gradient accumulation."""
-import copy
 import math
 
 import pytest
@@ -10,6 +9,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import dgc
+from tests.dgc_helpers import resumed
 from tests.distributed import run_ranks
 from tests.launch_helpers import REPO, read_run, train
 from tests.test_dgc_distributed import MLP, _flat, _train
@@ -82,20 +82,9 @@ def _agree_and_resume_rank(rank, world_size, mode, cls):
                            warmup_epochs=0, min_numel=100)
         return model, ddp, opt, state
 
-    model, ddp, opt, state = fresh(0)
-    _train(ddp, opt, 12, rank)
-    uninterrupted = _flat(model)
+    uninterrupted, model, state = resumed(fresh, rank, steps=12, at=7)
     everyone = [torch.empty_like(uninterrupted) for _ in range(world_size)]
     torch.distributed.all_gather(everyone, uninterrupted)
-    model, ddp, opt, state = fresh(0)
-    _train(ddp, opt, 7, rank)
-    saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(),
-                           "dgc": state.state_dict()})
-    model, ddp, opt, state = fresh(1)
-    model.load_state_dict(saved["model"])
-    opt.load_state_dict(saved["opt"])
-    state.load_state_dict(saved["dgc"])
-    _train(ddp, opt, 5, rank, start=7)
     return (all(torch.equal(everyone[0], e) for e in everyone),
             torch.equal(_flat(model), uninterrupted), state.stats.sparse_buckets > 0,
             torch.isfinite(uninterrupted).all().item())

@@ -14,7 +14,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import dgc
-from dgc import codec
+from dgc import codec, wire
 from dgc.schedule import topk_count
 from tests.distributed import run_ranks
 
@@ -309,6 +309,27 @@ def test_ranks_agree_and_bytes_match_collectives(world_size):
     assert results[0][0]["dense"] > 0
 
 
+def _dense_tensor_bytes_rank(rank, world_size):
+    model = MLP()
+    ddp = DDP(model, bucket_cap_mb=100)  # one bucket: its pairs and its whole tensors
+    opt = _sgd(model, momentum=0.9)
+    state = dgc.attach(ddp, opt, density=0.02, warmup_epochs=0, value_dtype="fp16",
+                       min_numel=MIN_NUMEL, dense_fallback=False, exchange="allgather")
+    _train(ddp, opt, 3, rank, state=state)
+    whole = sum(p.numel() for n, p in model.named_parameters() if state.stats.density[n] == 1.0)
+    return (state.stats.bytes_dense_tensors, state.stats.bytes_sent, whole,
+            state.compression_stats()["bytes_dense_tensors"])
+
+
+def test_the_tensors_sent_whole_are_counted_apart_from_the_pairs():
+    """The 1-D and small tensors of a compressed bucket go in one fp16 allreduce beside the
+    pairs; their wire bytes are ``bytes_dense_tensors``, a part of ``bytes_sent``."""
+    for counted, sent, whole, logged in run_ranks(_dense_tensor_bytes_rank, 2, timeout=120):
+        assert whole > 0
+        assert counted == logged == 3 * wire.allreduce_bytes(2 * whole, 2)
+        assert 0 < counted < sent
+
+
 # -- resume ---------------------------------------------------------------------------------
 
 
@@ -336,9 +357,10 @@ def _resume_rank(rank, world_size):
     _train(ddp, opt, 7, rank, start=13, state=state)
     resumed = _flat(model)
     # DDP's first iteration after a restart uses its initial bucket layout, so only the
-    # per-bucket counters may differ
+    # per-bucket counters may differ (and the whole tensors' bytes: whether a tensor went
+    # whole beside pairs or in a bucket sent dense depends on its bucket)
     resumed_state = state.state_dict()
-    for counter in ("sparse_buckets", "dense_buckets"):
+    for counter in ("sparse_buckets", "dense_buckets", "bytes_dense_tensors"):
         del uninterrupted_state["stats"][counter], resumed_state["stats"][counter]
     return ((resumed - uninterrupted).abs().max().item(),
             _differences(resumed_state, uninterrupted_state),
@@ -384,7 +406,8 @@ def _fresh_ddp_resume_rank(rank, world_size):
     run(ddp, opt, 10, 5)
     resumed_state = state.state_dict()
     for s in (resumed_state, uninterrupted_state):
-        del s["stats"]["sparse_buckets"], s["stats"]["dense_buckets"]
+        for counter in ("sparse_buckets", "dense_buckets", "bytes_dense_tensors"):
+            del s["stats"][counter]
     return (torch.equal(_flat(model), uninterrupted),
             _differences(resumed_state, uninterrupted_state), ddp.bucket_bytes_cap)
 

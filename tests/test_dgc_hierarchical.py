@@ -4,11 +4,11 @@ import copy
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import dgc
 from dgc.transport.hierarchical import piece_bounds
+from tests.dgc_helpers import recording_hook
 from tests.distributed import run_ranks
 from tests.test_dgc_distributed import MLP, _flat, _sgd, _train
 
@@ -84,7 +84,6 @@ def _conservation_rank(rank, world_size):
     torch.manual_seed(0)
     model = MLP(wide=True)
     ddp = DDP(model, bucket_cap_mb=BUCKET_MB)
-    names = {id(p): n for n, p in model.named_parameters()}
     shapes = {n: p.shape for n, p in model.named_parameters()}
     # sorted: a set's order differs between processes, and the all_reduces below must not
     compressed = sorted(n for n, s in shapes.items() if len(s) > 1 and s.numel() >= 100)
@@ -92,21 +91,7 @@ def _conservation_rank(rank, world_size):
                          momentum_masking=False, value_dtype="fp16", **HIER)
     raw, out = {}, {}
 
-    def recording_hook(state, bucket):
-        bucket_names = [names[id(p)] for p in bucket.parameters()]
-        raw.update((n, g.detach().clone().reshape(-1))
-                   for n, g in zip(bucket_names, bucket.gradients()))
-
-        def keep(fut):
-            result = fut.value()
-            offset = 0
-            for n in bucket_names:
-                out[n] = result[offset:offset + shapes[n].numel()].clone()
-                offset += shapes[n].numel()
-            return result
-        return dgc.dgc_hook(state, bucket).then(keep)
-
-    ddp.register_comm_hook(state, recording_hook)
+    ddp.register_comm_hook(state, recording_hook(model, raw, out))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     total_u = {n: torch.zeros(shapes[n].numel()) for n in compressed}
     u = {n: torch.zeros(shapes[n].numel()) for n in compressed}

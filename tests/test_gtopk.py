@@ -12,6 +12,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import dgc
 from dgc.transport.gtopk import merge
 from sparse_comm.schema import ConfigError
+from tests.dgc_helpers import one_tensor_dgc
 from tests.distributed import run_ranks
 from tests.test_sparse_allreduce import SPARSE, _all_rank
 
@@ -62,11 +63,7 @@ def test_nothing_is_lost_ranks_agree_sgd_at_density_one_and_resume_is_bitwise(wo
 
 
 def _bytes_rank(rank, world_size, numel, density):
-    model = torch.nn.Linear(numel // 1000, 1000, bias=False)
-    ddp = DDP(model, bucket_cap_mb=1000)
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    state = dgc.attach(ddp, opt, density=density, value_dtype="fp16", index_dtype="int32",
-                       exchange="gtopk", **SPARSE)
+    ddp, state = one_tensor_dgc(numel, density, "gtopk", **SPARSE)
     sizes = []
     real = dist.batch_isend_irecv
 

@@ -1,8 +1,6 @@
 """The sparse allreduce on real Gloo ranks at p = 2, 3, 4 and 8: nothing lost over all ranks
 (what was applied plus every residual is the sum of the momentum-corrected gradients),
 ranks identical, resume bitwise, SGD at density 1; and its bytes at the collectives."""
-import copy
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -10,6 +8,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import dgc
 from dgc.transport.sparse_allreduce import capacities
+from tests.dgc_helpers import one_tensor_dgc, recording_hook, resumed
 from tests.distributed import run_ranks
 from tests.test_dgc_distributed import MLP, _flat, _sgd, _train
 
@@ -20,7 +19,6 @@ def _conservation_rank(rank, world_size, capacity, value_dtype, exchange="sparse
     torch.manual_seed(0)
     model = MLP(wide=True)
     ddp = DDP(model, bucket_cap_mb=0.5)
-    names = {id(p): n for n, p in model.named_parameters()}
     shapes = {n: p.shape for n, p in model.named_parameters()}
     compressed = sorted(n for n, s in shapes.items() if len(s) > 1 and s.numel() >= 100)
     state = dgc.DGCState(model=ddp, momentum=0.9, density=0.05, momentum_masking=False,
@@ -28,21 +26,7 @@ def _conservation_rank(rank, world_size, capacity, value_dtype, exchange="sparse
                          exchange=exchange, **SPARSE)
     raw, out = {}, {}
 
-    def recording_hook(state, bucket):
-        bucket_names = [names[id(p)] for p in bucket.parameters()]
-        raw.update((n, g.detach().clone().reshape(-1))
-                   for n, g in zip(bucket_names, bucket.gradients()))
-
-        def keep(fut):
-            result = fut.value()
-            offset = 0
-            for n in bucket_names:
-                out[n] = result[offset:offset + shapes[n].numel()].clone()
-                offset += shapes[n].numel()
-            return result
-        return dgc.dgc_hook(state, bucket).then(keep)
-
-    ddp.register_comm_hook(state, recording_hook)
+    ddp.register_comm_hook(state, recording_hook(model, raw, out))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     u = {n: torch.zeros(shapes[n].numel()) for n in compressed}
     total_u = {n: torch.zeros(shapes[n].numel()) for n in compressed}
@@ -106,27 +90,12 @@ def _equivalence_and_resume_rank(rank, world_size, exchange="sparse_allreduce"):
         return model, ddp, opt, dgc.attach(ddp, opt, density=0.03, exchange=exchange,
                                            **SPARSE)
 
-    model, ddp, opt, state = fresh(0)
-    _train(ddp, opt, 12, rank)
-    uninterrupted = _flat(model)
-    model, ddp, opt, state = fresh(0)
-    _train(ddp, opt, 5, rank)
-    saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(),
-                           "dgc": state.state_dict()})
-    model, ddp, opt, state = fresh(1)
-    model.load_state_dict(saved["model"])
-    opt.load_state_dict(saved["opt"])
-    state.load_state_dict(saved["dgc"])
-    _train(ddp, opt, 7, rank, start=5)
+    uninterrupted, model, state = resumed(fresh, rank, steps=12, at=5)
     return worst, torch.equal(_flat(model), uninterrupted), state.stats.sparse_buckets
 
 
 def _bytes_rank(rank, world_size, numel, density):
-    model = torch.nn.Linear(numel // 1000, 1000, bias=False)
-    ddp = DDP(model, bucket_cap_mb=1000)
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    state = dgc.attach(ddp, opt, density=density, value_dtype="fp16", index_dtype="int32",
-                       exchange="sparse_allreduce", **SPARSE)
+    ddp, state = one_tensor_dgc(numel, density, "sparse_allreduce", **SPARSE)
     sizes = []
     real = dist.all_to_all_single, dist.all_gather_single, dist.all_reduce
 

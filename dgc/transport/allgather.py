@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor
 
-from dgc import codec
+from dgc import codec, wire
 from dgc.collectives import Group
 from dgc.plan import Plan, Slot
 from sparse_train.live import gather_live, scatter_live_
@@ -57,7 +57,9 @@ def start_dense(group: Group, plan: Plan, flat: Tensor, positions: Mapping[str, 
     if not slots:
         return [], None, []
     dense = live_entries(flat, slots, positions, plan.layout.value_dtype)
-    return slots, dense, [group.allreduce(dense)]
+    future = group.allreduce(dense)
+    group.owner.stats.bytes_dense_tensors += wire.allreduce_bytes(dense.nbytes, group.size)
+    return slots, dense, [future]
 
 
 def put_back_(flat: Tensor, slots: Iterable[Slot], positions: Mapping[str, Tensor],
