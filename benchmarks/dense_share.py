@@ -34,8 +34,9 @@ RUNS = [  # name, config, processes, overrides
 def per_step(run_dir: Path) -> dict[str, float]:
     """Bytes per step between the last two records (both after the dense Adam step)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if "comm/bytes_dense_tensors_cum" in r and "train/step" in r]
-    a, b = rows[-2], rows[-1]
+    by_step = {r["train/step"]: r for r in rows
+               if "comm/bytes_dense_tensors_cum" in r and "train/step" in r}
+    a, b = (by_step[s] for s in sorted(by_step)[-2:])
     steps = b["train/step"] - a["train/step"]
     return {key: (b[f"comm/{key}_cum"] - a[f"comm/{key}_cum"]) / steps
             for key in ("bytes_sent", "bytes_dense", "bytes_dense_tensors")}
