@@ -33,23 +33,28 @@ def recording_hook(model: torch.nn.Module, raw: dict, out: dict):
     return hook
 
 
-def resumed(fresh, rank: int, steps: int, at: int) -> tuple[torch.Tensor, torch.nn.Module, object]:
+def resumed(fresh, rank: int, steps: int, at: int, epochs: bool = False
+            ) -> tuple[torch.Tensor, torch.nn.Module, object]:
     """Train ``steps`` steps without a break, then again from ``fresh(0)`` for ``at`` steps,
     through a state_dict round trip into ``fresh(1)`` (other weights, empty state), and on to
-    ``steps``. ``fresh(seed)`` returns (model, ddp, optimizer, DGC state). Returns the flat
-    uninterrupted parameters, the resumed model and its DGC state."""
+    ``steps``. ``fresh(seed)`` returns (model, ddp, optimizer, DGC state); with ``epochs``
+    the state is told the epoch (its warm-up moves). Returns the flat uninterrupted
+    parameters, the resumed model and its DGC state."""
+    def train(ddp, opt, state, n, start=0):
+        _train(ddp, opt, n, rank, start=start, state=state if epochs else None)
+
     model, ddp, opt, state = fresh(0)
-    _train(ddp, opt, steps, rank)
+    train(ddp, opt, state, steps)
     uninterrupted = _flat(model)
     model, ddp, opt, state = fresh(0)
-    _train(ddp, opt, at, rank)
+    train(ddp, opt, state, at)
     saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(),
                            "dgc": state.state_dict()})
     model, ddp, opt, state = fresh(1)
     model.load_state_dict(saved["model"])
     opt.load_state_dict(saved["opt"])
     state.load_state_dict(saved["dgc"])
-    _train(ddp, opt, steps - at, rank, start=at)
+    train(ddp, opt, state, steps - at, start=at)
     return uninterrupted, model, state
 
 

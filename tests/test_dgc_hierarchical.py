@@ -1,6 +1,5 @@
 """Hierarchical DGC on 4 real Gloo ranks as 2 nodes x 2: SGD at density 1, nothing lost per
 shard, ranks agree, resume, one rank per node is flat DGC, bytes by link class."""
-import copy
 
 import torch
 import torch.distributed as dist
@@ -8,7 +7,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import dgc
 from dgc.transport.hierarchical import piece_bounds
-from tests.dgc_helpers import recording_hook
+from tests.dgc_helpers import recording_hook, resumed
 from tests.distributed import run_ranks
 from tests.test_dgc_distributed import MLP, _flat, _sgd, _train
 
@@ -130,18 +129,7 @@ def _resume_rank(rank, world_size):
         opt = _sgd(model, momentum=0.9, weight_decay=1e-3)
         return model, ddp, opt, dgc.attach(ddp, opt, density=0.02, warmup_densities=[0.3],
                                            **HIER)
-    model, ddp, opt, state = fresh(0)
-    _train(ddp, opt, 14, rank, state=state)
-    uninterrupted = _flat(model)
-    model, ddp, opt, state = fresh(0)
-    _train(ddp, opt, 7, rank, state=state)
-    saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(),
-                           "dgc": state.state_dict()})
-    model, ddp, opt, state = fresh(1)
-    model.load_state_dict(saved["model"])
-    opt.load_state_dict(saved["opt"])
-    state.load_state_dict(saved["dgc"])
-    _train(ddp, opt, 7, rank, start=7, state=state)
+    uninterrupted, model, _ = resumed(fresh, rank, steps=14, at=7, epochs=True)
     return torch.equal(_flat(model), uninterrupted)
 
 
