@@ -356,6 +356,7 @@ def main(argv=None) -> int:
         out = {"world_size": world, "model": args.model, "results": results}
     if rank == 0:
         args.out.write_text(json.dumps(out))
+    dist.barrier()
     quiesce()
     dist.destroy_process_group()
     return 0

@@ -350,12 +350,11 @@ def quiesce() -> None:
     - the interpreter is finalising: the thread is unwound by ``pthread_exit`` and the C++
       runtime aborts ("terminate called without an active exception", exit -6; the same
       teardown race as pytorch/pytorch#179291).
-    A barrier waits for every earlier collective (Gloo's barrier does), with the GIL
-    released; the pause then hands the GIL to a thread still holding a callback. Call it on
-    every rank after the last step, on the success path only (a barrier with a rank gone
-    would wait for the timeout)."""
+    Call it once the last collective has been waited for (DDP waits for its hooks' futures
+    before backward returns): the pause releases the GIL and so hands it to a thread still
+    holding a callback. It starts no collective, so a rank may call it while another has
+    failed."""
     if dist.is_initialized():
-        dist.barrier()
         time.sleep(0.2)
 
 
@@ -366,6 +365,9 @@ def exit_process(code: int) -> None:
     import sys
 
     logging.shutdown()
+    mpi = sys.modules.get("mpi4py.MPI")  # mpirun reports a rank that skips MPI_Finalize
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
