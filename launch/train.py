@@ -424,8 +424,12 @@ def run(cfg: Config, env: distenv.DistEnv, resume_from: str | Path | None, devic
                 "comm/bytes_dense_cum": comm.stats.bytes_dense,
                 "comm/bytes_intra_node_cum": comm.stats.bytes_intra,
                 "comm/bytes_inter_node_cum": comm.stats.bytes_inter,
-                **({"comm/bytes_dense_tensors_cum": comm.stats.bytes_dense_tensors}
-                   if hasattr(comm.stats, "bytes_dense_tensors") else {})}
+                **({"comm/bytes_dense_tensors_cum": dense_tensor_bytes()}
+                   if dense_tensor_bytes() is not None else {})}
+
+    def dense_tensor_bytes() -> float | None:
+        """DGC only: the bytes of the tensors sent whole beside the pairs (1-D, small)."""
+        return getattr(comm.stats, "bytes_dense_tensors", None)
 
     show_bars = rank0 and sys.stderr.isatty()  # logs of batch jobs stay readable
     started = time.perf_counter() - progress["wall_time_s"]
@@ -513,8 +517,7 @@ def run(cfg: Config, env: distenv.DistEnv, resume_from: str | Path | None, devic
         "steps": step, "world_size": env.world_size,
         "wall_time_s": time.perf_counter() - started,
         "comm_bytes_sent": comm.stats.bytes_sent, "comm_bytes_dense": comm.stats.bytes_dense,
-        # DGC only: the bytes of the tensors sent whole beside the pairs (1-D and small ones)
-        "comm_bytes_dense_tensors": getattr(comm.stats, "bytes_dense_tensors", None),
+        "comm_bytes_dense_tensors": dense_tensor_bytes(),
         "comm_bytes_intra_node": comm.stats.bytes_intra,
         "comm_bytes_inter_node": comm.stats.bytes_inter,
         "compression_ratio": comm.stats.bytes_dense / comm.stats.bytes_sent

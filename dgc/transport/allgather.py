@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor
 
-from dgc import codec, wire
+from dgc import codec
 from dgc.collectives import Group
 from dgc.plan import Plan, Slot
 from sparse_train.live import gather_live, scatter_live_
@@ -57,8 +57,10 @@ def start_dense(group: Group, plan: Plan, flat: Tensor, positions: Mapping[str, 
     if not slots:
         return [], None, []
     dense = live_entries(flat, slots, positions, plan.layout.value_dtype)
+    stats = group.owner.stats
+    before = stats.bytes_sent
     future = group.allreduce(dense)
-    group.owner.stats.bytes_dense_tensors += wire.allreduce_bytes(dense.nbytes, group.size)
+    stats.bytes_dense_tensors += stats.bytes_sent - before  # what the group just counted
     return slots, dense, [future]
 
 
