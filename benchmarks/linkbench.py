@@ -337,17 +337,23 @@ def step_table(run: dict) -> list[str]:
     rows = {r["scheme"]: r for r in run["results"]}
     dense = rows.get("dense", {}).get("step_median_s")
     floor = rows.get("nocomm", {}).get("step_median_s")
-    lines = [f"**{run['model']}, {run['rate'] or 'loopback'}, p = {run['world_size']}** "
+    nodes = run.get("ranks_per_node", 1) > 1  # the two-node testbed: bytes by link class
+    lines = [f"**{run['model']}, {run['rate'] or 'loopback'}, p = {run['world_size']}"
+             + (f" as {run['world_size'] // run['ranks_per_node']} nodes x "
+                f"{run['ranks_per_node']}" if nodes else "") + "** "
              f"(load average {run['load'][0]:.1f} before, {run['load'][1]:.1f} after)", "",
              "| scheme | step (ms, median) | speedup over dense | x compute floor "
-             "| MB sent / rank / step | comm, replayed (ms) |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| MB sent / rank / step |" + (" of which between nodes |" if nodes else "")
+             + " comm, replayed (ms) |",
+             "|---|---:|---:|---:|---:|" + ("---:|" if nodes else "") + "---:|"]
     for scheme, r in rows.items():
         step = r["step_median_s"]
         lines.append(f"| {LABELS.get(scheme, scheme)} | {_ms(step)} | "
                      f"{f'{dense / step:.2f}x' if dense else ''} | "
                      f"{f'{step / floor:.2f}x' if floor else ''} | "
-                     f"{r['bytes_per_step'] / 1e6:.4g} | {_ms(r['replay_median_s'])} |")
+                     f"{r['bytes_per_step'] / 1e6:.4g} | "
+                     + (f"{r.get('bytes_inter_per_step', 0.0) / 1e6:.4g} | " if nodes else "")
+                     + f"{_ms(r['replay_median_s'])} |")
     return lines
 
 
@@ -403,10 +409,36 @@ def model_note(run: dict) -> str:
             f" us per collective){probed}")
 
 
+def hierarchical_goals(run: dict) -> list[str]:
+    """Issue 15's bars on the two-node testbed: hierarchical DGC's step against flat DGC's
+    and hierarchical dense's, and its bytes between nodes against flat DGC's over the ranks
+    per node, plus the tensors DGC sends whole (an upper bound of their share)."""
+    rows = {r["scheme"]: r for r in run["results"]}
+    per_node = run.get("ranks_per_node", 1)
+    if per_node == 1 or not {"dgc", "dgc-hier", "hierdense"} <= set(rows):
+        return []
+    step = {scheme: r["step_median_s"] for scheme, r in rows.items()}
+    hier, flat = rows["dgc-hier"], rows["dgc"]
+    bound = flat["bytes_inter_per_step"] / per_node + hier["bytes_whole_per_step"]
+    checks = [("hierarchical DGC's step faster than flat DGC's", step["dgc"] / step["dgc-hier"]),
+              ("hierarchical DGC's step faster than hierarchical dense's",
+               step["hierdense"] / step["dgc-hier"])]
+    lines = [f"- {what}: {value:.2f}x, {'met' if value > 1 else 'not met'}"
+             for what, value in checks]
+    lines.append(f"- bytes between nodes per rank and step: hierarchical DGC "
+                 f"{hier['bytes_inter_per_step'] / 1e3:.4g} kB, flat DGC "
+                 f"{flat['bytes_inter_per_step'] / 1e3:.4g} kB; bound (flat / {per_node} + "
+                 f"{hier['bytes_whole_per_step'] / 1e3:.4g} kB of tensors sent whole) "
+                 f"{bound / 1e3:.4g} kB: "
+                 f"{'met' if hier['bytes_inter_per_step'] <= bound else 'not met'}")
+    return lines
+
+
 def report(run: dict) -> list[str]:
     lines = step_table(run)
     if run["model"] == "wide_mlp" and run["rate"] == "100mbit":
-        lines += [""] + goals(run)
+        lines += [""] + (hierarchical_goals(run) if run.get("ranks_per_node", 1) > 1
+                         else goals(run))
     return lines + ["", model_note(run), ""] + MODEL_HEADER + model_rows(run)
 
 

@@ -296,10 +296,10 @@ def run_scheme(scheme: str, args) -> dict:
     loss_fn = nn.CrossEntropyLoss()
     warmup = max(args.warmup, POWERSGD_START + 1) if scheme.startswith("powersgd") \
         else args.warmup
-    times, sent, calls = [], [], []
+    times, sent, inter, whole, calls = [], [], [], [], []
     for step in range(warmup + args.steps):
         last = step == warmup + args.steps - 1
-        before = state.stats.bytes_sent if state.stats is not None else 0.0
+        before = _counted(state)
         dist.barrier()
         start = time.perf_counter()
         with recording(calls) if last else contextlib.nullcontext():
@@ -309,15 +309,30 @@ def run_scheme(scheme: str, args) -> dict:
         elapsed = time.perf_counter() - start
         if step >= warmup:
             times.append(elapsed)
-            sent.append((state.stats.bytes_sent - before) if state.stats is not None else 0.0)
+            after = _counted(state)
+            sent.append(after[0] - before[0])
+            inter.append(after[1] - before[1])
+            whole.append(after[2] - before[2])
     del ddp, opt, state
     replayed, probes = replay(calls, args.replay, args.replay_budget) if calls else ([], [])
     return {"scheme": scheme, "warmup": warmup, "step_s": times,
             "step_median_s": statistics.median(times),
             "bytes_per_step": statistics.median(sent), "bytes_min": min(sent),
-            "bytes_max": max(sent), "collectives": calls, "replay_s": replayed,
+            "bytes_max": max(sent), "bytes_inter_per_step": statistics.median(inter),
+            "bytes_whole_per_step": statistics.median(whole),
+            "collectives": calls, "replay_s": replayed,
             "replay_median_s": statistics.median(replayed) if replayed else 0.0,
             "probe_s": probes, "probe_median_s": statistics.median(probes) if probes else None}
+
+
+def _counted(state) -> tuple[float, float, float]:
+    """(bytes sent, of which between nodes, of which DGC's tensors sent whole) so far by
+    this rank, as the scheme counts them."""
+    stats = getattr(state, "stats", None)
+    if stats is None:
+        return 0.0, 0.0, 0.0
+    return (stats.bytes_sent, getattr(stats, "bytes_inter", 0.0),
+            getattr(stats, "bytes_dense_tensors", 0.0))
 
 
 def main(argv=None) -> int:
