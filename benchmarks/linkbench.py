@@ -35,6 +35,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import math
 import os
 import platform
 import signal
@@ -52,9 +53,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks import netns  # noqa: E402
-from benchmarks.linkbench_worker import (CALIBRATION, DGC_OPTIONS, MODELS,  # noqa: E402
-                                         ONE_BUCKET_MB, POWERSGD_START, PROBE, SCHEMES,
-                                         parse_scheme)
+from benchmarks.linkbench_worker import (CALIBRATION, DGC_OPTIONS,  # noqa: E402
+                                         INTRA_CALIBRATION, MODELS, ONE_BUCKET_MB,
+                                         POWERSGD_START, PROBE, SCHEMES, parse_scheme)
 from dgc.options import DGCOptions  # noqa: E402
 from launch.costmodel import traffic as tr  # noqa: E402
 from launch.costmodel.collectives import (ring_hops, sequence_time,  # noqa: E402
@@ -239,7 +240,7 @@ def calibration_rows(runs: list[dict], overhead: float = 0.0, alpha: float = 0.0
     time with this ``overhead`` per collective and ``alpha`` per hop."""
     rows = []
     for run in runs:
-        p, preset = run["world_size"], load_cluster(PRESETS[run["rate"]])
+        p, preset = run["world_size"], preset_of(run["rate"], run.get("ranks_per_node", 1))
         link = with_link(preset, latency_us=alpha * 1e6, overhead_us=overhead * 1e6)
         for shape, calls in CALIBRATION.items():
             collectives = _collectives(calls)
@@ -464,6 +465,10 @@ def parse(argv) -> argparse.Namespace:
     p.add_argument("--calibrate", action="store_true",
                    help="measure no model: time 1 KiB collectives alone and back to back, "
                         "--replay rounds, and fit the links' overhead and latency")
+    p.add_argument("--calibrate-intra", action="store_true",
+                   help="measure no model: on the two-node testbed (--ranks-per-node), time "
+                        "the node groups' reduce-scatters and allgathers of 1 KiB to 64 MiB and "
+                        "fit the intra-node link's bandwidth")
     p.add_argument("--quick", action="store_true",
                    help="tiny model, a few steps, p = 2: checks that the script runs")
     p.add_argument("--no-net", action="store_true",
@@ -546,6 +551,8 @@ def main(argv=None) -> int:
     started = datetime.datetime.now()
     if args.calibrate:
         return calibrate(args, argv, started)
+    if args.calibrate_intra:
+        return calibrate_intra(args, argv, started)
     runs = []
     for model in args.models.split(","):
         for rate in args.rates:
@@ -575,7 +582,7 @@ def calibrate(args, argv, started: datetime.datetime) -> int:
             print(f"[{time.strftime('%H:%M:%S')}] calibration, {rate or 'loopback'}, "
                   f"p={world_size}", flush=True)
             run = run_on(rate, world_size, ["--calibrate", str(args.replay)], args)
-            runs.append(dict(run, rate=rate))
+            runs.append(dict(run, rate=rate, ranks_per_node=args.ranks_per_node))
     header = (f"{ran(argv if argv is not None else sys.argv[1:], started)} Each shape timed "
               f"{args.replay} times in turn with the others, after an idle spell and a barrier, "
               f"as the replays of the link benchmark are.")
@@ -584,6 +591,54 @@ def calibrate(args, argv, started: datetime.datetime) -> int:
     if args.json:
         args.json.write_text(json.dumps(runs))
     write_calibration(runs, args.write)
+    return 0
+
+
+def intra_rows(run: dict, per_node: int, fit: tuple[float, float] = (0.0, math.inf)
+               ) -> list[dict]:
+    """Per shape of INTRA_CALIBRATION: the bytes a rank sends, its median time, and the
+    time of ``fit`` = (seconds per collective, bandwidth)."""
+    rows = []
+    for shape, ((kind, numel, dtype, _),) in INTRA_CALIBRATION.items():
+        hops, chunk = ring_hops(kind, numel * 4, per_node)
+        times = run["calibration"][shape]
+        rows.append({"shape": shape, "sent": hops * chunk, "count": len(times),
+                     "measured": statistics.median(times),
+                     "fitted": fit[0] + hops * chunk / fit[1]})
+    return rows
+
+
+def fit_intra(rows: list[dict]) -> tuple[float, float]:
+    """(seconds per collective, bytes/s) fitting ``t = c + sent / B`` by least squares on
+    relative error."""
+    a = np.array([[1 / r["measured"], r["sent"] / r["measured"]] for r in rows])
+    c, inverse = np.linalg.lstsq(a, np.ones(len(rows)), rcond=None)[0]
+    return max(0.0, float(c)), 1.0 / float(inverse)
+
+
+def calibrate_intra(args, argv, started: datetime.datetime) -> int:
+    """Time the node groups' collectives on the two-node testbed and fit their link."""
+    if args.ranks_per_node < 2:
+        raise UsageError("--calibrate-intra needs --ranks-per-node 2 or more")
+    rate, p = args.rates[0], 2 * args.ranks_per_node
+    print(f"[{time.strftime('%H:%M:%S')}] intra-node calibration, p={p} as 2 nodes x "
+          f"{args.ranks_per_node}", flush=True)
+    run = run_on(rate, p, ["--calibrate-intra", str(args.replay)], args)
+    rows = intra_rows(run, args.ranks_per_node)
+    fit = fit_intra(rows)
+    run.update(measured_by=f"{ran(argv if argv is not None else sys.argv[1:], started)}",
+               fit={"per_collective_s": fit[0], "bandwidth_bytes_s": fit[1]})
+    if args.json:
+        args.json.write_text(json.dumps(run))
+    lines = [f"Fit: **{fit[0] * 1e6:.0f} us per collective, {fit[1] / 1e9:.3f} GB/s** "
+             f"(t = c + bytes sent per rank / B, least squares on relative error).", "",
+             "| collective (per node group) | MB sent / rank | measured (ms, median) "
+             "| fitted (ms) | error |", "|---|---:|---:|---:|---:|"]
+    for r in intra_rows(run, args.ranks_per_node, fit):
+        lines.append(f"| {r['shape']} | {r['sent'] / 1e6:.3g} | {_ms(r['measured'])} "
+                     f"({r['count']}) | {_ms(r['fitted'])} | "
+                     f"{_error(r['fitted'], r['measured'])} |")
+    print("\n".join(lines))
     return 0
 
 

@@ -64,6 +64,12 @@ _AR, _AG = ("allreduce", 256, "torch.float32"), ("allgather", 256, "torch.float3
 CALIBRATION = {"allreduce": [_AR], "allgather": [_AG], "allreduce + allgather": [_AR, _AG],
                "3 allreduces": [_AR] * 3}
 PROBE = CALIBRATION["allreduce + allgather"]  # timed beside every replay
+# The two-node testbed's intra-node link (``linkbench.py --calibrate-intra``): each node's
+# ranks reduce-scatter, then allgather, fp32 buffers of these sizes (the reduced tensor, and
+# one rank's share), both nodes at once, as the hierarchical schemes' inner stages run.
+INTRA_KIB = (1, 1024, 4096, 16384, 65536)
+INTRA_CALIBRATION = {f"{kind} {kib} KiB": [(kind, kib * 256, "torch.float32", "intra")]
+                     for kind in ("reduce_scatter", "allgather") for kib in INTRA_KIB}
 # Idle time before each replay so that the shaper's bucket is full, as after a backward
 # pass: at least burst / rate (1.25 ms on the testbed, benchmarks/netns.py).
 IDLE_S = 0.005
@@ -274,10 +280,10 @@ def replay(calls: list, max_repeats: int, budget_s: float, min_repeats: int = 3
     return times, probes
 
 
-def calibrate(rounds: int) -> dict[str, list[float]]:
-    """Seconds of each shape of ``CALIBRATION``, timed in turn for ``rounds`` rounds so that
+def calibrate(rounds: int, calibration: dict = CALIBRATION) -> dict[str, list[float]]:
+    """Seconds of each shape of ``calibration``, timed in turn for ``rounds`` rounds so that
     a drift of the machine touches every shape alike."""
-    shapes = {name: _buffers(calls) for name, calls in CALIBRATION.items()}
+    shapes = {name: _buffers(calls) for name, calls in calibration.items()}
     for buffers in shapes.values():
         _run(buffers)
     times = {name: [] for name in shapes}
@@ -340,6 +346,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", choices=sorted(MODELS))
     p.add_argument("--calibrate", type=int, metavar="ROUNDS",
                    help="time the small collectives of CALIBRATION, no model")
+    p.add_argument("--calibrate-intra", type=int, metavar="ROUNDS",
+                   help="time the node groups' collectives of INTRA_CALIBRATION, no model")
     p.add_argument("--schemes", default=",".join(SCHEMES))
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=2)
@@ -350,13 +358,16 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
-    if args.model is None and not args.calibrate:
-        p.error("--model is required unless --calibrate")
+    if args.model is None and not (args.calibrate or args.calibrate_intra):
+        p.error("--model is required unless --calibrate or --calibrate-intra")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=1800))
     rank, world = dist.get_rank(), dist.get_world_size()
     if args.calibrate:
         out = {"world_size": world, "calibration": calibrate(args.calibrate)}
+    elif args.calibrate_intra:
+        out = {"world_size": world,
+               "calibration": calibrate(args.calibrate_intra, INTRA_CALIBRATION)}
     else:
         results = []
         for scheme in args.schemes.split(","):

@@ -72,12 +72,18 @@ def test_break_even_density_is_2_bv_over_p_times_bv_plus_bi():
     assert col.break_even_density(1, 4, 4) == pytest.approx(1.0)
 
 
-def test_a_flat_ring_across_nodes_runs_at_the_inter_node_link():
-    cluster = load_cluster("dgx-a100-hdr")  # 8 per node, HDR 25 GB/s and 2.7 us per rank
+def test_a_flat_ring_crosses_nodes_on_all_the_nodes_nics_an_all_to_all_on_a_share():
+    cluster = load_cluster("dgx-a100-hdr")  # 8 per node, 8 HDR NICs of 25 GB/s, 2.7 us
     single = col.collective_time("allreduce", 1e8, cluster, 8, "ring")
     assert single == pytest.approx(col.ring_allreduce(1e8, 8, 0.6 * US, 300 * GB))
-    multi = col.collective_time("allreduce", 1e8, cluster, 16, "ring")
-    assert multi == pytest.approx(col.ring_allreduce(1e8, 16, 2.7 * US, 25 * GB))
+    multi = col.collective_time("allreduce", 1e8, cluster, 16, "ring")  # 8 x 25 < 300 GB/s
+    assert multi == pytest.approx(col.ring_allreduce(1e8, 16, 2.7 * US, 200 * GB))
+    spread = col.collective_time("all_to_all", 1e8, cluster, 16)  # every rank crosses at once
+    assert spread == pytest.approx(col.reduce_scatter(1e8, 16, 2.7 * US, 25 * GB))
+    pcie = load_cluster("a100-pcie-25gbe")  # 8 per node behind one NIC
+    ring = col.collective_time("allgather", 1e6, pcie, 16, "ring")
+    assert ring == pytest.approx(col.allgather(16e6, 16, pcie.inter.latency,
+                                               min(pcie.intra.bandwidth, pcie.inter.bandwidth)))
     auto = col.collective_time("allreduce", 1e8, cluster, 16)
     assert auto == min(col.collective_time("allreduce", 1e8, cluster, 16, a)
                        for a in ("ring", "tree", "hierarchical"))

@@ -14,8 +14,13 @@ p ranks, S the size of the reduced tensor and S_total the size of the gathered o
   hierarchical           intra-node reduce-scatter, inter-node ring allreduce of S/g between
                          the g ranks of equal local index (one rail each), intra allgather
 
-Across nodes a flat ring or tree runs at the slowest hop: the inter-node latency and the
-smaller of the intra-node bandwidth and a rank's share of its node's NICs.
+Across nodes a flat collective runs at its slowest hop, with the inter-node latency. With
+ranks placed node by node, a ring (or NCCL's tree) crosses between nodes at one hop per
+node, so that hop has the node's NICs to itself (NCCL stripes its rings over them): the
+bandwidth is the smaller of the intra-node link's and the node's NICs'. An all-to-all or a
+pairwise swap sends across from every rank of a node at once: each gets its share of the
+NICs. (The two-node link benchmark measured the first: a 4-rank Gloo allreduce over two
+namespaces ran at the full shaped rate, BENCHMARKS.md "Two nodes".)
 
 Every collective also costs a fixed ``Link.overhead_us`` whatever its size (LogP's o,
 Culler et al. 1993): starting it and waking its caller when it is done. It is 0 on the
@@ -133,12 +138,19 @@ def token_bucket_time(collectives: Iterable[tuple[int, float]], alpha: float, ba
     return total
 
 
-def _flat_link(cluster: Cluster, p: int) -> tuple[float, float]:
-    """(alpha, bandwidth) of a flat ring or tree over ``p`` ranks: its slowest hop."""
+RING_KINDS = ("allreduce", "allgather", "reduce_scatter")
+
+
+def _flat_link(cluster: Cluster, p: int, kind: Kind = "allreduce") -> tuple[float, float]:
+    """(alpha, bandwidth) of a flat collective of ``kind`` over ``p`` ranks: its slowest
+    hop. Between nodes a ring's crossing hop has the node's NICs, an all-to-all's or a
+    swap's a rank's share of them (module doc)."""
     if cluster.nodes(p) == 1:
         return cluster.intra.latency, cluster.intra.bandwidth
+    crossing = (cluster.inter.bandwidth * cluster.nics_per_node if kind in RING_KINDS
+                else cluster.inter_bandwidth_per_rank())
     return (max(cluster.intra.latency, cluster.inter.latency),
-            min(cluster.intra.bandwidth, cluster.inter_bandwidth_per_rank()))
+            min(cluster.intra.bandwidth, crossing))
 
 
 def ring_hops(kind: Kind, nbytes: float, p: int) -> tuple[int, float]:
@@ -233,8 +245,15 @@ def _world_time(collectives: Sequence[tuple[Kind, float]], cluster: Cluster, p: 
     if not link.burst:
         return sum(collective_time(kind, nbytes, cluster, p, algorithm)
                    for kind, nbytes in collectives)
-    hops = [ring_hops(kind, nbytes, p) for kind, nbytes in collectives]
-    return token_bucket_time(hops, *_flat_link(cluster, p), link.burst, _overhead(cluster, p))
+    total = 0.0  # rings and the rest on their own links, the bucket carried within each
+    for ring in (True, False):
+        hops = [ring_hops(kind, nbytes, p) for kind, nbytes in collectives
+                if (kind in RING_KINDS) == ring]
+        if hops:
+            kind = "allreduce" if ring else "sendrecv"
+            total += token_bucket_time(hops, *_flat_link(cluster, p, kind), link.burst,
+                                       _overhead(cluster, p))
+    return total
 
 
 def collective_time(kind: Kind, nbytes: float, cluster: Cluster, p: int,
@@ -246,7 +265,7 @@ def collective_time(kind: Kind, nbytes: float, cluster: Cluster, p: int,
     nodes = cluster.nodes(p)
     per_node = min(p, cluster.per_node)
     intra = (cluster.intra.latency, cluster.intra.bandwidth)
-    flat = _flat_link(cluster, p)
+    flat = _flat_link(cluster, p, kind)
     inter = (cluster.inter.latency, cluster.inter_bandwidth_per_rank())
     if kind == "allreduce":
         options = {"ring": ring_allreduce(nbytes, p, *flat),
