@@ -594,6 +594,10 @@ def calibrate(args, argv, started: datetime.datetime) -> int:
     return 0
 
 
+# The large-message regime of the intra-node fit: the wide MLP's buckets inside a node.
+LARGE_MESSAGE_BYTES = 8e6
+
+
 def intra_rows(run: dict, per_node: int, fit: tuple[float, float] = (0.0, math.inf)
                ) -> list[dict]:
     """Per shape of INTRA_CALIBRATION: the bytes a rank sends, its median time, and the
@@ -626,12 +630,16 @@ def calibrate_intra(args, argv, started: datetime.datetime) -> int:
     run = run_on(rate, p, ["--calibrate-intra", str(args.replay)], args)
     rows = intra_rows(run, args.ranks_per_node)
     fit = fit_intra(rows)
+    large = fit_intra([r for r in rows if r["sent"] >= LARGE_MESSAGE_BYTES])
     run.update(measured_by=f"{ran(argv if argv is not None else sys.argv[1:], started)}",
-               fit={"per_collective_s": fit[0], "bandwidth_bytes_s": fit[1]})
+               fit={"per_collective_s": fit[0], "bandwidth_bytes_s": fit[1]},
+               fit_large={"per_collective_s": large[0], "bandwidth_bytes_s": large[1]})
     if args.json:
         args.json.write_text(json.dumps(run))
     lines = [f"Fit: **{fit[0] * 1e6:.0f} us per collective, {fit[1] / 1e9:.3f} GB/s** "
-             f"(t = c + bytes sent per rank / B, least squares on relative error).", "",
+             f"(t = c + bytes sent per rank / B, least squares on relative error); over the "
+             f"messages of {LARGE_MESSAGE_BYTES / 1e6:.0f} MB or more: {large[0] * 1e6:.0f} us, "
+             f"{large[1] / 1e9:.3f} GB/s.", "",
              "| collective (per node group) | MB sent / rank | measured (ms, median) "
              "| fitted (ms) | error |", "|---|---:|---:|---:|---:|"]
     for r in intra_rows(run, args.ranks_per_node, fit):
