@@ -420,12 +420,14 @@ def run(cfg: Config, env: distenv.DistEnv, resume_from: str | Path | None, devic
                     config_to_dict(cfg), meta)
 
     def comm_row() -> dict:
-        return {tracking.BYTES_AXIS: comm.stats.bytes_sent,
-                "comm/bytes_dense_cum": comm.stats.bytes_dense,
-                "comm/bytes_intra_node_cum": comm.stats.bytes_intra,
-                "comm/bytes_inter_node_cum": comm.stats.bytes_inter,
-                **({"comm/bytes_dense_tensors_cum": dense_tensor_bytes()}
-                   if dense_tensor_bytes() is not None else {})}
+        row = {tracking.BYTES_AXIS: comm.stats.bytes_sent,
+               "comm/bytes_dense_cum": comm.stats.bytes_dense,
+               "comm/bytes_intra_node_cum": comm.stats.bytes_intra,
+               "comm/bytes_inter_node_cum": comm.stats.bytes_inter}
+        whole = dense_tensor_bytes()
+        if whole is not None:
+            row["comm/bytes_dense_tensors_cum"] = whole
+        return row
 
     def dense_tensor_bytes() -> float | None:
         """DGC only: the bytes of the tensors sent whole beside the pairs (1-D, small)."""
