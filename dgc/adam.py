@@ -24,7 +24,19 @@ small MLP up within three steps); with the floor it moves like an entry of typic
 applied beside it; Adam's L2 term gets DGC's local weight-decay momentum, as with SGD. With
 nothing dropped (density 1.0) this is Adam with a frozen variance exactly. Cost: the
 warm-up's traffic is dense, and a variance frozen for good does not follow a later change
-of the gradients' scale (a learning-rate restart, new data).
+of the gradients' scale (a learning-rate restart, new data, or simply training: gradients
+shrink, so the warm-up's variance stays too large and shrinks every later step).
+
+``adam_variance_refresh = I`` lets the frozen variance follow: every ``I`` steps after the
+freeze the hook also averages the gradient densely (one extra allreduce per bucket; 0/1
+Adam, Lu et al. 2022, likewise updates its variance only at chosen steps with a
+full-precision gradient), and the variance takes it in as ``I`` Adam steps would have:
+
+    v <- c v + (1 - c) g^2,   c = b2^I,   and its bias correction 1 - b2^T <- 1 - c b2^T
+
+so the estimate keeps Adam's own memory of about ``1 / (1 - b2)`` steps, sampled every
+``I``. The momentum path is untouched; the extra traffic is one dense gradient per ``I``
+steps.
 
 ``error_feedback``: top-k of the gradient with a residual (DGC with no momentum), the
 optimizer untouched: Adam sees the averaged sparse gradient. Nothing to configure, but the
@@ -64,9 +76,14 @@ class FrozenVariance:
     frozen phase; its state is saved with the DGC state's."""
 
     def __init__(self, state, optimizer: torch.optim.Optimizer, names: dict[int, str],
-                 warmup_steps: int, beta1: float, decoupled: bool):
+                 warmup_steps: int, beta1: float, decoupled: bool, refresh: int = 0):
         self.state, self.optimizer, self.names = state, optimizer, names
         self.warmup_steps, self.beta1, self.decoupled = warmup_steps, beta1, decoupled
+        self.refresh = refresh
+        # this step's densely averaged gradients by name, and the allreduces bringing them
+        # (set by the hook on a refresh step, read and cleared before the optimizer's step)
+        self.refreshed: dict[str, Tensor] = {}
+        self.pending: list[torch.futures.Future] = []
         self.steps = 0
         self.bias2: dict[str, float] = {}  # 1 - b2^T per parameter, T the warm-up's steps
         self.floor: dict[str, float] = {}  # the least frozen variance per parameter
@@ -79,6 +96,11 @@ class FrozenVariance:
         # While Adam estimates its variance, the hook only averages (dense, no memory).
         self.state.passthrough = not self.frozen
         self.state.momentum = self.beta1 if self.frozen else 0.0
+
+    def refresh_due(self) -> bool:
+        """Whether the coming step also averages the gradient densely for the variance."""
+        return (self.frozen and self.refresh > 0
+                and (self.steps + 1 - self.warmup_steps) % self.refresh == 0)
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         if self.frozen:
@@ -111,6 +133,9 @@ class FrozenVariance:
         if not self.frozen:
             return
         self.steps += 1
+        for future in self.pending:
+            future.wait()
+        refreshed, self.refreshed, self.pending = self.refreshed, {}, []
         for group in optimizer.param_groups:
             lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
             amsgrad = group.get("amsgrad", False)
@@ -121,6 +146,8 @@ class FrozenVariance:
                 st["step"] += 1
                 name = self.names[id(p)]
                 st["exp_avg"].copy_(p.grad).mul_(1.0 - self.beta1)
+                if name in refreshed:
+                    self._take_in(name, refreshed[name].view_as(p), st, group)
                 variance = st["max_exp_avg_sq"] if amsgrad else st["exp_avg_sq"]
                 denom = (variance.clamp(min=self.floor[name]).sqrt_()
                          .div_(math.sqrt(self.bias2[name])).add_(eps))
@@ -129,6 +156,14 @@ class FrozenVariance:
                 bias1 = 1.0 - self.beta1 ** self.steps
                 p.addcdiv_(st["exp_avg"], denom, value=-lr / bias1)
                 p.grad = None
+
+    def _take_in(self, name: str, g: Tensor, st: dict, group: dict) -> None:
+        """The variance's update from a refresh step's averaged gradient ``g`` (module doc)."""
+        c = group["betas"][1] ** self.refresh
+        st["exp_avg_sq"].mul_(c).addcmul_(g, g, value=1.0 - c)
+        if group.get("amsgrad"):
+            torch.maximum(st["max_exp_avg_sq"], st["exp_avg_sq"], out=st["max_exp_avg_sq"])
+        self.bias2[name] = 1.0 - c * (1.0 - self.bias2[name])
 
     def state_dict(self) -> dict:
         return {"steps": self.steps, "bias2": dict(self.bias2), "floor": dict(self.floor),

@@ -276,6 +276,8 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
         if e.name in masks:
             state.drop_masked_(e.name, g, masks[e.name])
         state.clip_(g)
+    if state.adam is not None and state.adam.refresh_due():
+        _average_for_variance(state, bucket, flat)
     averaged = state._run(state, bucket, flat, masks, fixed)
     _end_of_step(state, bucket)  # after the plans read this step's density
     return averaged.then(lambda _: _add_weight_decay(state, bucket, flat))
@@ -285,6 +287,15 @@ def _end_of_step(state: DGCState, bucket: dist.GradBucket) -> None:
     if bucket.is_last():
         state.stats.steps += 1
         state.end_step()
+
+
+def _average_for_variance(state: DGCState, bucket: dist.GradBucket, flat: Tensor) -> None:
+    """A refresh step of Adam's frozen variance (``dgc.adam``): the gradient also averaged
+    densely, unscaled; the optimizer's step waits for it."""
+    averaged = flat.div(state.world_size * state.grad_scale)
+    state.adam.pending.append(state.world.allreduce(averaged))
+    for e in state.entries(bucket):
+        state.adam.refreshed[e.name] = averaged.narrow(0, e.offset, e.numel)
 
 
 def _add_weight_decay(state: DGCState, bucket: dist.GradBucket, flat: Tensor) -> Tensor:

@@ -112,6 +112,13 @@ class DGCOptions:
     """Dense steps before ``frozen_variance`` freezes Adam's second moment (1-bit Adam warms
     up for 15-25% of BERT pre-training; a few hundred steps settle it on small models)."""
 
+    adam_variance_refresh: int = 0
+    """After ``frozen_variance`` freezes, every this many steps the hook also averages the
+    gradient densely (one extra allreduce of the bucket) and the frozen second moment takes
+    it in with the weight of that many Adam steps, ``1 - b2^interval``, so that it follows
+    the gradients' scale as they shrink (0/1 Adam's variance updates, Lu et al. 2022).
+    0: frozen for good."""
+
     exchange: Literal["allgather", "sparse_allreduce", "gtopk", "auto"] = "auto"
     """How the pairs are summed over ranks (``dgc.transport``): ``allgather`` (the paper's;
     each rank sends (p - 1) k pairs in one collective), ``sparse_allreduce`` (split and
@@ -174,5 +181,7 @@ class DGCOptions:
                 f"must be > 0, got {self.exchange_gbytes}")
         require(self.adam_warmup_steps >= 1, "adam_warmup_steps",
                 f"must be >= 1, got {self.adam_warmup_steps}")
+        require(self.adam_variance_refresh >= 0, "adam_variance_refresh",
+                f"must be >= 0, got {self.adam_variance_refresh}")
         require(self.ranks_per_node is None or self.ranks_per_node >= 1, "ranks_per_node",
                 f"must be >= 1 or null, got {self.ranks_per_node}")
