@@ -76,10 +76,11 @@ class FrozenVariance:
     frozen phase; its state is saved with the DGC state's."""
 
     def __init__(self, state, optimizer: torch.optim.Optimizer, names: dict[int, str],
-                 warmup_steps: int, beta1: float, decoupled: bool, refresh: int = 0):
+                 warmup_steps: int, beta1: float, decoupled: bool, refresh: int = 0,
+                 floor: float = VARIANCE_FLOOR):
         self.state, self.optimizer, self.names = state, optimizer, names
         self.warmup_steps, self.beta1, self.decoupled = warmup_steps, beta1, decoupled
-        self.refresh = refresh
+        self.refresh, self.floor_fraction = refresh, floor
         # this step's densely averaged gradients by name, and the allreduces bringing them
         # (set by the hook on a refresh step, read and cleared before the optimizer's step)
         self.refreshed: dict[str, Tensor] = {}
@@ -120,7 +121,7 @@ class FrozenVariance:
                 name = self.names[id(p)]
                 self.bias2[name] = 1.0 - beta2 ** float(st["step"])
                 variance = st["max_exp_avg_sq"] if group.get("amsgrad") else st["exp_avg_sq"]
-                self.floor[name] = VARIANCE_FLOOR * float(variance.mean())
+                self.floor[name] = self.floor_fraction * float(variance.mean())
                 self.state.seed_momentum(name, st["exp_avg"] / (1.0 - self.beta1))
         self.frozen = True
         self._apply_phase()
@@ -161,9 +162,11 @@ class FrozenVariance:
         """The variance's update from a refresh step's averaged gradient ``g`` (module doc)."""
         c = group["betas"][1] ** self.refresh
         st["exp_avg_sq"].mul_(c).addcmul_(g, g, value=1.0 - c)
+        variance = st["exp_avg_sq"]
         if group.get("amsgrad"):
-            torch.maximum(st["max_exp_avg_sq"], st["exp_avg_sq"], out=st["max_exp_avg_sq"])
+            variance = torch.maximum(st["max_exp_avg_sq"], variance, out=st["max_exp_avg_sq"])
         self.bias2[name] = 1.0 - c * (1.0 - self.bias2[name])
+        self.floor[name] = self.floor_fraction * float(variance.mean())
 
     def state_dict(self) -> dict:
         return {"steps": self.steps, "bias2": dict(self.bias2), "floor": dict(self.floor),

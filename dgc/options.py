@@ -119,6 +119,11 @@ class DGCOptions:
     the gradients' scale as they shrink (0/1 Adam's variance updates, Lu et al. 2022).
     0: frozen for good."""
 
+    adam_variance_floor: float = 0.01
+    """The least second moment ``frozen_variance`` divides by, as a fraction of its tensor's
+    mean (set at the freeze and at each refresh): keeps an entry that was dead through the
+    warm-up (v = 0) from stepping by lr / eps when it comes alive. 0: no floor."""
+
     exchange: Literal["allgather", "sparse_allreduce", "gtopk", "auto"] = "auto"
     """How the pairs are summed over ranks (``dgc.transport``): ``allgather`` (the paper's;
     each rank sends (p - 1) k pairs in one collective), ``sparse_allreduce`` (split and
@@ -181,6 +186,8 @@ class DGCOptions:
                 f"must be > 0, got {self.exchange_gbytes}")
         require(self.adam_warmup_steps >= 1, "adam_warmup_steps",
                 f"must be >= 1, got {self.adam_warmup_steps}")
+        require(self.adam_variance_floor >= 0, "adam_variance_floor",
+                f"must be >= 0, got {self.adam_variance_floor}")
         require(self.adam_variance_refresh >= 0, "adam_variance_refresh",
                 f"must be >= 0, got {self.adam_variance_refresh}")
         require(self.ranks_per_node is None or self.ranks_per_node >= 1, "ranks_per_node",

@@ -41,6 +41,7 @@ def _frozen_reference(model, ddp, opt, rank, steps, start, beta1=0.9, refresh=0)
                     c = 0.99 ** refresh
                     st["exp_avg_sq"].mul_(c).addcmul_(p.grad, p.grad, value=1 - c)
                     bias2[p] = 1 - c * (1 - bias2[p])
+                    floor[p] = VARIANCE_FLOOR * float(st["exp_avg_sq"].mean())
                 denom = st["exp_avg_sq"].clamp(min=floor[p]).sqrt() / math.sqrt(bias2[p]) + 1e-8
                 p.mul_(1 - 1e-2 * 1e-2)
                 p.addcdiv_(st["exp_avg"], denom, value=-1e-2 / (1 - beta1 ** t))
