@@ -38,6 +38,16 @@ so the estimate keeps Adam's own memory of about ``1 / (1 - b2)`` steps, sampled
 ``I``. The momentum path is untouched; the extra traffic is one dense gradient per ``I``
 steps.
 
+``adam_selection = "update"`` ranks entries by the step Adam would take with them rather
+than by momentum. With the variance frozen, Adam's step is ``(1 - b1) d / D`` with ``D`` a
+fixed per-entry denominator, so dividing each rank's gradient by ``D`` before DGC (the hook
+does, before its memory) changes nothing that is summed (momentum correction and
+accumulation are linear; with nothing dropped the update is the same) but makes the top-k
+pick the entries whose accumulated steps are largest. By raw momentum, the default, an entry
+that Adam scales up (small variance) waits behind entries that Adam scales down. The
+optimizer's step then skips the division. Not with ``adam_variance_refresh`` (``D`` would
+change under the memory).
+
 ``error_feedback``: top-k of the gradient with a residual (DGC with no momentum), the
 optimizer untouched: Adam sees the averaged sparse gradient. Nothing to configure, but the
 second moment then comes from sparse, bursty gradients, the failure above.
@@ -77,10 +87,13 @@ class FrozenVariance:
 
     def __init__(self, state, optimizer: torch.optim.Optimizer, names: dict[int, str],
                  warmup_steps: int, beta1: float, decoupled: bool, refresh: int = 0,
-                 floor: float = VARIANCE_FLOOR):
+                 floor: float = VARIANCE_FLOOR, by_update: bool = False):
         self.state, self.optimizer, self.names = state, optimizer, names
         self.warmup_steps, self.beta1, self.decoupled = warmup_steps, beta1, decoupled
-        self.refresh, self.floor_fraction = refresh, floor
+        self.refresh, self.floor_fraction, self.by_update = refresh, floor, by_update
+        self._denoms: dict[str, Tensor] = {}  # the frozen denominators, flat, by name
+        self._params = {name: p for group in optimizer.param_groups for p in group["params"]
+                        for name in [names[id(p)]]}
         # this step's densely averaged gradients by name, and the allreduces bringing them
         # (set by the hook on a refresh step, read and cleared before the optimizer's step)
         self.refreshed: dict[str, Tensor] = {}
@@ -122,9 +135,35 @@ class FrozenVariance:
                 self.bias2[name] = 1.0 - beta2 ** float(st["step"])
                 variance = st["max_exp_avg_sq"] if group.get("amsgrad") else st["exp_avg_sq"]
                 self.floor[name] = self.floor_fraction * float(variance.mean())
-                self.state.seed_momentum(name, st["exp_avg"] / (1.0 - self.beta1))
+                seed = st["exp_avg"] / (1.0 - self.beta1)
+                if self.by_update:
+                    seed = seed / self._denominator(name, p, group)
+                self.state.seed_momentum(name, seed)
         self.frozen = True
         self._apply_phase()
+
+    @property
+    def preconditions(self) -> bool:
+        """Whether the hook divides gradients by the frozen denominators now."""
+        return self.by_update and self.frozen
+
+    def precondition_(self, name: str, g: Tensor) -> Tensor:
+        """Divide flat gradient ``g`` of ``name`` by its frozen denominator, in place."""
+        p = self._params[name]
+        group = next(gr for gr in self.optimizer.param_groups
+                     if any(q is p for q in gr["params"]))
+        return g.div_(self._denominator(name, p, group).reshape(-1))
+
+    def _denominator(self, name: str, p: Tensor, group: dict) -> Tensor:
+        """Adam's ``sqrt(v / (1 - b2^T)) + eps`` from the frozen variance (floored)."""
+        denom = self._denoms.get(name)
+        if denom is None:
+            st = self.optimizer.state[p]
+            variance = st["max_exp_avg_sq"] if group.get("amsgrad") else st["exp_avg_sq"]
+            denom = self._denoms[name] = (
+                variance.clamp(min=self.floor[name]).sqrt_()
+                .div_(math.sqrt(self.bias2[name])).add_(group["eps"]))
+        return denom
 
     @torch.no_grad()
     def _before_step(self, optimizer, args, kwargs) -> None:
@@ -146,6 +185,15 @@ class FrozenVariance:
                 st = optimizer.state[p]
                 st["step"] += 1
                 name = self.names[id(p)]
+                bias1 = 1.0 - self.beta1 ** self.steps
+                if self.by_update:  # .grad holds d / D already
+                    st["exp_avg"].copy_(p.grad).mul_(self._denominator(name, p, group))
+                    st["exp_avg"].mul_(1.0 - self.beta1)
+                    if self.decoupled and wd:
+                        p.mul_(1.0 - lr * wd)
+                    p.add_(p.grad, alpha=-lr * (1.0 - self.beta1) / bias1)
+                    p.grad = None
+                    continue
                 st["exp_avg"].copy_(p.grad).mul_(1.0 - self.beta1)
                 if name in refreshed:
                     self._take_in(name, refreshed[name].view_as(p), st, group)
@@ -154,7 +202,6 @@ class FrozenVariance:
                          .div_(math.sqrt(self.bias2[name])).add_(eps))
                 if self.decoupled and wd:
                     p.mul_(1.0 - lr * wd)
-                bias1 = 1.0 - self.beta1 ** self.steps
                 p.addcdiv_(st["exp_avg"], denom, value=-lr / bias1)
                 p.grad = None
 
@@ -175,6 +222,7 @@ class FrozenVariance:
     def load_state_dict(self, saved: dict) -> None:
         self.steps, self.frozen = int(saved["steps"]), bool(saved["frozen"])
         self.bias2, self.floor = dict(saved["bias2"]), dict(saved["floor"])
+        self._denoms = {}
         self._apply_phase()
 
 

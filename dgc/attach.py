@@ -86,7 +86,8 @@ def _attach_adam(ddp_model: DistributedDataParallel, optimizer, opts: DGCOptions
         names = {id(p): n for n, p in unwrap_model(ddp_model).named_parameters()}
         state.adam = FrozenVariance(state, optimizer, names, opts.adam_warmup_steps, beta1,
                                     decoupled, opts.adam_variance_refresh,
-                                    opts.adam_variance_floor)
+                                    opts.adam_variance_floor,
+                                    opts.adam_selection == "update")
     optimizer.register_step_pre_hook(OneBackwardPerStep(state))
     return state
 

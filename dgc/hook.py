@@ -13,6 +13,10 @@ bucket the hook
 3. in a future callback (local math only): adds the locally kept weight-decay momentum to
    the averaged update.
 
+Under Adam's ``frozen_variance`` (``dgc.adam``) the hook only averages while Adam estimates
+its variance, and on a variance refresh step it also starts a dense average of the bucket
+for the optimizer, before step 2's collectives.
+
 The result is the full SGD update direction, momentum included, so the optimizer runs plain
 SGD (momentum 0, weight decay 0) on it; ``dgc.attach`` arranges that. The per-tensor math is
 ``dgc.Compressor``'s; the collectives are ``dgc.collectives``'.
@@ -276,8 +280,12 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
         if e.name in masks:
             state.drop_masked_(e.name, g, masks[e.name])
         state.clip_(g)
-    if state.adam is not None and state.adam.refresh_due():
-        _average_for_variance(state, bucket, flat)
+    if state.adam is not None:
+        if state.adam.refresh_due():
+            _average_for_variance(state, bucket, flat)
+        if state.adam.preconditions:  # rank entries by Adam's step (dgc.adam)
+            for e in state.entries(bucket):
+                state.adam.precondition_(e.name, flat.narrow(0, e.offset, e.numel))
     averaged = state._run(state, bucket, flat, masks, fixed)
     _end_of_step(state, bucket)  # after the plans read this step's density
     return averaged.then(lambda _: _add_weight_decay(state, bucket, flat))
@@ -304,6 +312,9 @@ def _add_weight_decay(state: DGCState, bucket: dist.GradBucket, flat: Tensor) ->
         # gradients() are views into ``flat`` shaped (and strided) like the parameters.
         for e, p, view in zip(state.entries(bucket), bucket.parameters(), bucket.gradients()):
             update = state.weight_decay_update(e.name, p)
+            if update is not None and state.adam is not None and state.adam.preconditions:
+                update = state.adam.precondition_(e.name, update.reshape(-1).clone())
+                update = update.view_as(p)
             if update is not None:
                 view.add_(update, alpha=state.grad_scale)
     return flat

@@ -119,6 +119,11 @@ class DGCOptions:
     the gradients' scale as they shrink (0/1 Adam's variance updates, Lu et al. 2022).
     0: frozen for good."""
 
+    adam_selection: Literal["momentum", "update"] = "momentum"
+    """What ``frozen_variance`` ranks entries by once the variance is frozen: ``momentum``
+    (DGC's rule: the accumulated momentum) or ``update`` (the accumulated momentum over
+    Adam's frozen denominator: the step each entry would take; ``dgc.adam``)."""
+
     adam_variance_floor: float = 0.01
     """The least second moment ``frozen_variance`` divides by, as a fraction of its tensor's
     mean (set at the freeze and at each refresh): keeps an entry that was dead through the
@@ -188,6 +193,9 @@ class DGCOptions:
                 f"must be >= 1, got {self.adam_warmup_steps}")
         require(self.adam_variance_floor >= 0, "adam_variance_floor",
                 f"must be >= 0, got {self.adam_variance_floor}")
+        require(self.adam_selection == "momentum" or not self.adam_variance_refresh,
+                "adam_selection", "'update' needs adam_variance_refresh: 0 (a refreshed "
+                                  "denominator would change under DGC's memory)")
         require(self.adam_variance_refresh >= 0, "adam_variance_refresh",
                 f"must be >= 0, got {self.adam_variance_refresh}")
         require(self.ranks_per_node is None or self.ranks_per_node >= 1, "ranks_per_node",

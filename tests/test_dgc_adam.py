@@ -49,8 +49,10 @@ def _frozen_reference(model, ddp, opt, rank, steps, start, beta1=0.9, refresh=0)
 
 def _equivalence_rank(rank, world_size):
     out = {}
-    for mode, refresh in (("frozen_variance", 0), ("error_feedback", 0),
-                          ("frozen_variance", 3)):
+    for mode, refresh, selection in (("frozen_variance", 0, "momentum"),
+                                     ("error_feedback", 0, "momentum"),
+                                     ("frozen_variance", 3, "momentum"),
+                                     ("frozen_variance", 0, "update")):
         ref = MLP()
         ref_ddp = DDP(ref, bucket_cap_mb=0.001)
         ref_opt = _adamw(ref)
@@ -59,9 +61,10 @@ def _equivalence_rank(rank, world_size):
         ddp = DDP(got, bucket_cap_mb=0.001)
         opt = _adamw(got)
         state = dgc.attach(ddp, opt, density=1.0, adam_mode=mode, adam_warmup_steps=WARMUP,
-                           adam_variance_refresh=refresh, min_numel=100)
+                           adam_variance_refresh=refresh, adam_selection=selection,
+                           min_numel=100)
         _train(ddp, opt, WARMUP, rank)
-        key = f"{mode}/refresh {refresh}"
+        key = f"{mode}/refresh {refresh}/{selection}"
         out[f"{key}/warmup"] = max(((a - b).norm() / b.norm()).item()
                                    for a, b in zip(got.parameters(), ref.parameters()))
         if mode == "frozen_variance":
@@ -70,30 +73,33 @@ def _equivalence_rank(rank, world_size):
             _train(ddp, opt, 8, rank, start=WARMUP)
             out[f"{key}/frozen"] = max(((a - b).norm() / b.norm()).item()
                                        for a, b in zip(got.parameters(), ref.parameters()))
-            out[f"frozen {refresh}"] = state.adam.frozen and not state.passthrough
-            out[f"sent {refresh}"] = state.stats.bytes_sent - sent
+            out[f"frozen {refresh} {selection}"] = state.adam.frozen and not state.passthrough
+            out[f"sent {refresh} {selection}"] = state.stats.bytes_sent - sent
     return out
 
 
 def test_density_one_is_ddp_adamw_in_the_warmup_and_frozen_variance_adam_after():
     """Also with the variance refreshed every 3 steps, which costs two dense averages more
-    in 8 steps."""
+    in 8 steps, and with entries ranked by Adam's step (gradients divided by the frozen
+    denominators before DGC)."""
     for r in run_ranks(_equivalence_rank, 2, timeout=240):
-        assert r["frozen 0"] and r["frozen 3"]
-        per_step = r["sent 0"] / 8
-        assert r["sent 3"] == pytest.approx(r["sent 0"] + 2 * per_step, rel=0.05)
+        assert r["frozen 0 momentum"] and r["frozen 3 momentum"] and r["frozen 0 update"]
+        per_step = r["sent 0 momentum"] / 8
+        assert r["sent 3 momentum"] == pytest.approx(r["sent 0 momentum"] + 2 * per_step,
+                                                     rel=0.05)
         for key, worst in r.items():
             if "/" in key:
                 assert worst < 1e-6, (key, worst)
 
 
-def _agree_and_resume_rank(rank, world_size, mode, cls, refresh=0):
+def _agree_and_resume_rank(rank, world_size, mode, cls, refresh=0, selection="momentum"):
     def fresh(seed):
         model = MLP(seed, wide=True)
         ddp = DDP(model, bucket_cap_mb=0.001)
         opt = _adamw(model, cls)
         state = dgc.attach(ddp, opt, density=0.02, adam_mode=mode, adam_warmup_steps=4,
-                           adam_variance_refresh=refresh, warmup_epochs=0, min_numel=100)
+                           adam_variance_refresh=refresh, adam_selection=selection,
+                           warmup_epochs=0, min_numel=100)
         return model, ddp, opt, state
 
     uninterrupted, model, state = resumed(fresh, rank, steps=12, at=7)
@@ -104,13 +110,15 @@ def _agree_and_resume_rank(rank, world_size, mode, cls, refresh=0):
             torch.isfinite(uninterrupted).all().item())
 
 
-@pytest.mark.parametrize("mode,cls,refresh", [("frozen_variance", torch.optim.AdamW, 0),
-                                              ("frozen_variance", torch.optim.Adam, 0),
-                                              ("frozen_variance", torch.optim.AdamW, 2),
-                                              ("error_feedback", torch.optim.AdamW, 0)])
-def test_ranks_agree_and_resume_is_bitwise(mode, cls, refresh):
+@pytest.mark.parametrize("mode,cls,refresh,selection", [
+    ("frozen_variance", torch.optim.AdamW, 0, "momentum"),
+    ("frozen_variance", torch.optim.Adam, 0, "momentum"),
+    ("frozen_variance", torch.optim.AdamW, 2, "momentum"),
+    ("frozen_variance", torch.optim.Adam, 0, "update"),
+    ("error_feedback", torch.optim.AdamW, 0, "momentum")])
+def test_ranks_agree_and_resume_is_bitwise(mode, cls, refresh, selection):
     for agree, same, compressed, finite in run_ranks(_agree_and_resume_rank, 2, mode, cls,
-                                                     refresh):
+                                                     refresh, selection):
         assert agree and same and compressed and finite
 
 
