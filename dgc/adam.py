@@ -24,8 +24,7 @@ small MLP up within three steps); with the floor it moves like an entry of typic
 applied beside it; Adam's L2 term gets DGC's local weight-decay momentum, as with SGD. With
 nothing dropped (density 1.0) this is Adam with a frozen variance exactly. Cost: the
 warm-up's traffic is dense, and a variance frozen for good does not follow a later change
-of the gradients' scale (a learning-rate restart, new data, or simply training: gradients
-shrink, so the warm-up's variance stays too large and shrinks every later step).
+of the gradients' scale (a learning-rate restart, new data).
 
 ``adam_variance_refresh = I`` lets the frozen variance follow: every ``I`` steps after the
 freeze the hook also averages the gradient densely (one extra allreduce per bucket; 0/1
@@ -92,8 +91,8 @@ class FrozenVariance:
         self.warmup_steps, self.beta1, self.decoupled = warmup_steps, beta1, decoupled
         self.refresh, self.floor_fraction, self.by_update = refresh, floor, by_update
         self._denoms: dict[str, Tensor] = {}  # the frozen denominators, flat, by name
-        self._params = {name: p for group in optimizer.param_groups for p in group["params"]
-                        for name in [names[id(p)]]}
+        self._where = {names[id(p)]: (p, group) for group in optimizer.param_groups
+                       for p in group["params"]}
         # this step's densely averaged gradients by name, and the allreduces bringing them
         # (set by the hook on a refresh step, read and cleared before the optimizer's step)
         self.refreshed: dict[str, Tensor] = {}
@@ -137,7 +136,7 @@ class FrozenVariance:
                 self.floor[name] = self.floor_fraction * float(variance.mean())
                 seed = st["exp_avg"] / (1.0 - self.beta1)
                 if self.by_update:
-                    seed = seed / self._denominator(name, p, group)
+                    seed = seed / self._denominator(name)
                 self.state.seed_momentum(name, seed)
         self.frozen = True
         self._apply_phase()
@@ -149,15 +148,13 @@ class FrozenVariance:
 
     def precondition_(self, name: str, g: Tensor) -> Tensor:
         """Divide flat gradient ``g`` of ``name`` by its frozen denominator, in place."""
-        p = self._params[name]
-        group = next(gr for gr in self.optimizer.param_groups
-                     if any(q is p for q in gr["params"]))
-        return g.div_(self._denominator(name, p, group).reshape(-1))
+        return g.div_(self._denominator(name).reshape(-1))
 
-    def _denominator(self, name: str, p: Tensor, group: dict) -> Tensor:
+    def _denominator(self, name: str) -> Tensor:
         """Adam's ``sqrt(v / (1 - b2^T)) + eps`` from the frozen variance (floored)."""
         denom = self._denoms.get(name)
         if denom is None:
+            p, group = self._where[name]
             st = self.optimizer.state[p]
             variance = st["max_exp_avg_sq"] if group.get("amsgrad") else st["exp_avg_sq"]
             denom = self._denoms[name] = (
@@ -187,7 +184,7 @@ class FrozenVariance:
                 name = self.names[id(p)]
                 bias1 = 1.0 - self.beta1 ** self.steps
                 if self.by_update:  # .grad holds d / D already
-                    st["exp_avg"].copy_(p.grad).mul_(self._denominator(name, p, group))
+                    st["exp_avg"].copy_(p.grad).mul_(self._denominator(name))
                     st["exp_avg"].mul_(1.0 - self.beta1)
                     if self.decoupled and wd:
                         p.mul_(1.0 - lr * wd)
