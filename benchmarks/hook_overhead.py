@@ -35,8 +35,8 @@ def backward_times(model_cfg, input_shape, batch, steps, use_dgc) -> list[float]
     ddp = DDP(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     if use_dgc:
-        state = dgc.attach(ddp, opt, density=0.001, value_dtype="fp16", index_dtype="int32",
-                           warmup_epochs=0)
+        dgc.attach(ddp, opt, density=0.001, value_dtype="fp16", index_dtype="int32",
+                   warmup_epochs=0)
     else:
         ddp.register_comm_hook(None, passthrough_hook)
     x, y = torch.randn(batch, *input_shape), torch.randint(0, 10, (batch,))

@@ -121,7 +121,7 @@ def main(argv=None) -> int:
           f"{result['dense_parameters']:,} -> {result['shrunk_parameters']:,}; max |logit "
           f"difference| {result['max_abs_logit_difference']:.2e}; accuracy "
           f"{100 * result['dense_accuracy']:.2f}% / {100 * result['shrunk_accuracy']:.2f}%")
-    print(f"\n| batch | dense (ms, median) | shrunk (ms, median) | speed-up |\n|---|---|---|---|")
+    print("\n| batch | dense (ms, median) | shrunk (ms, median) | speed-up |\n|---|---|---|---|")
     for row in result["timing"]:
         print(f"| {row['batch']} | {row['dense_ms']:.3f} | {row['shrunk_ms']:.3f} | "
               f"{row['speedup']:.2f}x |")

@@ -33,8 +33,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from launch.cli import OneLineParser
 from launch.config import load_config
 from launch.pareto import spread

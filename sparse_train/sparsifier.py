@@ -183,7 +183,7 @@ class Sparsifier:
 
     def _mask_optimizer_state(self, names) -> None:
         for name in names:
-            p, mask = self.params[name], self.masks[name]
+            p = self.params[name]
             for value in self.optimizer.state.get(p, {}).values():
                 if isinstance(value, Tensor) and value.shape == p.shape:
                     self.mask_(name, value)

@@ -141,3 +141,40 @@ def test_the_launcher_runs_adamw_with_dgc_bf16_autocast_and_gradient_accumulatio
     assert math.isfinite(summary["test_accuracy"]) and summary["comm_bytes_sent"] > 0
     # after the 4 dense steps the first moment is compressed
     assert summary["comm_bytes_sent"] < 0.5 * summary["comm_bytes_dense"]
+
+
+def _selection_rank(rank, world_size, selection):
+    """A 1x8 weight whose gradient is 1 on entries 0-3 and 0.5 on 4-7, Adam's frozen
+    denominator 1 everywhere but 1e-3 on entries 4 and 5; DGC sends 2 entries. Returns
+    which entries the first frozen step moved."""
+    model = nn.Linear(8, 1, bias=False)
+    ddp = DDP(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    state = dgc.attach(ddp, opt, density=0.25, adam_mode="frozen_variance",
+                       adam_warmup_steps=1, adam_selection=selection, warmup_epochs=0,
+                       dense_fallback=False, min_numel=1)
+    x = torch.tensor([[1.0] * 4 + [0.5] * 4])
+
+    def step():
+        opt.zero_grad()
+        ddp(x).sum().backward()
+        opt.step()
+
+    step()  # the dense Adam step; the variance freezes after it
+    denominator = torch.ones(1, 8)
+    denominator[0, 4:6] = 1e-3
+    state.adam._denoms["weight"] = denominator  # in place of the one the warm-up gave
+    before = model.weight.detach().clone()
+    step()
+    return (model.weight.detach() != before).reshape(-1).nonzero().reshape(-1).tolist()
+
+
+@pytest.mark.parametrize("selection,moved", [("update", [4, 5]), ("momentum", None)])
+def test_update_selection_sends_the_entries_adam_would_move_most(selection, moved):
+    """By momentum the larger gradients (entries 0-3) go first; by Adam's step, the entries
+    whose frozen denominator is 1000x smaller (4 and 5), though their gradient is half."""
+    for got in run_ranks(_selection_rank, 2, selection):
+        if moved is not None:
+            assert got == moved
+        else:
+            assert len(got) == 2 and set(got) <= {0, 1, 2, 3}
