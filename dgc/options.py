@@ -59,8 +59,9 @@ class DGCOptions:
     0.1% to 1% of the gradient keeps selection cheap)."""
 
     value_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
-    """Dtype of the values on the wire. Rounding error stays in the local residual, so a
-    narrower dtype delays information rather than losing it."""
+    """Dtype of the values on the wire. A selected pair's rounding error stays in the local
+    residual, so a narrower dtype delays information rather than losing it; tensors sent
+    whole (1-D and small ones, the dense fallback) lose theirs each step."""
 
     index_dtype: Literal["int32", "int64"] = "int32"
     """Dtype of the indices on the wire; indices count positions within one DDP bucket, so
