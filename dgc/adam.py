@@ -90,7 +90,7 @@ class FrozenVariance:
         self.state, self.optimizer, self.names = state, optimizer, names
         self.warmup_steps, self.beta1, self.decoupled = warmup_steps, beta1, decoupled
         self.refresh, self.floor_fraction, self.by_update = refresh, floor, by_update
-        self._denoms: dict[str, Tensor] = {}  # the frozen denominators, flat, by name
+        self._denoms: dict[str, Tensor] = {}  # the frozen denominators by name
         self._where = {names[id(p)]: (p, group) for group in optimizer.param_groups
                        for p in group["params"]}
         # this step's densely averaged gradients by name, and the allreduces bringing them
@@ -132,8 +132,7 @@ class FrozenVariance:
                     continue
                 name = self.names[id(p)]
                 self.bias2[name] = 1.0 - beta2 ** float(st["step"])
-                variance = st["max_exp_avg_sq"] if group.get("amsgrad") else st["exp_avg_sq"]
-                self.floor[name] = self.floor_fraction * float(variance.mean())
+                self.floor[name] = self.floor_fraction * float(_variance(st, group).mean())
                 seed = st["exp_avg"] / (1.0 - self.beta1)
                 if self.by_update:
                     seed = seed / self._denominator(name)
@@ -148,17 +147,16 @@ class FrozenVariance:
 
     def precondition_(self, name: str, g: Tensor) -> Tensor:
         """Divide flat gradient ``g`` of ``name`` by its frozen denominator, in place."""
-        return g.div_(self._denominator(name).reshape(-1))
+        return g.div_(self._denominator(name).view_as(g))
 
     def _denominator(self, name: str) -> Tensor:
-        """Adam's ``sqrt(v / (1 - b2^T)) + eps`` from the frozen variance (floored)."""
+        """Adam's ``sqrt(v / (1 - b2^T)) + eps`` from the frozen variance (floored), kept
+        until a refresh changes the variance."""
         denom = self._denoms.get(name)
         if denom is None:
             p, group = self._where[name]
-            st = self.optimizer.state[p]
-            variance = st["max_exp_avg_sq"] if group.get("amsgrad") else st["exp_avg_sq"]
             denom = self._denoms[name] = (
-                variance.clamp(min=self.floor[name]).sqrt_()
+                _variance(self.optimizer.state[p], group).clamp(min=self.floor[name]).sqrt_()
                 .div_(math.sqrt(self.bias2[name])).add_(group["eps"]))
         return denom
 
@@ -174,8 +172,7 @@ class FrozenVariance:
             future.wait()
         refreshed, self.refreshed, self.pending = self.refreshed, {}, []
         for group in optimizer.param_groups:
-            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-            amsgrad = group.get("amsgrad", False)
+            lr, wd = group["lr"], group["weight_decay"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -184,7 +181,7 @@ class FrozenVariance:
                 name = self.names[id(p)]
                 bias1 = 1.0 - self.beta1 ** self.steps
                 if self.by_update:  # .grad holds d / D already
-                    st["exp_avg"].copy_(p.grad).mul_(self._denominator(name))
+                    torch.mul(p.grad, self._denominator(name), out=st["exp_avg"])
                     st["exp_avg"].mul_(1.0 - self.beta1)
                     if self.decoupled and wd:
                         p.mul_(1.0 - lr * wd)
@@ -194,23 +191,20 @@ class FrozenVariance:
                 st["exp_avg"].copy_(p.grad).mul_(1.0 - self.beta1)
                 if name in refreshed:
                     self._take_in(name, refreshed[name].view_as(p), st, group)
-                variance = st["max_exp_avg_sq"] if amsgrad else st["exp_avg_sq"]
-                denom = (variance.clamp(min=self.floor[name]).sqrt_()
-                         .div_(math.sqrt(self.bias2[name])).add_(eps))
                 if self.decoupled and wd:
                     p.mul_(1.0 - lr * wd)
-                p.addcdiv_(st["exp_avg"], denom, value=-lr / bias1)
+                p.addcdiv_(st["exp_avg"], self._denominator(name), value=-lr / bias1)
                 p.grad = None
 
     def _take_in(self, name: str, g: Tensor, st: dict, group: dict) -> None:
         """The variance's update from a refresh step's averaged gradient ``g`` (module doc)."""
         c = group["betas"][1] ** self.refresh
         st["exp_avg_sq"].mul_(c).addcmul_(g, g, value=1.0 - c)
-        variance = st["exp_avg_sq"]
         if group.get("amsgrad"):
-            variance = torch.maximum(st["max_exp_avg_sq"], variance, out=st["max_exp_avg_sq"])
+            torch.maximum(st["max_exp_avg_sq"], st["exp_avg_sq"], out=st["max_exp_avg_sq"])
         self.bias2[name] = 1.0 - c * (1.0 - self.bias2[name])
-        self.floor[name] = self.floor_fraction * float(variance.mean())
+        self.floor[name] = self.floor_fraction * float(_variance(st, group).mean())
+        self._denoms.pop(name, None)
 
     def state_dict(self) -> dict:
         return {"steps": self.steps, "bias2": dict(self.bias2), "floor": dict(self.floor),
@@ -221,6 +215,11 @@ class FrozenVariance:
         self.bias2, self.floor = dict(saved["bias2"]), dict(saved["floor"])
         self._denoms = {}
         self._apply_phase()
+
+
+def _variance(st: dict, group: dict) -> Tensor:
+    """The second moment Adam divides by: AMSGrad's running maximum, or the plain one."""
+    return st["max_exp_avg_sq"] if group.get("amsgrad") else st["exp_avg_sq"]
 
 
 def seed_tensor(seed: Tensor, piece: tuple[int, int] | None) -> Tensor:

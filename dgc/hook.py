@@ -313,8 +313,7 @@ def _add_weight_decay(state: DGCState, bucket: dist.GradBucket, flat: Tensor) ->
         for e, p, view in zip(state.entries(bucket), bucket.parameters(), bucket.gradients()):
             update = state.weight_decay_update(e.name, p)
             if update is not None and state.adam is not None and state.adam.preconditions:
-                update = state.adam.precondition_(e.name, update.reshape(-1).clone())
-                update = update.view_as(p)
+                update = state.adam.precondition_(e.name, update.clone())
             if update is not None:
                 view.add_(update, alpha=state.grad_scale)
     return flat
