@@ -39,7 +39,7 @@ from dgc.compressor import Compressor
 from dgc.guards import PER_PARAMETER_HOOK
 from dgc.options import DGCOptions
 from dgc.plan import Piece, Plan, make_plan, plan_pieces
-from dgc.transport import TOPOLOGIES, sparse_allreduce
+from dgc.transport import sparse_allreduce, topology
 from dgc.transport.hierarchical import Shards, cut
 from sparse_comm.schema import ConfigError, build
 
@@ -123,7 +123,7 @@ class DGCState(Compressor):
                 and (process_group is None or process_group == dist.group.WORLD)):
             # gtopk's rounds across nodes split each swap over the node's ranks
             self.world.intra, _ = node_groups(self, self.ranks_per_node, nodes)
-        self._run = TOPOLOGIES[opts.topology]
+        self._run = topology(opts)
         # Set by an Adam controller (dgc.adam) while it lets Adam estimate its variance: the
         # hook then only averages, densely, and DGC's memory is untouched.
         self.passthrough = False

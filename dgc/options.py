@@ -96,6 +96,16 @@ class DGCOptions:
     the ranks holding the same shard on the other nodes, and the node allgathers the
     result; DGC's memory and selection per rank shrink to 1 / ranks_per_node."""
 
+    intra_node: Literal["dense", "sparse"] = "dense"
+    """The hierarchical topology's stage inside a node. ``dense``: the reduce-scatter and
+    allgather of the fp32 gradient described under ``topology``. ``sparse``
+    (``dgc.transport.hierarchical_sparse``): every rank compresses its own gradient as in
+    the flat topology, the node merges its ranks' pairs into one set of k per tensor
+    (losers go back to their residuals), each rank sends a 1/r slice of it across nodes and
+    the node allgathers the slices: only pairs travel, r times fewer between nodes than
+    flat DGC's, and the update sums k entries per node instead of per rank. Its exchange
+    across nodes is the allgather."""
+
     ranks_per_node: int | None = None
     """Ranks on each node, placed node by node (ranks 0..r-1 on the first). Default: the
     launcher's local world size (torchrun's ``LOCAL_WORLD_SIZE``; ``launch.distenv`` finds
@@ -199,5 +209,8 @@ class DGCOptions:
                                   "denominator would change under DGC's memory)")
         require(self.adam_variance_refresh >= 0, "adam_variance_refresh",
                 f"must be >= 0, got {self.adam_variance_refresh}")
+        require(self.intra_node == "dense" or self.exchange in ("allgather", "auto"),
+                "exchange", f"{self.exchange!r}: intra_node 'sparse' exchanges across "
+                            f"nodes by allgather ('allgather' or 'auto')")
         require(self.ranks_per_node is None or self.ranks_per_node >= 1, "ranks_per_node",
                 f"must be >= 1 or null, got {self.ranks_per_node}")

@@ -215,10 +215,13 @@ def exchange_link(cfg: Config, world_size: int, ranks_per_node: int | None = Non
     from launch.costmodel.run import resolve_exchange, with_exchange_link, workload
     cluster = load_cluster(cfg.hardware.preset)
     hierarchical = cfg.dgc.topology == "hierarchical"
+    # a sparse intra-node stage plans its buckets over the world and allgathers across nodes
+    sparse_intra = hierarchical and cfg.dgc.intra_node == "sparse"
+    hierarchical = hierarchical and not sparse_intra
     options = with_exchange_link(cfg.dgc, cluster, world_size, inter_only=hierarchical)
     out = {"exchange_latency_us": options.exchange_latency_us,
            "exchange_gbytes": options.exchange_gbytes}
-    if cfg.dgc.exchange == "auto" and world_size > 1:
+    if cfg.dgc.exchange == "auto" and world_size > 1 and not sparse_intra:
         per_node = ranks_per_node or cluster.per_node
         out["exchange"] = resolve_exchange(
             workload(cfg), "hierarchical-dgc" if hierarchical else "dgc",
@@ -315,6 +318,8 @@ def layout(cfg: Config, plugins: dict, ranks_per_node: int | None) -> dict:
     comm = "dgc" if cfg.dgc is not None else (
         cfg.ddp.comm_hook if cfg.ddp.comm_hook != "allreduce" else "allreduce")
     topology = cfg.dgc.topology if cfg.dgc is not None else "flat"
+    if topology == "hierarchical" and cfg.dgc.intra_node == "sparse":
+        topology = "hierarchical-sparse"  # each rank's memory covers whole tensors, as flat
     return {"comm": comm, "topology": topology,
             "ranks_per_node": getattr(plugins["comm"], "ranks_per_node", None)
             or ranks_per_node}

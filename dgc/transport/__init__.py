@@ -7,7 +7,9 @@ Two layers answer it:
 * a *topology* decides where compression happens and over which ranks the pairs go:
   ``flat`` (``transport.flat``: every rank compresses its whole gradient; the pairs go to
   all ranks) or ``hierarchical`` (``transport.hierarchical``: dense inside a node,
-  compressed across nodes);
+  compressed across nodes; or, with ``intra_node: sparse``,
+  ``transport.hierarchical_sparse``: each node merges its ranks' pairs into one set and
+  only pairs cross any link);
 * an *exchange* sums selected (index, value) pairs and dense slots over one group:
   ``allgather`` (``transport.allgather``, the paper's) or ``sparse_allreduce``
   (``transport.sparse_allreduce``, traffic per rank independent of the group's size),
@@ -26,8 +28,16 @@ same names. Each topology's ``run(state, bucket, flat, masks, fixed)`` starts it
 collectives in the hook body, in the same order on every rank, and returns a future of
 ``flat`` holding the average over ranks with the dense slots' momentum applied.
 """
-from dgc.transport import flat, hierarchical
+from dgc.transport import flat, hierarchical, hierarchical_sparse
 
 TOPOLOGIES = {"flat": flat.run, "hierarchical": hierarchical.run}
 
-__all__ = ["TOPOLOGIES"]
+
+def topology(options):
+    """The ``run`` of the topology ``options`` name (``topology``, ``intra_node``)."""
+    if options.topology == "hierarchical" and options.intra_node == "sparse":
+        return hierarchical_sparse.run
+    return TOPOLOGIES[options.topology]
+
+
+__all__ = ["TOPOLOGIES", "topology"]

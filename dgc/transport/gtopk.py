@@ -52,15 +52,27 @@ def merge(idx_lo: Tensor, val_lo: Tensor, idx_hi: Tensor, val_hi: Tensor, k: int
     """The k largest sums of two sets of distinct indices (``empty`` marks an empty slot):
     an index in both is summed, the lower rank's value first; ties go to the lower index;
     slots beyond the live sums are empty. The same inputs give the same bits anywhere."""
-    idx = torch.cat([idx_lo, idx_hi])
-    val = torch.cat([val_lo, val_hi]).float()
+    return merge_rows(torch.stack([idx_lo, idx_hi]), torch.stack([val_lo, val_hi]), k, empty)
+
+
+def merge_rows(idx: Tensor, val: Tensor, k: int, empty: int) -> tuple[Tensor, Tensor]:
+    """``merge`` of the sets in the rows of ``idx`` and ``val`` (``[sets, count]``, indices
+    distinct within a row): an index in several rows is summed in row order, in float32."""
+    rows = idx.shape[0]
+    idx, val = idx.reshape(-1), val.reshape(-1).float()
     order = torch.argsort(idx, stable=True)
     idx, val = idx[order], val[order]
-    same_next = torch.zeros_like(idx, dtype=torch.bool)
-    same_next[:-1] = idx[1:] == idx[:-1]
-    first = torch.ones_like(same_next)
-    first[1:] = ~same_next[:-1]
-    sums = val + torch.where(same_next, val.roll(-1), torch.zeros_like(val))
+    first = torch.ones_like(idx, dtype=torch.bool)
+    first[1:] = idx[1:] != idx[:-1]
+    # an index occurs at most once per row, so its run is at most ``rows`` long and sorted
+    # by row: its first slot sums the run left to right, the same bits on every rank
+    sums = val.clone()
+    for d in range(1, rows):
+        same = torch.zeros_like(first)
+        same[:-d] = idx[d:] == idx[:-d]
+        shifted = torch.zeros_like(val)
+        shifted[:-d] = val[d:]
+        sums = sums + torch.where(same, shifted, torch.zeros_like(val))
     live = first & (idx != empty)
     score = torch.where(live, sums.abs(), torch.full_like(sums, -1.0))
     keep = torch.argsort(score, descending=True, stable=True)[:k]  # idx is sorted: ties by index

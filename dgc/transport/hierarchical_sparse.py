@@ -1,0 +1,109 @@
+"""The hierarchical topology with a sparse intra-node stage (``intra_node: sparse``).
+
+``transport.hierarchical`` follows issue 15's recipe: the node reduce-scatters the dense
+fp32 gradient before compressing it. Inside a node that costs two passes of the whole
+gradient over the intra-node link, more than flat DGC's whole exchange unless the nodes
+have NVLink-class links (BENCHMARKS.md, "Two nodes"). Here only pairs travel, on every
+link; on N nodes of r ranks each, per bucket:
+
+1. every rank runs DGC on its own whole gradient, exactly as the flat topology does (its
+   momentum, residual and selection of k entries per tensor);
+2. the node allgathers its ranks' pairs ((r - 1) k per rank, inside the node) and each of
+   its ranks merges the r sets the same way (``gtopk.merge_rows``): the k entries of
+   largest summed magnitude, an index picked by several ranks summed. A rank's pairs that
+   did not make the node's set go back into its own residual, momentum restored
+   (``Compressor.give_back``), as gtopk's losers do;
+3. every rank of the node now holds the same k sums per tensor. Local rank j sends the
+   j-th of r slices of them, in the wire dtype, to the ranks of local index j on the other
+   nodes (an allgather over the inter-node group: (N - 1) k / r pairs per rank between
+   nodes, against flat DGC's (p - 1) k over a ring that crosses nodes), and keeps the
+   rounding of its slice in its own residual;
+4. the node allgathers what its ranks received, so every rank holds all N nodes' sets and
+   sums them in one order: the same bits on every rank.
+
+Small and 1-D tensors are allreduced over the world beside the pairs, as in the flat
+topology. With one node, or one rank per node, there is no node link to save and this is
+the flat topology. A dense fallback plan (``dgc.plan``) also runs flat.
+
+What changes against flat DGC: a node publishes k entries per tensor where flat DGC
+publishes r k (one per rank), so the update sums N k entries, not p k, in exchange for r
+times fewer pairs between nodes. Nothing is lost: every rank's pairs are applied or given
+back whole, and each slice's rounding stays with its sender, so over all ranks what was
+applied plus the residuals is the sum of the momentum-corrected gradients.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from dgc import codec
+from dgc.transport import allgather, flat as flat_topology
+from dgc.transport.gtopk import merge_rows
+
+
+def run(state, bucket: dist.GradBucket, flat: Tensor, masks: Mapping[str, Tensor],
+        fixed: bool) -> torch.futures.Future:
+    intra, inter = state.intra, state.inter
+    plan = state.bucket_plan(bucket, masks, fixed)
+    if intra.size == 1 or inter.size == 1 or not plan.sparse:
+        return flat_topology.run(state, bucket, flat, masks, fixed)
+    r, n = intra.size, flat.numel()
+    slots = plan.compressed
+    sent = [state.compress(s.name, flat.narrow(0, s.offset, s.numel), s.k) for s in slots]
+    positions = {s.name: state.masks.positions(s.name, masks[s.name])
+                 for s in plan.slots if s.compact}
+    state.count_bucket(plan)
+    dense_slots, dense, futures = allgather.start_dense(state.world, plan, flat, positions)
+
+    # 2. the node's r sets, merged alike on each of its ranks
+    mine = torch.cat([i + s.offset for s, (i, _) in zip(slots, sent)])
+    packed = codec.pack(mine, torch.cat([v for _, v in sent]), plan.layout)
+    node = packed.new_empty(r * packed.numel())
+    intra.allgather(node, packed).wait()
+    rows_idx, rows_val = codec.unpack(node, plan.layout, r)
+    merged, column = [], 0
+    for s in slots:
+        merged.append(merge_rows(rows_idx[:, column:column + s.k].long(),
+                                 rows_val[:, column:column + s.k], s.k, n))
+        column += s.k
+    kept = torch.isin(mine, torch.cat([i for i, _ in merged]))
+    column = 0
+    for s, (i, v) in zip(slots, sent):
+        state.give_back(s.name, i, v, ~kept[column:column + s.k])
+        column += s.k
+
+    # 3. this rank's slice of the node's set, to its counterparts on the other nodes
+    q = intra.rank
+    slice_idx, slice_val = [], []
+    for s, (idx, val) in zip(slots, merged):
+        part = -(-s.k // r)
+        idx = torch.cat([idx, idx.new_full((part * r - s.k,), n)])[q * part:(q + 1) * part]
+        val = torch.cat([val, val.new_zeros(part * r - s.k)])[q * part:(q + 1) * part]
+        wire_val = val.to(plan.layout.value_dtype)
+        if wire_val.dtype != val.dtype:  # the rounding stays here (empty slots carry 0)
+            at = torch.where(idx == n, s.offset, idx) - s.offset
+            state.add_to_residual(s.name, at, val - wire_val.to(val.dtype))
+        slice_idx.append(idx)
+        slice_val.append(wire_val)
+    layout = codec.Layout(sum(i.numel() for i in slice_idx), plan.layout.value_dtype,
+                          plan.layout.index_dtype)
+    outgoing = codec.pack(torch.cat(slice_idx), torch.cat(slice_val), layout)
+    nodes = outgoing.new_empty(inter.size * outgoing.numel())
+    inter.allgather(nodes, outgoing).wait()
+
+    # 4. the node shares what it received: every node's set on every rank
+    everything = nodes.new_empty(r * nodes.numel())
+    futures.append(intra.allgather(everything, nodes))
+
+    def unpack(_) -> Tensor:
+        summed = flat.new_zeros(n + 1)  # the last entry takes the empty slots
+        codec.scatter_sum_(summed, *codec.unpack(everything, layout, r * inter.size))
+        flat.copy_(summed[:n])
+        if dense_slots:
+            allgather.put_back_(flat, dense_slots, positions, dense)
+        return flat_topology.average_(state, plan, flat, state.world_size)
+
+    return torch.futures.collect_all(futures).then(unpack)
