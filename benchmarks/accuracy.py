@@ -121,8 +121,8 @@ SUITES = {
         ("dgc-hierarchical-p4", "configs/mnist_lenet300_dgc.yaml", 4,
          ["dgc.topology=hierarchical", "dgc.ranks_per_node=2"] + _FOUR_EPOCHS),
         ("dgc-hierarchical-sparse-p4", "configs/mnist_lenet300_dgc.yaml", 4,
-         ["dgc.topology=hierarchical", "dgc.ranks_per_node=2", "dgc.intra_node=sparse"]
-         + _FOUR_EPOCHS),
+         ["dgc.topology=hierarchical", "dgc.ranks_per_node=2", "dgc.intra_node=sparse",
+          "dgc.dense_fallback=false"] + _FOUR_EPOCHS),
         ("dgc-gtopk-p4", "configs/mnist_lenet300_dgc.yaml", 4,
          ["dgc.exchange=gtopk"] + _FOUR_EPOCHS),
         ("dgc-gtopk-p8", "configs/mnist_lenet300_dgc.yaml", 8,
