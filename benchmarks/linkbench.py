@@ -73,6 +73,7 @@ LABELS = {"dense": "dense allreduce (fp32)", "fp16": "torch fp16_compress_hook",
           "dgc-nm24": "DGC 0.1% on a 2:4 model (mask-aware)",
           "dgc-sar": "DGC 0.1%, sparse allreduce",
           "dgc-gtopk": "DGC 0.1%, gtopk", "dgc-hier": "hierarchical DGC 0.1%",
+          "dgc-hier-sparse": "hierarchical DGC 0.1%, sparse intra-node stage",
           "hierdense": "hierarchical dense allreduce",
           "nocomm": "no communication (compute floor)"}
 PRESETS = {"100mbit": "netns-100mbit", "1gbit": "netns-1gbit", None: "cpu-loopback"}
@@ -169,6 +170,9 @@ def modelled_traffic(model: str, scheme: str, p: int, per_node: int = 1
     options = DGCOptions(**DGC_OPTIONS, exchange="allgather")
     if scheme == "dgc-hier":
         return tr.hierarchical_dgc(buckets, options, p, per_node, passes=0)
+    if scheme == "dgc-hier-sparse":
+        options = DGCOptions(**DGC_OPTIONS, dense_fallback=False)
+        return tr.hierarchical_sparse_dgc(buckets, options, p, per_node, passes=0)
     if scheme == "dgc-sar":
         options = DGCOptions(**DGC_OPTIONS, exchange="sparse_allreduce")
     if scheme == "dgc-gtopk":
@@ -424,6 +428,11 @@ def hierarchical_goals(run: dict) -> list[str]:
     checks = [("hierarchical DGC's step faster than flat DGC's", step["dgc"] / step["dgc-hier"]),
               ("hierarchical DGC's step faster than hierarchical dense's",
                step["hierdense"] / step["dgc-hier"])]
+    if "dgc-hier-sparse" in step:
+        checks += [("hierarchical DGC, sparse intra-node stage, faster than flat DGC's",
+                    step["dgc"] / step["dgc-hier-sparse"]),
+                   ("hierarchical DGC, sparse intra-node stage, faster than hierarchical "
+                    "dense's", step["hierdense"] / step["dgc-hier-sparse"])]
     lines = [f"- {what}: {value:.2f}x, {'met' if value > 1 else 'not met'}"
              for what, value in checks]
     lines.append(f"- bytes between nodes per rank and step: hierarchical DGC "
@@ -432,6 +441,13 @@ def hierarchical_goals(run: dict) -> list[str]:
                  f"{hier['bytes_whole_per_step'] / 1e3:.4g} kB of tensors sent whole) "
                  f"{bound / 1e3:.4g} kB: "
                  f"{'met' if hier['bytes_inter_per_step'] <= bound else 'not met'}")
+    if "dgc-hier-sparse" in rows:
+        sparse = rows["dgc-hier-sparse"]
+        bound = flat["bytes_inter_per_step"] / per_node + sparse["bytes_whole_per_step"]
+        lines.append(f"- the same with the sparse intra-node stage: "
+                     f"{sparse['bytes_inter_per_step'] / 1e3:.4g} kB against the bound "
+                     f"{bound / 1e3:.4g} kB: "
+                     f"{'met' if sparse['bytes_inter_per_step'] <= bound else 'not met'}")
     return lines
 
 

@@ -76,7 +76,8 @@ def workload(cfg: Config, masks: Mapping[str, Tensor] | None = None) -> Workload
 def scheme_traffic(work: Workload, scheme: str, p: int, hw: HardwareConfig,
                    powersgd_rank: int = 4, per_node: int = 1) -> tr.Traffic:
     """One of dense, fp16, bf16, powersgd, dgc, masked, hierarchical-dense,
-    hierarchical-dgc (``per_node`` ranks per node for the last two)."""
+    hierarchical-dgc, hierarchical-sparse-dgc (``per_node`` ranks per node for the last
+    three)."""
     if scheme in ("dense", "fp16", "bf16"):
         return tr.dense(work.buckets, tr.FP32 if scheme == "dense" else 2, scheme)
     if scheme == "hierarchical-dense":
@@ -84,6 +85,10 @@ def scheme_traffic(work: Workload, scheme: str, p: int, hw: HardwareConfig,
     cluster = load_cluster(hw.preset)
     if scheme in ("dgc", "hierarchical-dgc"):
         return dgc_traffic(work, scheme, cluster, p, hw, per_node)
+    if scheme == "hierarchical-sparse-dgc":  # its own allgather across nodes
+        options = with_exchange_link(work.dgc, cluster, p)
+        return tr.hierarchical_sparse_dgc(work.buckets, options, p, per_node,
+                                          hw.selection_passes, live=work.live)
     if scheme == "powersgd":
         return tr.powersgd(work.buckets, powersgd_rank, hw.selection_passes)
     assert scheme == "masked", scheme
@@ -185,7 +190,10 @@ def run_scheme(cfg: Config) -> str:
     """The scheme a run's config selects: DGC, a torch hook, a mask-aware sparse run, or
     dense."""
     if cfg.dgc is not None:
-        return "hierarchical-dgc" if cfg.dgc.topology == "hierarchical" else "dgc"
+        if cfg.dgc.topology != "hierarchical":
+            return "dgc"
+        return "hierarchical-sparse-dgc" if cfg.dgc.intra_node == "sparse" else \
+            "hierarchical-dgc"
     if cfg.ddp.comm_hook != "allreduce":
         return cfg.ddp.comm_hook
     return "masked" if cfg.sparsity is not None else "dense"
@@ -278,6 +286,8 @@ def variants(cfg: Config, powersgd_rank: int = 4) -> list[Variant]:
     rows += [Variant(f"{dgc_label} {name}", "dgc", exchanged(name))
              for name in EXCHANGES if name != o.exchange]
     rows.append(Variant(f"hierarchical {dgc_label} {o.exchange}", "hierarchical-dgc", base))
+    rows.append(Variant(f"hierarchical sparse-intra {dgc_label}", "hierarchical-sparse-dgc",
+                        base))
     s = cfg.sparsity
     if s is not None and not (s.method == "nm" and (s.n, s.m) == (2, 4)):
         work = dataclasses.replace(base, masks=expected_masks(model, s))

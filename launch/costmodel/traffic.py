@@ -275,3 +275,38 @@ def hierarchical_dgc(buckets: Sequence[Sequence[Param]], options: DGCOptions, p:
         # the bucket copied into shard-major order and back
         traffic.memory_bytes += 4 * FP32 * shard * per_node
     return traffic
+
+
+def hierarchical_sparse_dgc(buckets: Sequence[Sequence[Param]], options: DGCOptions, p: int,
+                            per_node: int, passes: float, density: float | None = None,
+                            live: Mapping[str, int] | None = None) -> Traffic:
+    """Hierarchical DGC with a sparse intra-node stage (``dgc.transport.hierarchical_sparse``),
+    as the hook runs it: each bucket planned as flat DGC plans it; the node allgathers its
+    ranks' pairs, each rank sends a 1/r slice of the node's merged set across nodes, the
+    node allgathers the slices received; the small tensors allreduced over the world. One
+    node, one rank per node or a dense fallback plan: flat DGC."""
+    from dgc import codec
+    density = options.density if density is None else density
+    r = max(1, min(p, per_node))
+    nodes = max(1, p // r)
+    if r == 1 or nodes == 1:
+        return dgc(buckets, options, p, passes, density, live, per_node=r)
+    traffic = Traffic(f"hierarchical sparse dgc-d{density:g}")
+    for bucket in buckets:
+        names, shapes = [n for n, _ in bucket], [s for _, s in bucket]
+        plan = make_plan(names, shapes, density, p, options, live, bool(live))
+        traffic.memory_bytes += passes * FP32 * sum(s.numel for s in plan.compressed)
+        if not plan.sparse:
+            traffic.collectives += route_collectives(plan, p, options, "world", r)
+            continue
+        dense_elems = sum(s.live for s in plan.dense)
+        if dense_elems:
+            traffic.collectives.append(Collective(
+                "allreduce", dense_elems * plan.layout.value_dtype.itemsize))
+        part = codec.Layout(sum(-(-s.k // r) for s in plan.compressed),
+                            plan.layout.value_dtype, plan.layout.index_dtype).nbytes
+        traffic.collectives += [Collective("allgather", plan.layout.nbytes, "intra"),
+                                Collective("allgather", part, "inter"),
+                                Collective("allgather", part * nodes, "intra")]
+    return traffic
+
