@@ -13,23 +13,23 @@ link; on N nodes of r ranks each, per bucket:
    largest summed magnitude, an index picked by several ranks summed. A rank's pairs that
    did not make the node's set go back into its own residual, momentum restored
    (``Compressor.give_back``), as gtopk's losers do;
-3. every rank of the node now holds the same k sums per tensor. Local rank j sends the
-   j-th of r slices of them, in the wire dtype, to the ranks of local index j on the other
-   nodes (an allgather over the inter-node group: (N - 1) k / r pairs per rank between
-   nodes, against flat DGC's (p - 1) k over a ring that crosses nodes), and keeps the
-   rounding of its slice in its own residual;
-4. the node allgathers what its ranks received, so every rank holds all N nodes' sets and
-   sums them in one order: the same bits on every rank.
+3. every rank of the node now holds the same k sums per tensor. Local rank j allgathers
+   the j-th of r slices of them over the world, in the wire dtype, and keeps the rounding
+   of its slice in its own residual. Every rank receives all N nodes' sets and sums them in
+   rank order: the same bits everywhere. That is (p - 1) k / r pairs per rank, r times
+   fewer than flat DGC's allgather, on every link and so between nodes too.
 
-Small and 1-D tensors are allreduced over the world beside the pairs, as in the flat
-topology. With one node, or one rank per node, there is no node link to save and this is
-the flat topology. A dense fallback plan (``dgc.plan``) also runs flat.
+The node's merge is the one collective the hook waits for; the allgather runs while the
+backward pass goes on, as flat DGC's does. Small and 1-D tensors are allreduced over the
+world beside the pairs, as in the flat topology. With one node, or one rank per node, there
+is no node to merge over and this is the flat topology; so is a bucket whose plan is the
+dense fallback (``dgc.plan``).
 
 What changes against flat DGC: a node publishes k entries per tensor where flat DGC
-publishes r k (one per rank), so the update sums N k entries, not p k, in exchange for r
-times fewer pairs between nodes. Nothing is lost: every rank's pairs are applied or given
-back whole, and each slice's rounding stays with its sender, so over all ranks what was
-applied plus the residuals is the sum of the momentum-corrected gradients.
+publishes r k (one per rank), so the update sums N k entries, not p k, for r times fewer
+pairs. Nothing is lost: every rank's pairs are applied or given back whole, and each
+slice's rounding stays with its sender, so over all ranks what was applied plus the
+residuals is the sum of the momentum-corrected gradients.
 """
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def run(state, bucket: dist.GradBucket, flat: Tensor, masks: Mapping[str, Tensor
         state.give_back(s.name, i, v, ~kept[column:column + s.k])
         column += s.k
 
-    # 3. this rank's slice of the node's set, to its counterparts on the other nodes
+    # 3. this rank's slice of the node's set, to every rank: all N nodes' sets everywhere
     q = intra.rank
     slice_idx, slice_val = [], []
     for s, (idx, val) in zip(slots, merged):
@@ -83,25 +83,20 @@ def run(state, bucket: dist.GradBucket, flat: Tensor, masks: Mapping[str, Tensor
         idx = torch.cat([idx, idx.new_full((part * r - s.k,), n)])[q * part:(q + 1) * part]
         val = torch.cat([val, val.new_zeros(part * r - s.k)])[q * part:(q + 1) * part]
         wire_val = val.to(plan.layout.value_dtype)
-        if wire_val.dtype != val.dtype:  # the rounding stays here (empty slots carry 0)
-            at = torch.where(idx == n, s.offset, idx) - s.offset
-            state.add_to_residual(s.name, at, val - wire_val.to(val.dtype))
+        idx = torch.where(idx == n, s.offset, idx)  # an empty slot adds 0 to the slot's start
+        if wire_val.dtype != val.dtype:  # the rounding stays here
+            state.add_to_residual(s.name, idx - s.offset, val - wire_val.to(val.dtype))
         slice_idx.append(idx)
         slice_val.append(wire_val)
     layout = codec.Layout(sum(i.numel() for i in slice_idx), plan.layout.value_dtype,
                           plan.layout.index_dtype)
     outgoing = codec.pack(torch.cat(slice_idx), torch.cat(slice_val), layout)
-    nodes = outgoing.new_empty(inter.size * outgoing.numel())
-    inter.allgather(nodes, outgoing).wait()
-
-    # 4. the node shares what it received: every node's set on every rank
-    everything = nodes.new_empty(r * nodes.numel())
-    futures.append(intra.allgather(everything, nodes))
+    everything = outgoing.new_empty(state.world.size * outgoing.numel())
+    futures.append(state.world.allgather(everything, outgoing))
 
     def unpack(_) -> Tensor:
-        summed = flat.new_zeros(n + 1)  # the last entry takes the empty slots
-        codec.scatter_sum_(summed, *codec.unpack(everything, layout, r * inter.size))
-        flat.copy_(summed[:n])
+        flat.zero_()
+        codec.scatter_sum_(flat, *codec.unpack(everything, layout, state.world.size))
         if dense_slots:
             allgather.put_back_(flat, dense_slots, positions, dense)
         return flat_topology.average_(state, plan, flat, state.world_size)

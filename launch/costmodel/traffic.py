@@ -282,9 +282,9 @@ def hierarchical_sparse_dgc(buckets: Sequence[Sequence[Param]], options: DGCOpti
                             live: Mapping[str, int] | None = None) -> Traffic:
     """Hierarchical DGC with a sparse intra-node stage (``dgc.transport.hierarchical_sparse``),
     as the hook runs it: each bucket planned as flat DGC plans it; the node allgathers its
-    ranks' pairs, each rank sends a 1/r slice of the node's merged set across nodes, the
-    node allgathers the slices received; the small tensors allreduced over the world. One
-    node, one rank per node or a dense fallback plan: flat DGC."""
+    ranks' pairs, then each rank allgathers a 1/r slice of the node's merged set over the
+    world; the small tensors allreduced over the world. One node, one rank per node or a
+    dense fallback plan: flat DGC."""
     from dgc import codec
     density = options.density if density is None else density
     r = max(1, min(p, per_node))
@@ -306,7 +306,6 @@ def hierarchical_sparse_dgc(buckets: Sequence[Sequence[Param]], options: DGCOpti
         part = codec.Layout(sum(-(-s.k // r) for s in plan.compressed),
                             plan.layout.value_dtype, plan.layout.index_dtype).nbytes
         traffic.collectives += [Collective("allgather", plan.layout.nbytes, "intra"),
-                                Collective("allgather", part, "inter"),
-                                Collective("allgather", part * nodes, "intra")]
+                                Collective("allgather", part)]
     return traffic
 
