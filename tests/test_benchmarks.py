@@ -96,12 +96,14 @@ def test_linkbench_two_node_testbed_runs_the_hierarchical_and_sparse_schemes():
     """Two namespaces of two ranks each (shaped between them) when root allows, loopback
     otherwise: every scheme's collectives are recorded by group and replayed on it."""
     out = _quick("benchmarks/linkbench.py", "--quick", "--ranks-per-node", "2", "--schemes",
-                 "dense,hierdense,dgc,dgc-hier,dgc-sar,nocomm")
+                 "dense,hierdense,dgc,dgc-hier,dgc-hier-sparse,dgc-sar,nocomm")
     assert "(2 per node)" in out, out
     for label in ("hierarchical dense allreduce", "hierarchical DGC 0.1%",
+                  "hierarchical DGC 0.1%, sparse intra-node stage",
                   "DGC 0.1%, sparse allreduce"):
         assert f"| {label} |" in out, (label, out)
     assert "1 allreduce, 2 allgather, 1 reduce_scatter" in out  # hierarchical DGC's
+    assert "sparse intra-node stage | 1 allreduce, 2 allgather |" in out  # and its merge
 
 
 def test_linkbench_calibration_quick_fits_overhead_and_latency_on_loopback():

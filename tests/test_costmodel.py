@@ -509,6 +509,28 @@ def test_hierarchical_dgc_reduces_inside_the_node_and_gathers_a_shard_across_nod
         ("allgather", 2200 * 4, "intra")]
 
 
+def test_hierarchical_sparse_dgc_merges_pairs_in_the_node_and_allgathers_a_slice():
+    """The same bucket on 2 nodes of 2 ranks with a sparse intra-node stage: the bucket
+    planned whole (k = 40 pairs of w, 240 B), the node's pairs allgathered, then a slice of
+    20 pairs (120 B) allgathered over the world; the bias allreduced over the world."""
+    options = DGCOptions(density=0.01, value_dtype="fp16", index_dtype="int32",
+                         dense_fallback=False)
+    bucket = [[("w", (400, 10)), ("b", (400,))]]
+    t = tr.hierarchical_sparse_dgc(bucket, options, 4, 2, passes=0)
+    assert [(c.kind, c.nbytes, c.group) for c in t.collectives] == [
+        ("allreduce", 400 * 2, "world"), ("allgather", 240, "intra"),
+        ("allgather", 120, "world")]
+    flat = tr.dgc(bucket, dataclasses.replace(options, exchange="allgather"), 4, passes=0,
+                  per_node=2)
+    # the pairs cross between nodes at half flat DGC's bytes (the bias's allreduce alike)
+    assert t.link_bytes(4, 2)[1] - 600 == pytest.approx((flat.link_bytes(4, 2)[1] - 600) / 2)
+    # one node, or one rank per node: flat DGC
+    for p, per_node in ((2, 2), (4, 1)):
+        one = tr.hierarchical_sparse_dgc(bucket, options, p, per_node, passes=0)
+        same = tr.dgc(bucket, options, p, passes=0, per_node=per_node)
+        assert one.collectives == same.collectives
+
+
 def test_a_flat_ring_over_two_nodes_crosses_them_on_two_of_its_hops():
     t = tr.Traffic("t", [tr.Collective("allgather", 1000)])
     assert t.link_bytes(4, 2) == pytest.approx((1500, 1500))  # 3000 B, 2 of 4 hops cross

@@ -22,7 +22,7 @@ def test_prints_a_table_per_world_size_and_writes_the_chart(tmp_path, capsys):
                    "dgc d=0.001 fp16/int32 allgather", "dgc d=0.001 fp16/int32 sparse_allreduce",
                    "dgc d=0.001 fp16/int32 gtopk",
                    "hierarchical dense", "hierarchical dgc d=0.001 fp16/int32 auto",
-                   "2:4 masked, realistic", "2:4 masked, theoretical"):
+                   "hierarchical sparse-intra dgc d=0.001 fp16/int32", "2:4 masked, realistic", "2:4 masked, theoretical"):
         assert printed.count(f"| {scheme} |") == 2, scheme
     assert "| dense fp32 | 0 B | 0 |" in printed  # one rank sends nothing
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
