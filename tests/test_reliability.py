@@ -121,7 +121,7 @@ def test_a_two_rank_checkpoint_continues_on_another_world_size(tmp_path, nproc):
     part = tmp_path / "part"
     train(DGC, *SYNTHETIC, "train.epochs=3", "dgc.warmup_epochs=1", f"out_dir={part}",
           "train.max_steps=13", "train.checkpoint_every=13", nproc=2)
-    proc = train(None, "train.max_steps=null", nproc=nproc, extra_args=["--resume", str(part)])
+    train(None, "train.max_steps=null", nproc=nproc, extra_args=["--resume", str(part)])
     summary, metrics = read_run(part)
     assert summary["world_size"] == nproc
     assert math.isfinite(summary["test_accuracy"])
