@@ -128,9 +128,6 @@ class DGCState(Compressor):
         # hook then only averages, densely, and DGC's memory is untouched.
         self.passthrough = False
         self.adam = None
-        # Work a topology leaves for a later hook of the same step, started in order by the
-        # next bucket's hook or at the end of the step (dgc.transport.hierarchical_sparse).
-        self.pending: list = []
         # The loss scale the gradients arrive with (a GradScaler's; set by the training
         # loop): the weight-decay term added to them must carry it too.
         self.grad_scale = 1.0
@@ -296,17 +293,8 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
 
 def _end_of_step(state: DGCState, bucket: dist.GradBucket) -> None:
     if bucket.is_last():
-        finish_pending(state)
         state.stats.steps += 1
         state.end_step()
-
-
-def finish_pending(state: DGCState) -> None:
-    """Run, in order, what a topology left for a later hook of the step
-    (``transport.hierarchical_sparse``'s merges); the last bucket's hook calls this."""
-    pending, state.pending = state.pending, []
-    for later in pending:
-        later()
 
 
 def _average_for_variance(state: DGCState, bucket: dist.GradBucket, flat: Tensor) -> None:

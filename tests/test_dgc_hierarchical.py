@@ -9,7 +9,7 @@ import dgc
 from dgc.transport.hierarchical import piece_bounds
 from tests.dgc_helpers import recording_hook, resumed
 from tests.distributed import run_ranks
-from tests.test_dgc_distributed import MLP, _flat, _sgd, _train
+from tests.test_dgc_distributed import MLP, _batch, _flat, _sgd, _train
 
 BUCKET_MB = 0.001  # several buckets, each mixing dense and compressed tensors
 HIER = dict(topology="hierarchical", ranks_per_node=2, min_numel=100)
@@ -261,3 +261,31 @@ def test_sparse_intra_node_stage_refuses_a_non_allgather_exchange_in_one_line():
     with pytest.raises(ConfigError, match="intra_node 'sparse'"):
         build(dgc.DGCOptions, dict(topology="hierarchical", intra_node="sparse",
                                    exchange="gtopk"))
+
+
+def _sparse_intra_nonfinite_rank(rank, world_size):
+    """check_finite beside the node's merge: a step whose last bucket is not finite goes
+    dense for that bucket and the others still merge; ranks agree."""
+    model = MLP(wide=True)
+    ddp = DDP(model, bucket_cap_mb=BUCKET_MB)
+    opt = _sgd(model, momentum=0.9)
+    state = dgc.attach(ddp, opt, density=0.02, warmup_epochs=0, check_finite=True,
+                       **SPARSE_INTRA)
+    first = next(model.parameters())  # in DDP's last bucket (buckets run in reverse)
+    poison = {"on": False}
+    first.register_hook(lambda g: g * float("inf") if poison["on"] else g)
+    _train(ddp, opt, 3, rank)
+    poison["on"] = True
+    opt.zero_grad()
+    x, y = _batch(rank, 3)
+    torch.nn.functional.mse_loss(ddp(x), y).backward()  # a scaler would skip this step
+    flat = _flat(model)
+    everyone = [torch.empty_like(flat) for _ in range(world_size)]
+    dist.all_gather(everyone, flat)
+    return (state.stats.nonfinite_buckets, state.stats.sparse_buckets,
+            all(torch.equal(everyone[0], e) for e in everyone))
+
+
+def test_sparse_intra_node_stage_finishes_a_step_whose_last_bucket_is_not_finite():
+    for nonfinite, sparse, agree in run_ranks(_sparse_intra_nonfinite_rank, 4, timeout=240):
+        assert nonfinite == 1 and sparse > 0 and agree

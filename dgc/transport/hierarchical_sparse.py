@@ -58,64 +58,47 @@ def run(state, bucket: dist.GradBucket, flat: Tensor, masks: Mapping[str, Tensor
     state.count_bucket(plan)
     dense_slots, dense, futures = allgather.start_dense(state.world, plan, flat, positions)
 
-    # 2. the node's r sets: allgathered now, merged by the next bucket's hook (or at the end
-    # of the step), so that the backward pass goes on meanwhile
+    # 2. the node's r sets, merged alike on each of its ranks
     mine = torch.cat([i + s.offset for s, (i, _) in zip(slots, sent)])
     packed = codec.pack(mine, torch.cat([v for _, v in sent]), plan.layout)
     node = packed.new_empty(r * packed.numel())
-    gathering = intra.allgather(node, packed)
-    done = torch.futures.Future(devices=[flat.device] if flat.is_cuda else None)
+    intra.allgather(node, packed).wait()
+    rows_idx, rows_val = codec.unpack(node, plan.layout, r)
+    merged, column = [], 0
+    for s in slots:
+        merged.append(merge_rows(rows_idx[:, column:column + s.k].long(),
+                                 rows_val[:, column:column + s.k], s.k, n))
+        column += s.k
+    kept = torch.isin(mine, torch.cat([i for i, _ in merged]))
+    column = 0
+    for s, (i, v) in zip(slots, sent):
+        state.give_back(s.name, i, v, ~kept[column:column + s.k])
+        column += s.k
 
-    def merge_and_send() -> None:
-        gathering.wait()
-        rows_idx, rows_val = codec.unpack(node, plan.layout, r)
-        merged, column = [], 0
-        for s in slots:
-            merged.append(merge_rows(rows_idx[:, column:column + s.k].long(),
-                                     rows_val[:, column:column + s.k], s.k, n))
-            column += s.k
-        kept = torch.isin(mine, torch.cat([i for i, _ in merged]))
-        column = 0
-        for s, (i, v) in zip(slots, sent):
-            state.give_back(s.name, i, v, ~kept[column:column + s.k])
-            column += s.k
-        layout, outgoing = _my_slice(state, plan, merged, intra.rank, r, n)
-        everything = outgoing.new_empty(state.world.size * outgoing.numel())
-        futures.append(state.world.allgather(everything, outgoing))
-
-        def unpack(_) -> None:
-            try:
-                flat.zero_()
-                codec.scatter_sum_(flat, *codec.unpack(everything, layout, state.world.size))
-                if dense_slots:
-                    allgather.put_back_(flat, dense_slots, positions, dense)
-                done.set_result(flat_topology.average_(state, plan, flat, state.world_size))
-            except Exception as err:  # a hook's future must end, or DDP waits for good
-                done.set_exception(err)
-
-        torch.futures.collect_all(futures).then(unpack)
-
-    earlier = list(state.pending)
-    state.pending[:] = [merge_and_send]
-    for later in earlier:  # the buckets before this one, in order
-        later()
-    return done
-
-
-def _my_slice(state, plan, merged, q: int, r: int, n: int) -> tuple[codec.Layout, Tensor]:
-    """3. Local rank q's slice of the node's merged set, packed in the wire dtype (its
-    rounding kept in this rank's residual; an empty slot adds 0 at its slot's start)."""
+    # 3. this rank's slice of the node's set, to every rank: all N nodes' sets everywhere
+    q = intra.rank
     slice_idx, slice_val = [], []
-    for s, (idx, val) in zip(plan.compressed, merged):
+    for s, (idx, val) in zip(slots, merged):
         part = -(-s.k // r)
         idx = torch.cat([idx, idx.new_full((part * r - s.k,), n)])[q * part:(q + 1) * part]
         val = torch.cat([val, val.new_zeros(part * r - s.k)])[q * part:(q + 1) * part]
         wire_val = val.to(plan.layout.value_dtype)
-        idx = torch.where(idx == n, s.offset, idx)
-        if wire_val.dtype != val.dtype:
+        idx = torch.where(idx == n, s.offset, idx)  # an empty slot adds 0 to the slot's start
+        if wire_val.dtype != val.dtype:  # the rounding stays here
             state.add_to_residual(s.name, idx - s.offset, val - wire_val.to(val.dtype))
         slice_idx.append(idx)
         slice_val.append(wire_val)
     layout = codec.Layout(sum(i.numel() for i in slice_idx), plan.layout.value_dtype,
                           plan.layout.index_dtype)
-    return layout, codec.pack(torch.cat(slice_idx), torch.cat(slice_val), layout)
+    outgoing = codec.pack(torch.cat(slice_idx), torch.cat(slice_val), layout)
+    everything = outgoing.new_empty(state.world.size * outgoing.numel())
+    futures.append(state.world.allgather(everything, outgoing))
+
+    def unpack(_) -> Tensor:
+        flat.zero_()
+        codec.scatter_sum_(flat, *codec.unpack(everything, layout, state.world.size))
+        if dense_slots:
+            allgather.put_back_(flat, dense_slots, positions, dense)
+        return flat_topology.average_(state, plan, flat, state.world_size)
+
+    return torch.futures.collect_all(futures).then(unpack)
