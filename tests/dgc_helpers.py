@@ -33,6 +33,52 @@ def recording_hook(model: torch.nn.Module, raw: dict, out: dict):
     return hook
 
 
+def corrected_and_applied(model: torch.nn.Module, ddp: DDP, state, rank: int, steps: int,
+                          names: list[str], momentum: float = 0.9
+                          ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Train ``steps`` steps of plain SGD through ``state``'s hook and return, per name of
+    ``names`` (sorted: every rank must allreduce in one order), the sum over steps of the
+    momentum-corrected gradient sum over ranks, U(t) = m U(t-1) + sum_i g_i(t), and the sum
+    of the updates applied, times the world size: the two sides of "nothing is lost"."""
+    raw, out = {}, {}
+    ddp.register_comm_hook(state, recording_hook(model, raw, out))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    u = {n: torch.zeros(sizes[n]) for n in names}
+    total_u = {n: torch.zeros(sizes[n]) for n in names}
+    applied = {n: torch.zeros(sizes[n]) for n in names}
+    world_size = torch.distributed.get_world_size()
+    for step in range(steps):
+        raw.clear()
+        _train(ddp, opt, 1, rank, start=step)
+        for n in names:
+            g = raw[n].clone()
+            torch.distributed.all_reduce(g)
+            u[n].mul_(momentum).add_(g)
+            total_u[n] += u[n]
+            applied[n] += out[n] * world_size
+    return total_u, applied
+
+
+def nothing_lost(model: torch.nn.Module, ddp: DDP, state, rank: int, steps: int,
+                 names: list[str], residuals=None) -> tuple[dict[str, float], bool, dict]:
+    """Train as ``corrected_and_applied`` does; return per name the relative error of
+    "applied plus every rank's residual equals the corrected gradients", whether all ranks
+    hold the same parameters, and the applied sums. ``residuals(state)``: this rank's
+    residuals as whole tensors by name (default: its ``accumulation``)."""
+    total_u, applied = corrected_and_applied(model, ddp, state, rank, steps, names)
+    accumulation = state.state_dict()["accumulation"]
+    residuals = residuals(state) if residuals else {n: accumulation[n].clone() for n in names}
+    for n in names:
+        torch.distributed.all_reduce(residuals[n])
+    flat = _flat(model)
+    everyone = [torch.empty_like(flat) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(everyone, flat)
+    errors = {n: ((applied[n] + residuals[n] - total_u[n]).norm() / total_u[n].norm()).item()
+              for n in names}
+    return errors, all(torch.equal(everyone[0], e) for e in everyone), applied
+
+
 def resumed(fresh, rank: int, steps: int, at: int, epochs: bool = False
             ) -> tuple[torch.Tensor, torch.nn.Module, object]:
     """Train ``steps`` steps without a break, then again from ``fresh(0)`` for ``at`` steps,

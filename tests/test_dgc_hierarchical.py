@@ -7,7 +7,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import dgc
 from dgc.transport.hierarchical import piece_bounds
-from tests.dgc_helpers import recording_hook, resumed
+from tests.dgc_helpers import nothing_lost, resumed
 from tests.distributed import run_ranks
 from tests.test_dgc_distributed import MLP, _batch, _flat, _sgd, _train
 
@@ -23,24 +23,26 @@ def _run(rank, build, steps=12, start=0):
     return model, ddp, opt, state
 
 
-def _equivalence_and_flat_rank(rank, world_size):
-    out = {}
-    # density 1.0 (momentum masking on) equals DDP + SGD with momentum and weight decay
+def _sgd_at_density_one_and_flat_at_one_rank_per_node(rank, topology: dict) -> dict:
+    """Density 1.0 (momentum masking on) against DDP + SGD with momentum and weight decay,
+    at 2 ranks per node; and one rank per node against flat DGC, bit for bit."""
     ref, *_ = _run(rank, lambda ddp, m: (_sgd(m, momentum=0.9, weight_decay=1e-2), None))
-    got, _, _, state = _run(rank, lambda ddp, m: (
+    got, *_ = _run(rank, lambda ddp, m: (
         opt := _sgd(m, momentum=0.9, weight_decay=1e-2),
-        dgc.attach(ddp, opt, density=1.0, **HIER))[::1])
-    out["density1"] = max(((a - b).norm() / b.norm()).item()
-                           for a, b in zip(got.parameters(), ref.parameters()))
-    # one rank per node is flat DGC, bit for bit
+        dgc.attach(ddp, opt, density=1.0, **topology))[::1])
     options = dict(density=0.05, warmup_densities=[0.5], value_dtype="fp16", min_numel=100)
     flat, *_ = _run(rank, lambda ddp, m: (opt := _sgd(m, momentum=0.9, nesterov=True),
                                           dgc.attach(ddp, opt, **options))[::1], steps=15)
-    hier, *_ = _run(rank, lambda ddp, m: (
-        opt := _sgd(m, momentum=0.9, nesterov=True),
-        dgc.attach(ddp, opt, topology="hierarchical", ranks_per_node=1, **options))[::1],
-        steps=15)
-    out["one_per_node_equal"] = torch.equal(_flat(flat), _flat(hier))
+    one = dict(topology, ranks_per_node=1, **options)
+    hier, *_ = _run(rank, lambda ddp, m: (opt := _sgd(m, momentum=0.9, nesterov=True),
+                                          dgc.attach(ddp, opt, **one))[::1], steps=15)
+    return {"density1": max(((a - b).norm() / b.norm()).item()
+                            for a, b in zip(got.parameters(), ref.parameters())),
+            "one_per_node_equal": torch.equal(_flat(flat), _flat(hier))}
+
+
+def _equivalence_and_flat_rank(rank, world_size):
+    out = _sgd_at_density_one_and_flat_at_one_rank_per_node(rank, HIER)
     # every rank holds the same parameters
     model, _, _, state = _run(rank, lambda ddp, m: (
         opt := _sgd(m, momentum=0.9), dgc.attach(ddp, opt, density=0.05, **HIER))[::1])
@@ -76,45 +78,35 @@ def test_density_one_agreement_and_one_rank_per_node_is_flat():
         assert hier["bytes_inter_node"] < flat["bytes_inter_node"] / 2
 
 
-def _conservation_rank(rank, world_size):
-    """Over all ranks: what was applied, times p, plus every owner's residual equals the
-    sum over steps of the momentum-corrected gradient sum U(t) = m U(t-1) + G(t), G(t) the
-    sum of all ranks' gradients (per piece, the node sums' momenta add up to it)."""
+def _conserving(topology: dict):
+    """The conservation tests' model, DDP, shapes, compressed names (sorted: a set's order
+    differs between processes, and the all_reduces must not) and DGC state."""
     torch.manual_seed(0)
     model = MLP(wide=True)
     ddp = DDP(model, bucket_cap_mb=BUCKET_MB)
     shapes = {n: p.shape for n, p in model.named_parameters()}
-    # sorted: a set's order differs between processes, and the all_reduces below must not
     compressed = sorted(n for n, s in shapes.items() if len(s) > 1 and s.numel() >= 100)
     state = dgc.DGCState(model=ddp, momentum=0.9, density=0.02, warmup_epochs=0,
-                         momentum_masking=False, value_dtype="fp16", **HIER)
-    raw, out = {}, {}
+                         momentum_masking=False, value_dtype="fp16", **topology)
+    return model, ddp, shapes, compressed, state
 
-    ddp.register_comm_hook(state, recording_hook(model, raw, out))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    total_u = {n: torch.zeros(shapes[n].numel()) for n in compressed}
-    u = {n: torch.zeros(shapes[n].numel()) for n in compressed}
-    applied = {n: torch.zeros(shapes[n].numel()) for n in compressed}
-    for step in range(20):
-        raw.clear()
-        _train(ddp, opt, 1, rank, start=step)
-        for n in compressed:
-            g = raw[n].clone()
-            dist.all_reduce(g)
-            u[n].mul_(0.9).add_(g)
-            total_u[n] += u[n]
-            applied[n] += out[n] * world_size
-    # every owner's residual, put back at its piece of the tensor, summed over all ranks
-    residual = {n: torch.zeros(shapes[n].numel()) for n in compressed}
-    local = rank % 2
-    for n, v in state.state_dict()["accumulation"].items():
-        if n in compressed:
-            b = piece_bounds(shapes[n].numel(), 2)
-            residual[n][b[local]:b[local + 1]] += v
-    for n in compressed:
-        dist.all_reduce(residual[n])
-    return {n: ((applied[n] + residual[n] - total_u[n]).norm() / total_u[n].norm()).item()
-            for n in compressed}
+
+def _conservation_rank(rank, world_size):
+    """Over all ranks: what was applied, times p, plus every owner's residual equals the
+    sum over steps of the momentum-corrected gradient sum U(t) = m U(t-1) + G(t), G(t) the
+    sum of all ranks' gradients (per piece, the node sums' momenta add up to it)."""
+    model, ddp, shapes, compressed, state = _conserving(HIER)
+
+    def placed(state):  # every owner's residual, put back at its piece of the tensor
+        residual = {n: torch.zeros(shapes[n].numel()) for n in compressed}
+        local = rank % 2
+        for n, v in state.state_dict()["accumulation"].items():
+            if n in compressed:
+                b = piece_bounds(shapes[n].numel(), 2)
+                residual[n][b[local]:b[local + 1]] += v
+        return residual
+    errors, _, _ = nothing_lost(model, ddp, state, rank, 20, compressed, placed)
+    return errors
 
 
 def test_nothing_is_lost_per_shard():
@@ -165,57 +157,14 @@ SPARSE_INTRA = dict(HIER, intra_node="sparse")
 def _sparse_intra_rank(rank, world_size):
     """Over all ranks: applied updates (times p) plus every rank's residual (each holds its
     whole tensors) equal the sum of the momentum-corrected gradient sums; ranks agree."""
-    torch.manual_seed(0)
-    model = MLP(wide=True)
-    ddp = DDP(model, bucket_cap_mb=BUCKET_MB)
-    shapes = {n: p.shape for n, p in model.named_parameters()}
-    compressed = sorted(n for n, s in shapes.items() if len(s) > 1 and s.numel() >= 100)
-    state = dgc.DGCState(model=ddp, momentum=0.9, density=0.02, warmup_epochs=0,
-                         momentum_masking=False, value_dtype="fp16", **SPARSE_INTRA)
-    raw, out = {}, {}
-    ddp.register_comm_hook(state, recording_hook(model, raw, out))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    total_u = {n: torch.zeros(shapes[n].numel()) for n in compressed}
-    u = {n: torch.zeros(shapes[n].numel()) for n in compressed}
-    applied = {n: torch.zeros(shapes[n].numel()) for n in compressed}
-    for step in range(20):
-        raw.clear()
-        _train(ddp, opt, 1, rank, start=step)
-        for n in compressed:
-            g = raw[n].clone()
-            dist.all_reduce(g)
-            u[n].mul_(0.9).add_(g)
-            total_u[n] += u[n]
-            applied[n] += out[n] * world_size
-    residual = {n: state.state_dict()["accumulation"][n].clone() for n in compressed}
-    for n in compressed:
-        dist.all_reduce(residual[n])
-    flat = _flat(model)
-    everyone = [torch.empty_like(flat) for _ in range(world_size)]
-    dist.all_gather(everyone, flat)
-    # the node's set holds k per tensor: half of what the node's two ranks selected
-    kept = sum(int((out[n] != 0).sum()) for n in compressed)
-    return ({n: ((applied[n] + residual[n] - total_u[n]).norm() / total_u[n].norm()).item()
-             for n in compressed}, all(torch.equal(everyone[0], e) for e in everyone),
-            state.stats.sparse_buckets, kept)
+    model, ddp, _, compressed, state = _conserving(SPARSE_INTRA)
+    errors, agree, applied = nothing_lost(model, ddp, state, rank, 20, compressed)
+    kept = sum(int((applied[n] != 0).sum()) for n in compressed)
+    return errors, agree, state.stats.sparse_buckets, kept
 
 
 def _sparse_intra_equivalence_rank(rank, world_size):
-    out = {}
-    ref, *_ = _run(rank, lambda ddp, m: (_sgd(m, momentum=0.9, weight_decay=1e-2), None))
-    got, *_ = _run(rank, lambda ddp, m: (
-        opt := _sgd(m, momentum=0.9, weight_decay=1e-2),
-        dgc.attach(ddp, opt, density=1.0, **SPARSE_INTRA))[::1])
-    out["density1"] = max(((a - b).norm() / b.norm()).item()
-                           for a, b in zip(got.parameters(), ref.parameters()))
-    options = dict(density=0.05, warmup_densities=[0.5], value_dtype="fp16", min_numel=100)
-    flat, *_ = _run(rank, lambda ddp, m: (opt := _sgd(m, momentum=0.9, nesterov=True),
-                                          dgc.attach(ddp, opt, **options))[::1], steps=15)
-    one, *_ = _run(rank, lambda ddp, m: (
-        opt := _sgd(m, momentum=0.9, nesterov=True),
-        dgc.attach(ddp, opt, topology="hierarchical", intra_node="sparse", ranks_per_node=1,
-                   **options))[::1], steps=15)
-    out["one_per_node_equal"] = torch.equal(_flat(flat), _flat(one))
+    out = _sgd_at_density_one_and_flat_at_one_rank_per_node(rank, SPARSE_INTRA)
 
     def fresh(seed):
         # one bucket: a restored DDP model's first iteration has the same composition (a

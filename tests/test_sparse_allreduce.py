@@ -8,7 +8,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import dgc
 from dgc.transport.sparse_allreduce import capacities
-from tests.dgc_helpers import one_tensor_dgc, recording_hook, resumed
+from tests.dgc_helpers import nothing_lost, one_tensor_dgc, resumed
 from tests.distributed import run_ranks
 from tests.test_dgc_distributed import MLP, _flat, _sgd, _train
 
@@ -24,30 +24,8 @@ def _conservation_rank(rank, world_size, capacity, value_dtype, exchange="sparse
     state = dgc.DGCState(model=ddp, momentum=0.9, density=0.05, momentum_masking=False,
                          sparse_capacity=capacity, value_dtype=value_dtype,
                          exchange=exchange, **SPARSE)
-    raw, out = {}, {}
-
-    ddp.register_comm_hook(state, recording_hook(model, raw, out))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    u = {n: torch.zeros(shapes[n].numel()) for n in compressed}
-    total_u = {n: torch.zeros(shapes[n].numel()) for n in compressed}
-    applied = {n: torch.zeros(shapes[n].numel()) for n in compressed}
-    for step in range(12):
-        _train(ddp, opt, 1, rank, start=step)
-        for n in compressed:
-            g = raw[n].clone()
-            dist.all_reduce(g)
-            u[n].mul_(0.9).add_(g)
-            total_u[n] += u[n]
-            applied[n] += out[n] * world_size
-    residual = {n: state.state_dict()["accumulation"][n].clone() for n in compressed}
-    for n in compressed:
-        dist.all_reduce(residual[n])
-    flat = _flat(model)
-    everyone = [torch.empty_like(flat) for _ in range(world_size)]
-    dist.all_gather(everyone, flat)
-    return ({n: ((applied[n] + residual[n] - total_u[n]).norm() / total_u[n].norm()).item()
-             for n in compressed}, all(torch.equal(everyone[0], e) for e in everyone),
-            state.stats.sparse_buckets)
+    errors, agree, _ = nothing_lost(model, ddp, state, rank, 12, compressed)
+    return errors, agree, state.stats.sparse_buckets
 
 
 def _all_rank(rank, world_size, capacity, dtype, exchange="sparse_allreduce"):
