@@ -101,10 +101,9 @@ class DGCOptions:
     allgather of the fp32 gradient described under ``topology``. ``sparse``
     (``dgc.transport.hierarchical_sparse``): every rank compresses its own gradient as in
     the flat topology, the node merges its ranks' pairs into one set of k per tensor
-    (losers go back to their residuals), each rank sends a 1/r slice of it across nodes and
-    the node allgathers the slices: only pairs travel, r times fewer between nodes than
-    flat DGC's, and the update sums k entries per node instead of per rank. Its exchange
-    across nodes is the allgather."""
+    (losers go back to their residuals) and each rank allgathers a 1/r slice of it over the
+    world: only pairs travel, r times fewer than flat DGC's, and the update sums k entries
+    per node instead of per rank. Its exchange is the allgather."""
 
     ranks_per_node: int | None = None
     """Ranks on each node, placed node by node (ranks 0..r-1 on the first). Default: the

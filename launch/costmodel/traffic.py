@@ -308,4 +308,3 @@ def hierarchical_sparse_dgc(buckets: Sequence[Sequence[Param]], options: DGCOpti
         traffic.collectives += [Collective("allgather", plan.layout.nbytes, "intra"),
                                 Collective("allgather", part)]
     return traffic
-
