@@ -23,8 +23,16 @@ Both partners add the same two sets in the same order (the lower rank's first), 
 the pairs in the value dtype, as they were selected; from the second on the sums travel in
 float32, so no rounding needs a keeper. The group's size must be a power of two.
 
-Across nodes the swap is split over the node's ranks (``_swap``): the result is the same
-bits, the inter-node bytes per rank 1/r of the set, plus an allgather inside the node.
+Across nodes (``_across_nodes``, when the group knows its node), the rounds inside each node
+come first, so every rank of a node then holds the same set. Local rank q keeps only the
+q-th of r slices of it and runs the remaining rounds with its counterparts on the other
+nodes, each slice keeping ceil(k / r) per tensor; at the end the node allgathers its r
+slices, which every rank of the world then holds alike, and sums them. A node's link
+carries its set once per round instead of r times, and only that one allgather waits for
+the node. The result is the sum of r per-slice selections rather than one top k: an index
+that sits in different slices on different nodes is summed where the slices meet at the
+end, not in the rounds. What a slice drops is given back as above: with the slices, the
+node allgathers which entries of its own set survived every round.
 """
 from __future__ import annotations
 
@@ -95,20 +103,21 @@ def exchange(group: Group, plan: Plan, flat: Tensor, sent: allgather.Pairs,
     cur_val = torch.cat([v for _, v in sent])
     alive = torch.ones_like(cur_idx, dtype=torch.bool)  # my own pairs, slot after slot
     mine_idx = cur_idx.clone()
+    intra = group.intra
+    r = intra.size if intra is not None else 1
     for j in range(rounds(p)):
         peer = mine ^ (1 << j)
-        got_idx, got_val = _swap(group, cur_idx, cur_val, peer, plan.layout.index_dtype, n)
-        new_idx, new_val, column = [], [], 0
-        for k in ks:
-            a = (cur_idx[column:column + k], cur_val[column:column + k])
-            b = (got_idx[column:column + k], got_val[column:column + k])
-            lo, hi = (a, b) if mine < peer else (b, a)
-            idx, val = merge(*lo, *hi, k, n)
-            new_idx.append(idx)
-            new_val.append(val)
-            column += k
-        cur_idx, cur_val = torch.cat(new_idx), torch.cat(new_val)
+        if r > 1 and mine_node(group, mine) != mine_node(group, peer):
+            break  # the rounds inside the node are done: the node holds one set
+        got_idx, got_val = _swap(group, cur_idx, cur_val, peer, plan.layout.index_dtype)
+        cur_idx, cur_val = _merge_slots(cur_idx, cur_val, got_idx, got_val, ks, mine < peer, n)
         alive &= torch.isin(mine_idx, cur_idx)
+    else:
+        j = rounds(p)
+    rows = None
+    if j < rounds(p):  # across nodes: each of the node's ranks follows its slice of the set
+        rows, published = _across_nodes(group, cur_idx, cur_val, ks, j, plan, n)
+        alive &= torch.isin(mine_idx, published)
     column = 0
     for s, (i, v), k in zip(slots, sent, ks):
         lost = ~alive[column:column + k]
@@ -117,7 +126,10 @@ def exchange(group: Group, plan: Plan, flat: Tensor, sent: allgather.Pairs,
 
     def unpack(_) -> Tensor:
         summed = flat.new_zeros(n + 1)  # the last entry takes the empty slots
-        summed.index_copy_(0, cur_idx, cur_val.to(flat.dtype))
+        if rows is None:
+            summed.index_copy_(0, cur_idx, cur_val.to(flat.dtype))
+        else:  # an index may be in several slices: summed slice by slice, in one order
+            codec.scatter_sum_(summed, *rows)
         flat.copy_(summed[:n])
         if dense_slots:
             allgather.put_back_(flat, dense_slots, positions, dense)
@@ -130,37 +142,76 @@ def exchange(group: Group, plan: Plan, flat: Tensor, sent: allgather.Pairs,
     return torch.futures.collect_all(futures).then(unpack)
 
 
-def _swap(group: Group, idx: Tensor, val: Tensor, peer: int, index_dtype: torch.dtype,
-          empty: int) -> tuple[Tensor, Tensor]:
-    """``peer``'s set for this rank's. Across nodes, when the group knows its node
-    (``group.intra``), every rank of the node holds the same set (the rounds inside the
-    node came first), so local rank q sends only the q-th of r slices of it to its
-    counterpart on the peer's node, and the node allgathers the slices it received: the
-    peer node's set arrives whole, but a node's link carries it once instead of r times."""
-    intra = group.intra
-    r = intra.size if intra is not None else 1
-    if r == 1 or mine_node(group, group.rank) == mine_node(group, peer):
-        layout = codec.Layout(idx.numel(), val.dtype, index_dtype)
-        outgoing = codec.pack(idx, val, layout)
-        incoming = torch.empty_like(outgoing)
-        group.sendrecv(incoming, outgoing, peer)
-        got_idx, got_val = codec.unpack(incoming, layout, 1)
-        return got_idx[0].long(), got_val[0]
-    count = idx.numel()
-    part = -(-count // r)
-    padded_idx = torch.full((part * r,), empty, dtype=idx.dtype, device=idx.device)
-    padded_val = val.new_zeros(part * r)
-    padded_idx[:count], padded_val[:count] = idx, val
-    q = intra.rank
-    layout = codec.Layout(part, val.dtype, index_dtype)
-    outgoing = codec.pack(padded_idx[q * part:(q + 1) * part],
-                          padded_val[q * part:(q + 1) * part], layout)
+def _merge_slots(idx: Tensor, val: Tensor, got_idx: Tensor, got_val: Tensor, ks: list[int],
+                 lower: bool, empty: int) -> tuple[Tensor, Tensor]:
+    """Merge two sets slot by slot (``ks`` entries each, one after another), the lower
+    rank's first; each slot keeps its k."""
+    new_idx, new_val, column = [], [], 0
+    for k in ks:
+        a = (idx[column:column + k], val[column:column + k])
+        b = (got_idx[column:column + k], got_val[column:column + k])
+        lo, hi = (a, b) if lower else (b, a)
+        i, v = merge(*lo, *hi, k, empty)
+        new_idx.append(i)
+        new_val.append(v)
+        column += k
+    return torch.cat(new_idx), torch.cat(new_val)
+
+
+def _swap(group: Group, idx: Tensor, val: Tensor, peer: int, index_dtype: torch.dtype
+          ) -> tuple[Tensor, Tensor]:
+    """``peer``'s set for this rank's."""
+    layout = codec.Layout(idx.numel(), val.dtype, index_dtype)
+    outgoing = codec.pack(idx, val, layout)
     incoming = torch.empty_like(outgoing)
     group.sendrecv(incoming, outgoing, peer)
-    gathered = incoming.new_empty(r * incoming.numel())
-    intra.allgather(gathered, incoming).wait()
+    got_idx, got_val = codec.unpack(incoming, layout, 1)
+    return got_idx[0].long(), got_val[0]
+
+
+def _across_nodes(group: Group, idx: Tensor, val: Tensor, ks: list[int], first: int,
+                  plan: Plan, empty: int) -> tuple[tuple[Tensor, Tensor], Tensor]:
+    """The rounds from ``first`` on, which cross nodes. Every rank of the node holds the same
+    set (``idx``, ``val``); local rank q keeps only the q-th of r slices of each slot's set
+    and runs the remaining rounds on it with its counterparts on the other nodes (same q),
+    keeping ceil(k / r) per slot: a node's link carries its set once per round instead of r
+    times, and no round waits for the node. Then the node allgathers its r final slices and,
+    beside them, the entries of its own set that survived every round.
+
+    Returns the rows of (index, value) to sum (r slices, the same on every rank of the
+    world) and the indices of this node's set that reached them: a rank's pair that is not
+    among those was dropped on the way."""
+    intra = group.intra
+    r, q, mine = intra.size, intra.rank, group.rank
+    parts = [-(-k // r) for k in ks]
+    held_idx, held_val, column = [], [], 0
+    for k, part in zip(ks, parts):
+        pad = part * r - k
+        i = torch.cat([idx[column:column + k], idx.new_full((pad,), empty)])
+        v = torch.cat([val[column:column + k].float(), val.new_zeros(pad, dtype=torch.float32)])
+        held_idx.append(i[q * part:(q + 1) * part])
+        held_val.append(v[q * part:(q + 1) * part])
+        column += k
+    cur_idx, cur_val = torch.cat(held_idx), torch.cat(held_val)
+    own = cur_idx.clone()  # this slice of the node's set, and whether it is still in
+    alive = torch.ones_like(own, dtype=torch.bool)
+    for j in range(first, rounds(group.size)):
+        peer = mine ^ (1 << j)
+        got_idx, got_val = _swap(group, cur_idx, cur_val, peer, plan.layout.index_dtype)
+        cur_idx, cur_val = _merge_slots(cur_idx, cur_val, got_idx, got_val, parts,
+                                        mine < peer, empty)
+        alive &= torch.isin(own, cur_idx)
+    # one allgather in the node: the final slice's pairs, then the surviving own entries
+    count = cur_idx.numel()
+    layout = codec.Layout(2 * count, torch.float32, plan.layout.index_dtype)
+    survived = torch.where(alive, own, torch.full_like(own, empty))
+    packed = codec.pack(torch.cat([cur_idx, survived]),
+                        torch.cat([cur_val, torch.zeros_like(cur_val)]), layout)
+    gathered = packed.new_empty(r * packed.numel())
+    intra.allgather(gathered, packed).wait()
     got_idx, got_val = codec.unpack(gathered, layout, r)
-    return got_idx.reshape(-1)[:count].long(), got_val.reshape(-1)[:count]
+    published = got_idx[:, count:].reshape(-1).long()
+    return (got_idx[:, :count].long(), got_val[:, :count]), published  # empties match none
 
 
 def mine_node(group: Group, rank: int) -> int:

@@ -20,7 +20,9 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from dgc import wire
+import torch
+
+from dgc import codec, wire
 from dgc.plan import make_plan
 from dgc.options import DGCOptions
 
@@ -192,6 +194,8 @@ def route_collectives(plan, p: int, options: DGCOptions, group: GroupKind,
     if plan.route == "gtopk":
         index = plan.layout.index_dtype.itemsize
         r = min(per_node or p, p)
+        part = sum(-(-s.k // r) for s in plan.compressed)  # pairs of one rank's slice
+        sliced = False
         for j in range(p.bit_length() - 1):
             pair = index + (value_bytes if j == 0 else FP32)
             if group != "world" or r % (2 << j) == 0:  # inside a node, or one rank per node
@@ -199,10 +203,12 @@ def route_collectives(plan, p: int, options: DGCOptions, group: GroupKind,
                                       "intra" if group == "world" else group))
             elif r == 1:
                 out.append(Collective("sendrecv", plan.layout.count * pair, "inter"))
-            else:  # across nodes: a slice per rank, the node allgathers the slices
-                part = -(-plan.layout.count // r) * pair
-                out += [Collective("sendrecv", part, "inter"),
-                        Collective("allgather", part, "intra")]
+            else:  # across nodes: each rank swaps its slice of the node's set
+                out.append(Collective("sendrecv", part * pair, "inter"))
+                sliced = True
+        if sliced:  # the node allgathers its final slices and the surviving entries
+            out.append(Collective("allgather", codec.Layout(
+                2 * part, torch.float32, plan.layout.index_dtype).nbytes, "intra"))
         return out
     pair = plan.layout.index_dtype.itemsize + value_bytes
     caps = [capacities(s.k, p, options.sparse_capacity) for s in plan.compressed]
@@ -285,7 +291,6 @@ def hierarchical_sparse_dgc(buckets: Sequence[Sequence[Param]], options: DGCOpti
     ranks' pairs, then each rank allgathers a 1/r slice of the node's merged set over the
     world; the small tensors allreduced over the world. One node, one rank per node or a
     dense fallback plan: flat DGC."""
-    from dgc import codec
     density = options.density if density is None else density
     r = max(1, min(p, per_node))
     nodes = max(1, p // r)
