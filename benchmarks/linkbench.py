@@ -72,7 +72,8 @@ LABELS = {"dense": "dense allreduce (fp32)", "fp16": "torch fp16_compress_hook",
           "dgc": "DGC 0.1%, fp16 values, int32 indices",
           "dgc-nm24": "DGC 0.1% on a 2:4 model (mask-aware)",
           "dgc-sar": "DGC 0.1%, sparse allreduce",
-          "dgc-gtopk": "DGC 0.1%, gtopk", "dgc-hier": "hierarchical DGC 0.1%",
+          "dgc-gtopk": "DGC 0.1%, gtopk", "dgc-gtopk-slices": "DGC 0.1%, gtopk in slices",
+          "dgc-hier": "hierarchical DGC 0.1%",
           "dgc-hier-sparse": "hierarchical DGC 0.1%, sparse intra-node stage",
           "hierdense": "hierarchical dense allreduce",
           "nocomm": "no communication (compute floor)"}
@@ -177,6 +178,8 @@ def modelled_traffic(model: str, scheme: str, p: int, per_node: int = 1
         options = DGCOptions(**DGC_OPTIONS, exchange="sparse_allreduce")
     if scheme == "dgc-gtopk":
         options = DGCOptions(**DGC_OPTIONS, exchange="gtopk")
+    if scheme == "dgc-gtopk-slices":
+        options = DGCOptions(**DGC_OPTIONS, exchange="gtopk", gtopk_slices=True)
     kind, parameter = parse_scheme(scheme)
     if kind == "powersgd":
         return tr.powersgd(buckets, int(parameter), passes=0)

@@ -47,12 +47,13 @@ MODELS = {  # name -> (ModelConfig, input shape); inputs are synthetic, 10 class
 }
 SCHEMES = ["dense", "fp16", "powersgd1", "powersgd4", "dgc", "dgc-nm24", "nocomm"]
 # Beyond those, any "powersgdR" (rank R) and "dgc@D" (DGC at density D, e.g. a warm-up's),
-# and: "dgc-sar" (DGC with the sparse allreduce), "dgc-gtopk" (with recursive doubling),
+# and: "dgc-sar" (DGC with the sparse allreduce), "dgc-gtopk" (with recursive doubling;
+# "dgc-gtopk-slices" with gtopk_slices over LOCAL_WORLD_SIZE ranks per node),
 # "dgc-hier" (hierarchical DGC), "dgc-hier-sparse" (its sparse intra-node stage) and
 # "hierdense" (dense allreduce the hierarchical way), the last four over LOCAL_WORLD_SIZE
 # ranks per node.
-NAMED = ("dense", "fp16", "dgc-nm24", "nocomm", "dgc-sar", "dgc-gtopk", "dgc-hier",
-         "dgc-hier-sparse", "hierdense")
+NAMED = ("dense", "fp16", "dgc-nm24", "nocomm", "dgc-sar", "dgc-gtopk", "dgc-gtopk-slices",
+         "dgc-hier", "dgc-hier-sparse", "hierdense")
 DGC_OPTIONS = dict(density=0.001, value_dtype="fp16", index_dtype="int32", warmup_epochs=0)
 # torch's PowerSGD allreduces plainly until this iteration, so warm-up must pass it.
 POWERSGD_START = 2
@@ -133,6 +134,9 @@ def build(scheme: str, model_name: str, seed: int):
         state = dgc.attach(ddp, opt, exchange="sparse_allreduce", **DGC_OPTIONS)
     elif scheme == "dgc-gtopk":
         state = dgc.attach(ddp, opt, exchange="gtopk",
+                           ranks_per_node=int(os.environ["LOCAL_WORLD_SIZE"]), **DGC_OPTIONS)
+    elif scheme == "dgc-gtopk-slices":
+        state = dgc.attach(ddp, opt, exchange="gtopk", gtopk_slices=True,
                            ranks_per_node=int(os.environ["LOCAL_WORLD_SIZE"]), **DGC_OPTIONS)
     elif scheme == "dgc-hier":
         state = dgc.attach(ddp, opt, topology="hierarchical", exchange="allgather",

@@ -1,6 +1,7 @@
 """DGC's exchanges against PowerSGD at scale, as the hardware cost model sees them.
 
     python benchmarks/scaling_model.py --config configs/synthetic_wide_mlp_dgc.yaml
+    python benchmarks/scaling_model.py --set dgc.gtopk_slices=true
 
 For every cluster preset in configs/hardware/ and world sizes 8 to 1024 (8 ranks per node),
 the modelled step of dense DDP, PowerSGD rank 4 and DGC with each exchange (allgather,
@@ -31,9 +32,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="configs/synthetic_wide_mlp_dgc.yaml")
     p.add_argument("--world-sizes", default=",".join(map(str, SIZES)))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override, e.g. dgc.gtopk_slices=true (repeatable)")
     args = p.parse_args(argv)
     sizes = [int(s) for s in args.world_sizes.split(",")]
-    cfg = load_config(args.config, [])
+    cfg = load_config(args.config, args.set)
     for preset in CLUSTERS:
         hw = build(type(cfg.hardware), {**vars(cfg.hardware), "preset": preset}, "hardware")
         table = compare(cfg, hw, sizes)

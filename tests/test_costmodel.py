@@ -226,11 +226,12 @@ def test_the_sparse_allreduce_sends_capacities_and_auto_takes_it_when_it_is_chea
     assert "sendrecv" not in {c.kind for c in t.collectives}
 
 
-def test_gtopk_swaps_log2_p_times_and_slices_the_rounds_across_nodes_over_the_node():
+def test_gtopk_swaps_log2_p_times_and_splits_the_swaps_across_nodes_over_the_node():
     """The same bucket by recursive doubling at p = 8: k = 200 pairs, 6 bytes in the first
     round, 8 (float32 sums) after. With 4 ranks per node rounds 0 and 1 stay inside the
-    node and round 2 crosses: each rank swaps its slice of 50 pairs, then the node
-    allgathers the final slices and the surviving entries (2 x 50 x 8 bytes)."""
+    node and round 2 crosses: a slice of 50 pairs per rank, allgathered in the node; with
+    gtopk_slices each rank swaps its slice and the node allgathers once at the end the
+    final slices and the surviving entries (2 x 50 x 8 bytes)."""
     options = DGCOptions(density=0.01, value_dtype="fp16", index_dtype="int32", min_numel=1024,
                          exchange="gtopk")
     buckets = [[("w", (2000, 10)), ("b", (2000,)), ("small", (10, 50))]]
@@ -241,8 +242,13 @@ def test_gtopk_swaps_log2_p_times_and_slices_the_rounds_across_nodes_over_the_no
     nodes = tr.dgc(buckets, options, 8, passes=0, per_node=4)
     assert [(c.kind, c.nbytes, c.group) for c in nodes.collectives[1:]] == [
         ("sendrecv", 1200, "intra"), ("sendrecv", 1600, "intra"),
-        ("sendrecv", 400, "inter"), ("allgather", 800, "intra")]
+        ("sendrecv", 400, "inter"), ("allgather", 400, "intra")]
     assert sum(c.link_bytes(8, 4)[1] for c in nodes.collectives[1:]) == 400  # the slice only
+    sliced = tr.dgc(buckets, dataclasses.replace(options, gtopk_slices=True), 8, passes=0,
+                    per_node=4)
+    assert [(c.kind, c.nbytes, c.group) for c in sliced.collectives[1:]] == [
+        ("sendrecv", 1200, "intra"), ("sendrecv", 1600, "intra"),
+        ("sendrecv", 400, "inter"), ("allgather", 800, "intra")]
     assert route_costs_gtopk_is_infinite_off_powers_of_two(options)
 
 

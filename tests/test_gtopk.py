@@ -2,6 +2,8 @@
 real Gloo ranks at p = 2, 4 and 8: nothing lost over all ranks, ranks identical, SGD at
 density 1, resume bitwise; log2(p) messages of fixed size; one line for a group that is not
 a power of two."""
+import hashlib
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -110,11 +112,11 @@ def test_gtopk_on_a_group_that_is_not_a_power_of_two_is_refused_in_one_line():
 
 @pytest.mark.parametrize("world_size", [4, 8])
 def test_rounds_across_nodes_in_slices_lose_nothing_agree_and_resume(world_size):
-    """2 ranks per node: at p = 4 one round crosses nodes, at p = 8 two (slices merge with
-    slices), in fp16 at p = 8."""
+    """gtopk_slices with 2 ranks per node: at p = 4 one round crosses nodes, at p = 8 two
+    (slices merge with slices), in fp16 at p = 8."""
     dtype = "fp16" if world_size == 8 else "fp32"
     for (errors, agree, sparse), (worst, same, resumed_sparse) in run_ranks(
-            _all_rank, world_size, [2.0, 1.0], dtype, "gtopk", 2, timeout=600):
+            _all_rank, world_size, [2.0, 1.0], dtype, "gtopk", 2, True, timeout=600):
         assert agree and sparse > 0
         assert max(errors.values()) < 1e-6, errors
         assert worst < 1e-6
@@ -122,25 +124,28 @@ def test_rounds_across_nodes_in_slices_lose_nothing_agree_and_resume(world_size)
 
 
 def _split_rank(rank, world_size):
-    """The same steps with 2 ranks per node and with one node's worth of ranks per node."""
-    from tests.test_dgc_distributed import MLP, _sgd, _train
+    """The same steps with the swaps across nodes split over each node's two ranks, whole,
+    and in slices (gtopk_slices)."""
+    from tests.test_dgc_distributed import MLP, _flat, _sgd, _train
     out = {}
-    for per_node in (2, 1):
+    for per_node, slices in ((2, False), (1, False), (2, True)):
         model = MLP(0, wide=True)
         ddp = DDP(model, bucket_cap_mb=100)
         opt = _sgd(model, momentum=0.9, weight_decay=1e-3)
         state = dgc.attach(ddp, opt, density=0.03, exchange="gtopk", ranks_per_node=per_node,
-                           **SPARSE)
+                           gtopk_slices=slices, **SPARSE)
         _train(ddp, opt, 6, rank)
-        out[per_node] = (state.stats.bytes_inter, state.stats.bytes_intra,
-                         state.world.intra is not None)
-    return out
+        digest = hashlib.sha256(_flat(model).numpy().tobytes()).hexdigest()
+        out[per_node, slices] = (digest, state.stats.bytes_inter, state.world.intra is not None)
+    return out  # digests, not tensors: run_ranks carries plain values back
 
 
-def test_rounds_across_nodes_send_a_slice_of_the_set_per_rank():
+def test_swaps_across_nodes_split_over_the_node_give_the_same_bits_for_fewer_node_bytes():
     for out in run_ranks(_split_rank, 4, timeout=300):
-        (split_inter, split_intra, has_node), (whole_inter, _, no_node) = out[2], out[1]
+        (split, split_inter, has_node), (whole, whole_inter, no_node) = out[2, False], out[1, False]
+        sliced, sliced_inter, _ = out[2, True]
         assert has_node and not no_node
-        # 2 x 2: round 0 inside the node (no inter bytes), round 1 across: half the set,
-        # then the node allgathers the slices
-        assert 0 < split_inter < 0.6 * whole_inter and split_intra > 0
+        assert split == whole and sliced != whole
+        # 2 x 2: round 0 inside the node (no inter bytes), round 1 across: half the set
+        assert 0 < split_inter < 0.6 * whole_inter
+        assert sliced_inter == split_inter

@@ -16,7 +16,7 @@ SPARSE = dict(min_numel=100, warmup_epochs=0)
 
 
 def _conservation_rank(rank, world_size, capacity, value_dtype, exchange="sparse_allreduce",
-                       per_node=None):
+                       per_node=None, slices=False):
     torch.manual_seed(0)
     model = MLP(wide=True)
     ddp = DDP(model, bucket_cap_mb=0.5)
@@ -24,15 +24,17 @@ def _conservation_rank(rank, world_size, capacity, value_dtype, exchange="sparse
     compressed = sorted(n for n, s in shapes.items() if len(s) > 1 and s.numel() >= 100)
     state = dgc.DGCState(model=ddp, momentum=0.9, density=0.05, momentum_masking=False,
                          sparse_capacity=capacity, value_dtype=value_dtype,
-                         exchange=exchange, ranks_per_node=per_node, **SPARSE)
+                         exchange=exchange, ranks_per_node=per_node, gtopk_slices=slices,
+                         **SPARSE)
     errors, agree, _ = nothing_lost(model, ddp, state, rank, 12, compressed)
     return errors, agree, state.stats.sparse_buckets
 
 
-def _all_rank(rank, world_size, capacity, dtype, exchange="sparse_allreduce", per_node=None):
-    """``per_node``: ranks per node (default: all on one)."""
-    return (_conservation_rank(rank, world_size, capacity, dtype, exchange, per_node),
-            _equivalence_and_resume_rank(rank, world_size, exchange, per_node))
+def _all_rank(rank, world_size, capacity, dtype, exchange="sparse_allreduce", per_node=None,
+              slices=False):
+    """``per_node``: ranks per node (default: all on one); ``slices``: gtopk_slices."""
+    return (_conservation_rank(rank, world_size, capacity, dtype, exchange, per_node, slices),
+            _equivalence_and_resume_rank(rank, world_size, exchange, per_node, slices))
 
 
 @pytest.mark.parametrize("world_size", [2, 3, 4, 8])
@@ -48,7 +50,8 @@ def test_nothing_is_lost_ranks_agree_sgd_at_density_one_and_resume_is_bitwise(wo
         assert same and resumed_sparse > 0
 
 
-def _equivalence_and_resume_rank(rank, world_size, exchange="sparse_allreduce", per_node=None):
+def _equivalence_and_resume_rank(rank, world_size, exchange="sparse_allreduce", per_node=None,
+                                 slices=False):
     ref = MLP()
     ref_ddp = DDP(ref, bucket_cap_mb=0.001)
     ref_opt = _sgd(ref, momentum=0.9, weight_decay=1e-3)
@@ -56,7 +59,8 @@ def _equivalence_and_resume_rank(rank, world_size, exchange="sparse_allreduce", 
     got = MLP()
     ddp = DDP(got, bucket_cap_mb=0.001)
     opt = _sgd(got, momentum=0.9, weight_decay=1e-3)
-    dgc.attach(ddp, opt, density=1.0, exchange=exchange, ranks_per_node=per_node, **SPARSE)
+    dgc.attach(ddp, opt, density=1.0, exchange=exchange, ranks_per_node=per_node,
+               gtopk_slices=slices, **SPARSE)
     _train(ddp, opt, 10, rank)
     worst = max(((a - b).norm() / b.norm()).item()
                 for a, b in zip(got.parameters(), ref.parameters()))
@@ -68,7 +72,8 @@ def _equivalence_and_resume_rank(rank, world_size, exchange="sparse_allreduce", 
         ddp = DDP(model, bucket_cap_mb=100)
         opt = _sgd(model, momentum=0.9, weight_decay=1e-3)
         return model, ddp, opt, dgc.attach(ddp, opt, density=0.03, exchange=exchange,
-                                           ranks_per_node=per_node, **SPARSE)
+                                           ranks_per_node=per_node, gtopk_slices=slices,
+                                           **SPARSE)
 
     uninterrupted, model, state = resumed(fresh, rank, steps=12, at=5)
     return worst, torch.equal(_flat(model), uninterrupted), state.stats.sparse_buckets

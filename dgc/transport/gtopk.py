@@ -23,16 +23,17 @@ Both partners add the same two sets in the same order (the lower rank's first), 
 the pairs in the value dtype, as they were selected; from the second on the sums travel in
 float32, so no rounding needs a keeper. The group's size must be a power of two.
 
-Across nodes (``_across_nodes``, when the group knows its node), the rounds inside each node
-come first, so every rank of a node then holds the same set. Local rank q keeps only the
-q-th of r slices of it and runs the remaining rounds with its counterparts on the other
-nodes, each slice keeping ceil(k / r) per tensor; at the end the node allgathers its r
-slices, which every rank of the world then holds alike, and sums them. A node's link
-carries its set once per round instead of r times, and only that one allgather waits for
-the node. The result is the sum of r per-slice selections rather than one top k: an index
-that sits in different slices on different nodes is summed where the slices meet at the
-end, not in the rounds. What a slice drops is given back as above: with the slices, the
-node allgathers which entries of its own set survived every round.
+Across nodes, when the group knows its node (``group.intra``), the rounds inside each node
+come first, so every rank of a node then holds the same set. By default each swap across
+nodes is split over the node's ranks (``_swap``): local rank q sends the q-th of r slices
+and the node allgathers the slices it received, the same bits as the whole swap for 1/r of
+the bytes between nodes, at one allgather inside the node per round. With
+``gtopk_slices`` (``_across_nodes``) local rank q keeps only its slice and runs the rounds
+across nodes on it with its counterparts (ceil(k / r) per tensor), and the node allgathers
+the final slices once at the end: no per-round allgather, but the result sums r per-slice
+selections rather than one top k, which cost accuracy in the one run that measured it
+(README, "Exchanges"). What a slice drops is given back as above: the node allgathers which
+entries of its own set survived every round.
 """
 from __future__ import annotations
 
@@ -105,11 +106,12 @@ def exchange(group: Group, plan: Plan, flat: Tensor, sent: allgather.Pairs,
     mine_idx = cur_idx.clone()
     intra = group.intra
     r = intra.size if intra is not None else 1
+    sliced = r > 1 and state.options.gtopk_slices
     for j in range(rounds(p)):
         peer = mine ^ (1 << j)
-        if r > 1 and mine_node(group, mine) != mine_node(group, peer):
+        if sliced and mine_node(group, mine) != mine_node(group, peer):
             break  # the rounds inside the node are done: the node holds one set
-        got_idx, got_val = _swap(group, cur_idx, cur_val, peer, plan.layout.index_dtype)
+        got_idx, got_val = _swap(group, cur_idx, cur_val, peer, plan.layout.index_dtype, n)
         cur_idx, cur_val = _merge_slots(cur_idx, cur_val, got_idx, got_val, ks, mine < peer, n)
         alive &= torch.isin(mine_idx, cur_idx)
     else:
@@ -158,15 +160,38 @@ def _merge_slots(idx: Tensor, val: Tensor, got_idx: Tensor, got_val: Tensor, ks:
     return torch.cat(new_idx), torch.cat(new_val)
 
 
-def _swap(group: Group, idx: Tensor, val: Tensor, peer: int, index_dtype: torch.dtype
-          ) -> tuple[Tensor, Tensor]:
-    """``peer``'s set for this rank's."""
-    layout = codec.Layout(idx.numel(), val.dtype, index_dtype)
-    outgoing = codec.pack(idx, val, layout)
+def _swap(group: Group, idx: Tensor, val: Tensor, peer: int, index_dtype: torch.dtype,
+          empty: int, whole: bool = False) -> tuple[Tensor, Tensor]:
+    """``peer``'s set for this rank's. Across nodes, when the group knows its node
+    (``group.intra``) and not ``whole``, every rank of the node holds the same set (the
+    rounds inside the node came first), so local rank q sends only the q-th of r slices of
+    it to its counterpart on the peer's node, and the node allgathers the slices it
+    received: the peer node's set arrives whole, but a node's link carries it once instead
+    of r times."""
+    intra = group.intra
+    r = intra.size if intra is not None else 1
+    if whole or r == 1 or mine_node(group, group.rank) == mine_node(group, peer):
+        layout = codec.Layout(idx.numel(), val.dtype, index_dtype)
+        outgoing = codec.pack(idx, val, layout)
+        incoming = torch.empty_like(outgoing)
+        group.sendrecv(incoming, outgoing, peer)
+        got_idx, got_val = codec.unpack(incoming, layout, 1)
+        return got_idx[0].long(), got_val[0]
+    count = idx.numel()
+    part = -(-count // r)
+    padded_idx = torch.full((part * r,), empty, dtype=idx.dtype, device=idx.device)
+    padded_val = val.new_zeros(part * r)
+    padded_idx[:count], padded_val[:count] = idx, val
+    q = intra.rank
+    layout = codec.Layout(part, val.dtype, index_dtype)
+    outgoing = codec.pack(padded_idx[q * part:(q + 1) * part],
+                          padded_val[q * part:(q + 1) * part], layout)
     incoming = torch.empty_like(outgoing)
     group.sendrecv(incoming, outgoing, peer)
-    got_idx, got_val = codec.unpack(incoming, layout, 1)
-    return got_idx[0].long(), got_val[0]
+    gathered = incoming.new_empty(r * incoming.numel())
+    intra.allgather(gathered, incoming).wait()
+    got_idx, got_val = codec.unpack(gathered, layout, r)
+    return got_idx.reshape(-1)[:count].long(), got_val.reshape(-1)[:count]
 
 
 def _across_nodes(group: Group, idx: Tensor, val: Tensor, ks: list[int], first: int,
@@ -197,7 +222,8 @@ def _across_nodes(group: Group, idx: Tensor, val: Tensor, ks: list[int], first: 
     alive = torch.ones_like(own, dtype=torch.bool)
     for j in range(first, rounds(group.size)):
         peer = mine ^ (1 << j)
-        got_idx, got_val = _swap(group, cur_idx, cur_val, peer, plan.layout.index_dtype)
+        got_idx, got_val = _swap(group, cur_idx, cur_val, peer, plan.layout.index_dtype,
+                                 empty, whole=True)
         cur_idx, cur_val = _merge_slots(cur_idx, cur_val, got_idx, got_val, parts,
                                         mine < peer, empty)
         alive &= torch.isin(own, cur_idx)

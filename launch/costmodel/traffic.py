@@ -203,9 +203,13 @@ def route_collectives(plan, p: int, options: DGCOptions, group: GroupKind,
                                       "intra" if group == "world" else group))
             elif r == 1:
                 out.append(Collective("sendrecv", plan.layout.count * pair, "inter"))
-            else:  # across nodes: each rank swaps its slice of the node's set
+            elif options.gtopk_slices:  # across nodes: each rank swaps its own slice
                 out.append(Collective("sendrecv", part * pair, "inter"))
                 sliced = True
+            else:  # across nodes: a slice per rank, the node allgathers the slices
+                whole = -(-plan.layout.count // r) * pair
+                out += [Collective("sendrecv", whole, "inter"),
+                        Collective("allgather", whole, "intra")]
         if sliced:  # the node allgathers its final slices and the surviving entries
             out.append(Collective("allgather", codec.Layout(
                 2 * part, torch.float32, plan.layout.index_dtype).nbytes, "intra"))
