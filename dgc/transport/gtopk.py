@@ -107,18 +107,18 @@ def exchange(group: Group, plan: Plan, flat: Tensor, sent: allgather.Pairs,
     intra = group.intra
     r = intra.size if intra is not None else 1
     sliced = r > 1 and state.options.gtopk_slices
+    across = rounds(p)  # the first round in slices (none without gtopk_slices)
     for j in range(rounds(p)):
         peer = mine ^ (1 << j)
         if sliced and mine_node(group, mine) != mine_node(group, peer):
-            break  # the rounds inside the node are done: the node holds one set
+            across = j  # the rounds inside the node are done: the node holds one set
+            break
         got_idx, got_val = _swap(group, cur_idx, cur_val, peer, plan.layout.index_dtype, n)
         cur_idx, cur_val = _merge_slots(cur_idx, cur_val, got_idx, got_val, ks, mine < peer, n)
         alive &= torch.isin(mine_idx, cur_idx)
-    else:
-        j = rounds(p)
     rows = None
-    if j < rounds(p):  # across nodes: each of the node's ranks follows its slice of the set
-        rows, published = _across_nodes(group, cur_idx, cur_val, ks, j, plan, n)
+    if across < rounds(p):  # each of the node's ranks follows its slice of the set
+        rows, published = _across_nodes(group, cur_idx, cur_val, ks, across, plan, n)
         alive &= torch.isin(mine_idx, published)
     column = 0
     for s, (i, v), k in zip(slots, sent, ks):
