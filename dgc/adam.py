@@ -171,6 +171,7 @@ class FrozenVariance:
         for future in self.pending:
             future.wait()
         refreshed, self.refreshed, self.pending = self.refreshed, {}, []
+        bias1 = 1.0 - self.beta1 ** self.steps
         for group in optimizer.param_groups:
             lr, wd = group["lr"], group["weight_decay"]
             for p in group["params"]:
@@ -179,21 +180,19 @@ class FrozenVariance:
                 st = optimizer.state[p]
                 st["step"] += 1
                 name = self.names[id(p)]
-                bias1 = 1.0 - self.beta1 ** self.steps
                 if self.by_update:  # .grad holds d / D already
                     torch.mul(p.grad, self._denominator(name), out=st["exp_avg"])
                     st["exp_avg"].mul_(1.0 - self.beta1)
-                    if self.decoupled and wd:
-                        p.mul_(1.0 - lr * wd)
-                    p.add_(p.grad, alpha=-lr * (1.0 - self.beta1) / bias1)
-                    p.grad = None
-                    continue
-                st["exp_avg"].copy_(p.grad).mul_(1.0 - self.beta1)
-                if name in refreshed:
-                    self._take_in(name, refreshed[name].view_as(p), st, group)
+                else:
+                    st["exp_avg"].copy_(p.grad).mul_(1.0 - self.beta1)
+                    if name in refreshed:
+                        self._take_in(name, refreshed[name].view_as(p), st, group)
                 if self.decoupled and wd:
                     p.mul_(1.0 - lr * wd)
-                p.addcdiv_(st["exp_avg"], self._denominator(name), value=-lr / bias1)
+                if self.by_update:
+                    p.add_(p.grad, alpha=-lr * (1.0 - self.beta1) / bias1)
+                else:
+                    p.addcdiv_(st["exp_avg"], self._denominator(name), value=-lr / bias1)
                 p.grad = None
 
     def _take_in(self, name: str, g: Tensor, st: dict, group: dict) -> None:

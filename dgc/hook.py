@@ -309,10 +309,11 @@ def _average_for_variance(state: DGCState, bucket: dist.GradBucket, flat: Tensor
 def _add_weight_decay(state: DGCState, bucket: dist.GradBucket, flat: Tensor) -> Tensor:
     """Add each tensor's weight-decay term, with its own momentum, to the update."""
     if state.weight_decay:
+        precondition = state.adam is not None and state.adam.preconditions
         # gradients() are views into ``flat`` shaped (and strided) like the parameters.
         for e, p, view in zip(state.entries(bucket), bucket.parameters(), bucket.gradients()):
             update = state.weight_decay_update(e.name, p)
-            if update is not None and state.adam is not None and state.adam.preconditions:
+            if update is not None and precondition:
                 update = state.adam.precondition_(e.name, update.clone())
             if update is not None:
                 view.add_(update, alpha=state.grad_scale)

@@ -214,17 +214,17 @@ def exchange_link(cfg: Config, world_size: int, ranks_per_node: int | None = Non
     from launch.costmodel.hardware import load_cluster
     from launch.costmodel.run import resolve_exchange, with_exchange_link, workload
     cluster = load_cluster(cfg.hardware.preset)
-    hierarchical = cfg.dgc.topology == "hierarchical"
-    # a sparse intra-node stage plans its buckets over the world and allgathers across nodes
-    sparse_intra = hierarchical and cfg.dgc.intra_node == "sparse"
-    hierarchical = hierarchical and not sparse_intra
-    options = with_exchange_link(cfg.dgc, cluster, world_size, inter_only=hierarchical)
+    # a sparse intra-node stage plans its buckets over the world and allgathers across
+    # nodes; the dense one exchanges its shards across nodes only
+    sparse_intra = cfg.dgc.topology == "hierarchical" and cfg.dgc.intra_node == "sparse"
+    sharded = cfg.dgc.topology == "hierarchical" and not sparse_intra
+    options = with_exchange_link(cfg.dgc, cluster, world_size, inter_only=sharded)
     out = {"exchange_latency_us": options.exchange_latency_us,
            "exchange_gbytes": options.exchange_gbytes}
     if cfg.dgc.exchange == "auto" and world_size > 1 and not sparse_intra:
         per_node = ranks_per_node or cluster.per_node
         out["exchange"] = resolve_exchange(
-            workload(cfg), "hierarchical-dgc" if hierarchical else "dgc",
+            workload(cfg), "hierarchical-dgc" if sharded else "dgc",
             dataclasses.replace(cluster, per_node=per_node), world_size, cfg.hardware,
             per_node)
     return out

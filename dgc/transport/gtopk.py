@@ -144,6 +144,16 @@ def exchange(group: Group, plan: Plan, flat: Tensor, sent: allgather.Pairs,
     return torch.futures.collect_all(futures).then(unpack)
 
 
+def slice_of(idx: Tensor, val: Tensor, r: int, q: int, empty: int) -> tuple[Tensor, Tensor]:
+    """The q-th of r equal slices of a set of pairs, padded with empty slots (index
+    ``empty``, value 0) to ceil(count / r) pairs each."""
+    part = -(-idx.numel() // r)
+    pad = part * r - idx.numel()
+    idx = torch.cat([idx, idx.new_full((pad,), empty)])
+    val = torch.cat([val, val.new_zeros(pad)])
+    return idx[q * part:(q + 1) * part], val[q * part:(q + 1) * part]
+
+
 def _merge_slots(idx: Tensor, val: Tensor, got_idx: Tensor, got_val: Tensor, ks: list[int],
                  lower: bool, empty: int) -> tuple[Tensor, Tensor]:
     """Merge two sets slot by slot (``ks`` entries each, one after another), the lower
@@ -178,14 +188,9 @@ def _swap(group: Group, idx: Tensor, val: Tensor, peer: int, index_dtype: torch.
         got_idx, got_val = codec.unpack(incoming, layout, 1)
         return got_idx[0].long(), got_val[0]
     count = idx.numel()
-    part = -(-count // r)
-    padded_idx = torch.full((part * r,), empty, dtype=idx.dtype, device=idx.device)
-    padded_val = val.new_zeros(part * r)
-    padded_idx[:count], padded_val[:count] = idx, val
-    q = intra.rank
-    layout = codec.Layout(part, val.dtype, index_dtype)
-    outgoing = codec.pack(padded_idx[q * part:(q + 1) * part],
-                          padded_val[q * part:(q + 1) * part], layout)
+    mine_idx, mine_val = slice_of(idx, val, r, intra.rank, empty)
+    layout = codec.Layout(mine_idx.numel(), val.dtype, index_dtype)
+    outgoing = codec.pack(mine_idx, mine_val, layout)
     incoming = torch.empty_like(outgoing)
     group.sendrecv(incoming, outgoing, peer)
     gathered = incoming.new_empty(r * incoming.numel())
@@ -209,15 +214,12 @@ def _across_nodes(group: Group, idx: Tensor, val: Tensor, ks: list[int], first: 
     intra = group.intra
     r, q, mine = intra.size, intra.rank, group.rank
     parts = [-(-k // r) for k in ks]
-    held_idx, held_val, column = [], [], 0
-    for k, part in zip(ks, parts):
-        pad = part * r - k
-        i = torch.cat([idx[column:column + k], idx.new_full((pad,), empty)])
-        v = torch.cat([val[column:column + k].float(), val.new_zeros(pad, dtype=torch.float32)])
-        held_idx.append(i[q * part:(q + 1) * part])
-        held_val.append(v[q * part:(q + 1) * part])
+    held, column = [], 0
+    for k in ks:
+        held.append(slice_of(idx[column:column + k], val[column:column + k].float(), r, q,
+                             empty))
         column += k
-    cur_idx, cur_val = torch.cat(held_idx), torch.cat(held_val)
+    cur_idx, cur_val = torch.cat([i for i, _ in held]), torch.cat([v for _, v in held])
     own = cur_idx.clone()  # this slice of the node's set, and whether it is still in
     alive = torch.ones_like(own, dtype=torch.bool)
     for j in range(first, rounds(group.size)):

@@ -41,7 +41,7 @@ from torch import Tensor
 
 from dgc import codec
 from dgc.transport import allgather, flat as flat_topology
-from dgc.transport.gtopk import merge_rows
+from dgc.transport.gtopk import merge_rows, slice_of
 
 
 def run(state, bucket: dist.GradBucket, flat: Tensor, masks: Mapping[str, Tensor],
@@ -79,9 +79,7 @@ def run(state, bucket: dist.GradBucket, flat: Tensor, masks: Mapping[str, Tensor
     q = intra.rank
     slice_idx, slice_val = [], []
     for s, (idx, val) in zip(slots, merged):
-        part = -(-s.k // r)
-        idx = torch.cat([idx, idx.new_full((part * r - s.k,), n)])[q * part:(q + 1) * part]
-        val = torch.cat([val, val.new_zeros(part * r - s.k)])[q * part:(q + 1) * part]
+        idx, val = slice_of(idx, val, r, q, n)
         wire_val = val.to(plan.layout.value_dtype)
         idx = torch.where(idx == n, s.offset, idx)  # an empty slot adds 0 to the slot's start
         if wire_val.dtype != val.dtype:  # the rounding stays here
