@@ -53,7 +53,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks import netns  # noqa: E402
-from benchmarks.linkbench_worker import (CALIBRATION, DGC_OPTIONS,  # noqa: E402
+from benchmarks.linkbench_worker import (CALIBRATION, DGC_OPTIONS, GTOPK_OPTIONS,  # noqa: E402
                                          INTRA_CALIBRATION, MODELS, ONE_BUCKET_MB,
                                          POWERSGD_START, PROBE, SCHEMES, parse_scheme)
 from dgc.options import DGCOptions  # noqa: E402
@@ -177,9 +177,9 @@ def modelled_traffic(model: str, scheme: str, p: int, per_node: int = 1
     if scheme == "dgc-sar":
         options = DGCOptions(**DGC_OPTIONS, exchange="sparse_allreduce")
     if scheme == "dgc-gtopk":
-        options = DGCOptions(**DGC_OPTIONS, exchange="gtopk")
+        options = DGCOptions(**GTOPK_OPTIONS)
     if scheme == "dgc-gtopk-slices":
-        options = DGCOptions(**DGC_OPTIONS, exchange="gtopk", gtopk_slices=True)
+        options = DGCOptions(**GTOPK_OPTIONS, gtopk_slices=True)
     kind, parameter = parse_scheme(scheme)
     if kind == "powersgd":
         return tr.powersgd(buckets, int(parameter), passes=0)

@@ -36,6 +36,7 @@ import sparse_train
 from launch.comm import (CountingAllreduceState, HierarchicalAllreduceState, TorchHookState,
                          counted_torch_hook, counting_allreduce_hook,
                          hierarchical_allreduce_hook)
+from launch.costmodel.hardware import load_cluster
 from launch.distenv import exit_process, quiesce
 from launch.models import ModelConfig, build_model
 
@@ -55,6 +56,11 @@ SCHEMES = ["dense", "fp16", "powersgd1", "powersgd4", "dgc", "dgc-nm24", "nocomm
 NAMED = ("dense", "fp16", "dgc-nm24", "nocomm", "dgc-sar", "dgc-gtopk", "dgc-gtopk-slices",
          "dgc-hier", "dgc-hier-sparse", "hierdense")
 DGC_OPTIONS = dict(density=0.001, value_dtype="fp16", index_dtype="int32", warmup_epochs=0)
+# gtopk is told the testbed's link, as launch.train tells DGC the link of its
+# hardware.preset: the calibrated per-hop latency of the netns presets, with which gtopk
+# carries the dense slots in its swaps (dgc.plan.dense_rides_swaps).
+GTOPK_OPTIONS = dict(DGC_OPTIONS, exchange="gtopk",
+                     exchange_latency_us=load_cluster("netns-100mbit").inter.latency * 1e6)
 # torch's PowerSGD allreduces plainly until this iteration, so warm-up must pass it.
 POWERSGD_START = 2
 # On Gloo, PowerSGD needs one bucket: with two it failed here with a collective size
@@ -133,11 +139,11 @@ def build(scheme: str, model_name: str, seed: int):
     elif scheme == "dgc-sar":
         state = dgc.attach(ddp, opt, exchange="sparse_allreduce", **DGC_OPTIONS)
     elif scheme == "dgc-gtopk":
-        state = dgc.attach(ddp, opt, exchange="gtopk",
-                           ranks_per_node=int(os.environ["LOCAL_WORLD_SIZE"]), **DGC_OPTIONS)
+        state = dgc.attach(ddp, opt, ranks_per_node=int(os.environ["LOCAL_WORLD_SIZE"]),
+                           **GTOPK_OPTIONS)
     elif scheme == "dgc-gtopk-slices":
-        state = dgc.attach(ddp, opt, exchange="gtopk", gtopk_slices=True,
-                           ranks_per_node=int(os.environ["LOCAL_WORLD_SIZE"]), **DGC_OPTIONS)
+        state = dgc.attach(ddp, opt, gtopk_slices=True,
+                           ranks_per_node=int(os.environ["LOCAL_WORLD_SIZE"]), **GTOPK_OPTIONS)
     elif scheme == "dgc-hier":
         state = dgc.attach(ddp, opt, topology="hierarchical", exchange="allgather",
                            ranks_per_node=int(os.environ["LOCAL_WORLD_SIZE"]), **DGC_OPTIONS)

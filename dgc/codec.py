@@ -65,10 +65,12 @@ def pack_rows(indices: Tensor, values: Tensor, layout: Layout) -> Tensor:
     return out.view(-1)
 
 
-def unpack(gathered: Tensor, layout: Layout, world_size: int) -> tuple[Tensor, Tensor]:
+def unpack(gathered: Tensor, layout: Layout, world_size: int, row_nbytes: int | None = None
+           ) -> tuple[Tensor, Tensor]:
     """Views ``(indices, values)`` of shape ``[world_size, count]`` into an allgathered buffer
-    of ``world_size`` packed chunks."""
-    rows = gathered.view(world_size, layout.nbytes)
+    of ``world_size`` packed chunks, each ``row_nbytes`` long (default ``layout.nbytes``;
+    longer when something follows the pairs in each chunk)."""
+    rows = gathered.view(world_size, row_nbytes or layout.nbytes)
     end = layout.index_nbytes + layout.value_nbytes
     indices = rows[:, :layout.index_nbytes].view(layout.index_dtype)
     values = rows[:, layout.index_nbytes:end].view(layout.value_dtype)

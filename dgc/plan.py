@@ -51,6 +51,9 @@ class Plan:
     their pairs (the dense slots allreduced beside), or ``dense``: everything in one
     allreduce (the dense fallback)."""
     layout: codec.Layout
+    dense_in_swaps: bool = False
+    """gtopk only: the dense slots ride in its swaps instead of an allreduce beside them
+    (``dense_rides_swaps``)."""
 
     @property
     def sparse(self) -> bool:
@@ -110,43 +113,74 @@ def plan_pieces(pieces: Sequence[Piece], density: float, world_size: int,
         allowed = tuple(r for r in allowed if r != "gtopk") or allowed
     routes = list(allowed) + (["dense"] if options.dense_fallback else [])
     route = min(routes, key=lambda r: (costs[r], routes.index(r)))
-    return Plan(tuple(slots), route, layout)
+    return Plan(tuple(slots), route, layout,
+                route == "gtopk" and dense_rides_swaps(slots, layout, world_size, options))
 
 
 def route_costs(slots: Sequence[Slot], layout: codec.Layout, p: int, options: DGCOptions
                 ) -> dict[Route, float]:
     """Seconds (alpha-beta, the options' link; bytes per rank with no latency) of each
     route for this bucket on ``p`` ranks. The dense slots' allreduce, beside the sparse
-    routes, counts for each; everything travels in the value dtype but gtopk's sums after
+    routes, counts for each, or for gtopk their bytes in its swaps where that is cheaper
+    (``dense_rides_swaps``); everything travels in the value dtype but gtopk's sums after
     its first round (float32). gtopk needs a power of two: elsewhere it costs infinity."""
     from dgc.transport.sparse_allreduce import capacities
-    alpha = options.exchange_latency_us * 1e-6
-    beta = 1.0 / (options.exchange_gbytes * 1e9)
+    alpha, beta = _link(options)
     pair = layout.index_dtype.itemsize + layout.value_dtype.itemsize
     value = layout.value_dtype.itemsize
-
-    def allreduce(nbytes: float) -> float:
-        return 2 * (p - 1) * alpha + wire.allreduce_bytes(nbytes, p) * beta if nbytes else 0.0
-
-    dense_numel = sum(s.live for s in slots if s.k is None)
-    beside = allreduce(dense_numel * value)
+    beside, carried = _dense_seconds(slots, layout, p, options)
     c1, c2 = capacities(layout.count, p, options.sparse_capacity)
     return {
         "allgather": beside + (p - 1) * alpha + wire.allgather_bytes(layout.nbytes, p) * beta,
         "sparse_allreduce": beside + 2 * (p - 1) * alpha
         + (wire.all_to_all_bytes(p * c1 * pair, p) + wire.allgather_bytes(c2 * pair, p)) * beta,
-        "gtopk": beside + gtopk_seconds(layout, p, alpha, beta),
-        "dense": allreduce(sum(s.live for s in slots) * value),
+        "gtopk": min(beside, carried) + gtopk_seconds(layout, p, alpha, beta),
+        "dense": _allreduce_seconds(sum(s.live for s in slots) * value, p, alpha, beta),
     }
 
 
-def gtopk_seconds(layout: codec.Layout, p: int, alpha: float, beta: float) -> float:
-    """log2(p) swaps of the bucket's k pairs, the first in the value dtype, the rest with
-    float32 sums; infinity unless p is a power of two."""
+def dense_rides_swaps(slots: Sequence[Slot], layout: codec.Layout, p: int,
+                      options: DGCOptions) -> bool:
+    """Whether gtopk should carry the bucket's dense slots in its log2(p) swaps (recursive
+    doubling: log2(p) copies of their bytes, no latency of their own) rather than allreduce
+    them beside (2(p - 1) latencies in this model's ring, about 2 copies of the bytes): for
+    the few kilobytes of biases on a large group it is, as MPI libraries use recursive
+    doubling for short allreduces (Thakur, Rabenseifner and Gropp, IJHPCA 2005)."""
+    if not any(s.k is None for s in slots):
+        return False
+    beside, carried = _dense_seconds(slots, layout, p, options)
+    return carried < beside
+
+
+def _link(options: DGCOptions) -> tuple[float, float]:
+    """(latency in s, seconds per byte) of the options' exchange link."""
+    return options.exchange_latency_us * 1e-6, 1.0 / (options.exchange_gbytes * 1e9)
+
+
+def _allreduce_seconds(nbytes: float, p: int, alpha: float, beta: float) -> float:
+    return 2 * (p - 1) * alpha + wire.allreduce_bytes(nbytes, p) * beta if nbytes else 0.0
+
+
+def _dense_seconds(slots: Sequence[Slot], layout: codec.Layout, p: int, options: DGCOptions
+                   ) -> tuple[float, float]:
+    """The dense slots' seconds allreduced beside the pairs, and as extra bytes in gtopk's
+    swaps (infinite where gtopk cannot run)."""
+    alpha, beta = _link(options)
+    numel = sum(s.live for s in slots if s.k is None)
+    beside = _allreduce_seconds(numel * layout.value_dtype.itemsize, p, alpha, beta)
+    carried = gtopk_seconds(layout, p, alpha, beta, numel) - gtopk_seconds(layout, p, alpha, beta)
+    return beside, carried if math.isfinite(carried) else math.inf
+
+
+def gtopk_seconds(layout: codec.Layout, p: int, alpha: float, beta: float,
+                  dense_numel: int = 0) -> float:
+    """log2(p) swaps of the bucket's k pairs and ``dense_numel`` dense entries, the first in
+    the value dtype, the rest in float32; infinity unless p is a power of two."""
     if p & (p - 1):
         return math.inf
     rounds = p.bit_length() - 1
     index = layout.index_dtype.itemsize
-    first = layout.count * (index + layout.value_dtype.itemsize)
-    later = layout.count * (index + 4)
+    first = layout.count * (index + layout.value_dtype.itemsize) \
+        + dense_numel * layout.value_dtype.itemsize
+    later = (layout.count * (index + 4)) + dense_numel * 4
     return rounds * alpha + (first + max(rounds - 1, 0) * later) * beta if rounds else 0.0

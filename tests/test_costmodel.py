@@ -252,6 +252,27 @@ def test_gtopk_swaps_log2_p_times_and_splits_the_swaps_across_nodes_over_the_nod
     assert route_costs_gtopk_is_infinite_off_powers_of_two(options)
 
 
+def test_gtopk_carries_the_dense_slots_in_its_swaps_on_a_link_with_latency():
+    """The bucket above on a 50 us link: an allreduce of the 2500 dense entries would cost
+    2(p - 1) latencies, so they ride in the swaps (fp16 in round one, float32 after); across
+    nodes each rank sends a quarter of them with its slice."""
+    options = DGCOptions(density=0.01, value_dtype="fp16", index_dtype="int32", min_numel=1024,
+                         exchange="gtopk", exchange_latency_us=50.0)
+    buckets = [[("w", (2000, 10)), ("b", (2000,)), ("small", (10, 50))]]
+    flat = tr.dgc(buckets, options, 8, passes=0)
+    assert [(c.kind, c.nbytes, c.group) for c in flat.collectives] == [
+        ("sendrecv", 1200 + 5000, "intra"), ("sendrecv", 1600 + 10000, "intra"),
+        ("sendrecv", 1600 + 10000, "intra")]
+    nodes = tr.dgc(buckets, options, 8, passes=0, per_node=4)
+    assert [(c.kind, c.nbytes, c.group) for c in nodes.collectives] == [
+        ("sendrecv", 6200, "intra"), ("sendrecv", 11600, "intra"),
+        ("sendrecv", 400 + 2500, "inter"), ("allgather", 400 + 2500, "intra")]
+    sliced = tr.dgc(buckets, dataclasses.replace(options, gtopk_slices=True), 8, passes=0,
+                    per_node=4)
+    assert [(c.kind, c.nbytes) for c in sliced.collectives[2:]] == [
+        ("sendrecv", 400 + 2500), ("allgather", 800 + 2500)]
+
+
 def route_costs_gtopk_is_infinite_off_powers_of_two(options) -> bool:
     from dgc.plan import make_plan
     plan = make_plan(["w"], [torch.Size([2000, 10])], 0.01, 6, options)

@@ -1,7 +1,11 @@
 """The recursive-doubling exchange (``exchange: gtopk``): its merge on hand-made sets, and on
 real Gloo ranks at p = 2, 4 and 8: nothing lost over all ranks, ranks identical, SGD at
-density 1, resume bitwise; log2(p) messages of fixed size; one line for a group that is not
-a power of two."""
+density 1, resume bitwise, with the dense slots allreduced beside the swaps and carried in
+them; log2(p) messages of fixed size; one line for a group that is not a power of two.
+
+``LATENCY``: an exchange link slow enough to start (50 us) makes the plan carry the dense
+slots in the swaps (``dgc.plan.dense_rides_swaps``); with none (the library's default) an
+allreduce beside them costs fewer bytes."""
 import hashlib
 
 import pytest
@@ -17,6 +21,7 @@ from tests.distributed import run_ranks
 from tests.test_sparse_allreduce import SPARSE, _all_rank
 
 EMPTY = 100
+LATENCY = 50.0
 
 
 def test_merge_sums_shared_indices_keeps_the_k_largest_and_breaks_ties_by_index():
@@ -51,11 +56,14 @@ def test_merge_is_the_same_bits_from_either_side_in_fp16_sums():
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
 
 
-@pytest.mark.parametrize("world_size", [2, 4, 8])
-def test_nothing_is_lost_ranks_agree_sgd_at_density_one_and_resume_is_bitwise(world_size):
+@pytest.mark.parametrize("world_size,latency_us", [(2, 0.0), (4, 0.0), (4, LATENCY),
+                                                  (8, LATENCY)])
+def test_nothing_is_lost_ranks_agree_sgd_at_density_one_and_resume_is_bitwise(world_size,
+                                                                              latency_us):
     dtype = "fp16" if world_size == 8 else "fp32"
     for (errors, agree, sparse), (worst, same, resumed_sparse) in run_ranks(
-            _all_rank, world_size, [2.0, 1.0], dtype, "gtopk", timeout=600):
+            _all_rank, world_size, [2.0, 1.0], dtype, "gtopk", None, False, latency_us,
+            timeout=600):
         assert agree and sparse > 0
         assert max(errors.values()) < 1e-6, errors
         assert worst < 1e-6
@@ -95,6 +103,43 @@ def test_wire_bytes_are_log2_p_rounds_of_k_pairs_within_6k_pairs(world_size):
               f"allgather would send {(world_size - 1) * k} pairs")
 
 
+def _carried_rank(rank, world_size, latency_us):
+    """One step of a Linear(100, 50) with its bias (50 dense entries) under gtopk at
+    density 0.1 (k = 500): the sizes of the swaps' sends and of the allreduces."""
+    model = torch.nn.Linear(100, 50)
+    ddp = DDP(model)
+    state = dgc.attach(ddp, torch.optim.SGD(model.parameters(), lr=0.0), density=0.1,
+                       value_dtype="fp16", index_dtype="int32", exchange="gtopk",
+                       exchange_latency_us=latency_us, **SPARSE)
+    sends, reduces = [], []
+    real = dist.batch_isend_irecv, dist.all_reduce
+
+    def swap(ops):
+        sends.extend(op.tensor.nbytes for op in ops if op.op == dist.isend)
+        return real[0](ops)
+
+    def reduce(t, *args, **kwargs):
+        reduces.append(t.nbytes)
+        return real[1](t, *args, **kwargs)
+    dist.batch_isend_irecv, dist.all_reduce = swap, reduce
+    try:
+        ddp(torch.randn(8, 100, generator=torch.Generator().manual_seed(rank))).sum().backward()
+    finally:
+        dist.batch_isend_irecv, dist.all_reduce = real
+    return sends, reduces, state.stats.bytes_dense_tensors, state.stats.bytes_sent
+
+
+def test_dense_slots_ride_in_the_swaps_when_the_link_has_latency_and_go_beside_without():
+    """Round one: 500 pairs of 6 bytes and the bias in fp16 (100 bytes, padded to 104);
+    round two: 500 float32 sums (8 bytes a pair) and the bias summed in float32 (200)."""
+    for sends, reduces, dense, total in run_ranks(_carried_rank, 4, LATENCY, timeout=120):
+        assert sends == [3000 + 104, 4000 + 200] and reduces == []
+        assert dense == 104 + 200 and total == sum(sends)
+    for sends, reduces, dense, _ in run_ranks(_carried_rank, 4, 0.0, timeout=120):
+        assert sends == [3000, 4000] and reduces == [100]
+        assert dense == 1.5 * 100  # a ring allreduce's 2(p-1)/p
+
+
 def _three_rank(rank, world_size):
     model = torch.nn.Linear(20, 20)
     ddp = DDP(model)
@@ -110,13 +155,14 @@ def test_gtopk_on_a_group_that_is_not_a_power_of_two_is_refused_in_one_line():
         assert message is not None and "power of two" in message and "\n" not in message
 
 
-@pytest.mark.parametrize("world_size", [4, 8])
-def test_rounds_across_nodes_in_slices_lose_nothing_agree_and_resume(world_size):
+@pytest.mark.parametrize("world_size,latency_us", [(4, 0.0), (8, LATENCY)])
+def test_rounds_across_nodes_in_slices_lose_nothing_agree_and_resume(world_size, latency_us):
     """gtopk_slices with 2 ranks per node: at p = 4 one round crosses nodes, at p = 8 two
-    (slices merge with slices), in fp16 at p = 8."""
+    (slices merge with slices, the dense slots' slices with them), in fp16 at p = 8."""
     dtype = "fp16" if world_size == 8 else "fp32"
     for (errors, agree, sparse), (worst, same, resumed_sparse) in run_ranks(
-            _all_rank, world_size, [2.0, 1.0], dtype, "gtopk", 2, True, timeout=600):
+            _all_rank, world_size, [2.0, 1.0], dtype, "gtopk", 2, True, latency_us,
+            timeout=600):
         assert agree and sparse > 0
         assert max(errors.values()) < 1e-6, errors
         assert worst < 1e-6
@@ -125,7 +171,7 @@ def test_rounds_across_nodes_in_slices_lose_nothing_agree_and_resume(world_size)
 
 def _split_rank(rank, world_size):
     """The same steps with the swaps across nodes split over each node's two ranks, whole,
-    and in slices (gtopk_slices)."""
+    and in slices (gtopk_slices); the dense slots ride in the swaps."""
     from tests.test_dgc_distributed import MLP, _flat, _sgd, _train
     out = {}
     for per_node, slices in ((2, False), (1, False), (2, True)):
@@ -133,7 +179,7 @@ def _split_rank(rank, world_size):
         ddp = DDP(model, bucket_cap_mb=100)
         opt = _sgd(model, momentum=0.9, weight_decay=1e-3)
         state = dgc.attach(ddp, opt, density=0.03, exchange="gtopk", ranks_per_node=per_node,
-                           gtopk_slices=slices, **SPARSE)
+                           gtopk_slices=slices, exchange_latency_us=LATENCY, **SPARSE)
         _train(ddp, opt, 6, rank)
         digest = hashlib.sha256(_flat(model).numpy().tobytes()).hexdigest()
         out[per_node, slices] = (digest, state.stats.bytes_inter, state.world.intra is not None)

@@ -16,7 +16,7 @@ SPARSE = dict(min_numel=100, warmup_epochs=0)
 
 
 def _conservation_rank(rank, world_size, capacity, value_dtype, exchange="sparse_allreduce",
-                       per_node=None, slices=False):
+                       per_node=None, slices=False, latency_us=0.0):
     torch.manual_seed(0)
     model = MLP(wide=True)
     ddp = DDP(model, bucket_cap_mb=0.5)
@@ -25,16 +25,20 @@ def _conservation_rank(rank, world_size, capacity, value_dtype, exchange="sparse
     state = dgc.DGCState(model=ddp, momentum=0.9, density=0.05, momentum_masking=False,
                          sparse_capacity=capacity, value_dtype=value_dtype,
                          exchange=exchange, ranks_per_node=per_node, gtopk_slices=slices,
-                         **SPARSE)
+                         exchange_latency_us=latency_us, **SPARSE)
     errors, agree, _ = nothing_lost(model, ddp, state, rank, 12, compressed)
     return errors, agree, state.stats.sparse_buckets
 
 
 def _all_rank(rank, world_size, capacity, dtype, exchange="sparse_allreduce", per_node=None,
-              slices=False):
-    """``per_node``: ranks per node (default: all on one); ``slices``: gtopk_slices."""
-    return (_conservation_rank(rank, world_size, capacity, dtype, exchange, per_node, slices),
-            _equivalence_and_resume_rank(rank, world_size, exchange, per_node, slices))
+              slices=False, latency_us=0.0):
+    """``per_node``: ranks per node (default: all on one); ``slices``: gtopk_slices;
+    ``latency_us``: the exchange link's latency, which decides whether gtopk carries the
+    dense slots in its swaps."""
+    return (_conservation_rank(rank, world_size, capacity, dtype, exchange, per_node, slices,
+                               latency_us),
+            _equivalence_and_resume_rank(rank, world_size, exchange, per_node, slices,
+                                         latency_us))
 
 
 @pytest.mark.parametrize("world_size", [2, 3, 4, 8])
@@ -51,7 +55,7 @@ def test_nothing_is_lost_ranks_agree_sgd_at_density_one_and_resume_is_bitwise(wo
 
 
 def _equivalence_and_resume_rank(rank, world_size, exchange="sparse_allreduce", per_node=None,
-                                 slices=False):
+                                 slices=False, latency_us=0.0):
     ref = MLP()
     ref_ddp = DDP(ref, bucket_cap_mb=0.001)
     ref_opt = _sgd(ref, momentum=0.9, weight_decay=1e-3)
@@ -60,7 +64,7 @@ def _equivalence_and_resume_rank(rank, world_size, exchange="sparse_allreduce", 
     ddp = DDP(got, bucket_cap_mb=0.001)
     opt = _sgd(got, momentum=0.9, weight_decay=1e-3)
     dgc.attach(ddp, opt, density=1.0, exchange=exchange, ranks_per_node=per_node,
-               gtopk_slices=slices, **SPARSE)
+               gtopk_slices=slices, exchange_latency_us=latency_us, **SPARSE)
     _train(ddp, opt, 10, rank)
     worst = max(((a - b).norm() / b.norm()).item()
                 for a, b in zip(got.parameters(), ref.parameters()))
@@ -73,7 +77,7 @@ def _equivalence_and_resume_rank(rank, world_size, exchange="sparse_allreduce", 
         opt = _sgd(model, momentum=0.9, weight_decay=1e-3)
         return model, ddp, opt, dgc.attach(ddp, opt, density=0.03, exchange=exchange,
                                            ranks_per_node=per_node, gtopk_slices=slices,
-                                           **SPARSE)
+                                           exchange_latency_us=latency_us, **SPARSE)
 
     uninterrupted, model, state = resumed(fresh, rank, steps=12, at=5)
     return worst, torch.equal(_flat(model), uninterrupted), state.stats.sparse_buckets

@@ -23,6 +23,13 @@ Both partners add the same two sets in the same order (the lower rank's first), 
 the pairs in the value dtype, as they were selected; from the second on the sums travel in
 float32, so no rounding needs a keeper. The group's size must be a power of two.
 
+Where the plan says so (``Plan.dense_in_swaps``: the few kilobytes of biases on a group
+large enough that an allreduce's latencies cost more than log2(p) copies of their bytes),
+the dense slots ride in the same swaps, after the pairs in one buffer: recursive doubling
+sums them as an allreduce would (round one in the value dtype, later rounds in float32),
+and both partners add the same two vectors, so every rank ends with the same bits.
+Otherwise they are allreduced beside the swaps.
+
 Across nodes, when the group knows its node (``group.intra``), the rounds inside each node
 come first, so every rank of a node then holds the same set. By default each swap across
 nodes is split over the node's ranks (``_swap``): local rank q sends the q-th of r slices
@@ -92,12 +99,19 @@ def merge_rows(idx: Tensor, val: Tensor, k: int, empty: int) -> tuple[Tensor, Te
 
 def exchange(group: Group, plan: Plan, flat: Tensor, sent: allgather.Pairs,
              positions: Mapping[str, Tensor], state) -> torch.futures.Future:
-    """As ``allgather.exchange``, with the pairs summed by recursive doubling. ``state``
-    (a ``DGCState``) takes back the pairs whose contribution did not reach the result."""
+    """As ``allgather.exchange``, with the pairs, and the dense slots beside them, summed by
+    recursive doubling. ``state`` (a ``DGCState``) takes back the pairs whose contribution
+    did not reach the result."""
     if not plan.sparse:
         return allgather.exchange(group, plan, flat, sent, positions)
-    dense_slots, dense, futures = allgather.start_dense(group, plan, flat, positions)
     n, p, mine = flat.numel(), group.size, group.rank
+    carried = plan.dense_in_swaps
+    dense_slots, beside, futures = (([], None, []) if carried else
+                                    allgather.start_dense(group, plan, flat, positions))
+    dense = flat.new_zeros(0, dtype=plan.layout.value_dtype)  # what rides in the swaps
+    if carried:
+        dense_slots = allgather.dense_in_name_order(plan)
+        dense = allgather.live_entries(flat, dense_slots, positions, plan.layout.value_dtype)
     slots = plan.compressed
     ks = [i.numel() for i, _ in sent]
     cur_idx = torch.cat([i + s.offset for s, (i, _) in zip(slots, sent)])
@@ -113,12 +127,15 @@ def exchange(group: Group, plan: Plan, flat: Tensor, sent: allgather.Pairs,
         if sliced and mine_node(group, mine) != mine_node(group, peer):
             across = j  # the rounds inside the node are done: the node holds one set
             break
-        got_idx, got_val = _swap(group, cur_idx, cur_val, peer, plan.layout.index_dtype, n)
+        got_idx, got_val, got_dense = _swap(group, cur_idx, cur_val, dense, peer,
+                                            plan.layout.index_dtype, n)
         cur_idx, cur_val = _merge_slots(cur_idx, cur_val, got_idx, got_val, ks, mine < peer, n)
+        dense = dense.float() + got_dense.float()  # the same bits either way round
         alive &= torch.isin(mine_idx, cur_idx)
     rows = None
     if across < rounds(p):  # each of the node's ranks follows its slice of the set
-        rows, published = _across_nodes(group, cur_idx, cur_val, ks, across, plan, n)
+        rows, published, dense = _across_nodes(group, cur_idx, cur_val, dense, ks, across,
+                                               plan, n)
         alive &= torch.isin(mine_idx, published)
     column = 0
     for s, (i, v), k in zip(slots, sent, ks):
@@ -134,10 +151,11 @@ def exchange(group: Group, plan: Plan, flat: Tensor, sent: allgather.Pairs,
             codec.scatter_sum_(summed, *rows)
         flat.copy_(summed[:n])
         if dense_slots:
-            allgather.put_back_(flat, dense_slots, positions, dense)
+            allgather.put_back_(flat, dense_slots, positions,
+                                dense.to(flat.dtype) if carried else beside)
         return flat
 
-    if not futures:
+    if not futures:  # every swap waited for its partner
         done = torch.futures.Future()
         done.set_result(None)
         futures.append(done)
@@ -147,11 +165,47 @@ def exchange(group: Group, plan: Plan, flat: Tensor, sent: allgather.Pairs,
 def slice_of(idx: Tensor, val: Tensor, r: int, q: int, empty: int) -> tuple[Tensor, Tensor]:
     """The q-th of r equal slices of a set of pairs, padded with empty slots (index
     ``empty``, value 0) to ceil(count / r) pairs each."""
-    part = -(-idx.numel() // r)
-    pad = part * r - idx.numel()
-    idx = torch.cat([idx, idx.new_full((pad,), empty)])
-    val = torch.cat([val, val.new_zeros(pad)])
-    return idx[q * part:(q + 1) * part], val[q * part:(q + 1) * part]
+    return _part(idx, r, q, empty), _part(val, r, q)
+
+
+def _part(t: Tensor, r: int, q: int, fill: int = 0) -> Tensor:
+    """The q-th of r equal slices of ``t``, padded with ``fill`` to ceil(len / r) each."""
+    part = -(-t.numel() // r)
+    t = torch.cat([t, t.new_full((part * r - t.numel(),), fill)])
+    return t[q * part:(q + 1) * part]
+
+
+def _message(idx: Tensor, val: Tensor, dense: Tensor, index_dtype: torch.dtype
+             ) -> tuple[Tensor, codec.Layout]:
+    """One buffer for a swap: the pairs as ``codec.pack`` lays them out, then the dense
+    entries' bytes, padded to 8; and the pairs' layout."""
+    layout = codec.Layout(idx.numel(), val.dtype, index_dtype)
+    if not dense.numel():
+        return codec.pack(idx, val, layout), layout
+    out = torch.zeros(layout.nbytes + _padded(dense.nbytes), dtype=torch.uint8,
+                      device=val.device)
+    out[:layout.nbytes] = codec.pack(idx, val, layout)
+    out[layout.nbytes:layout.nbytes + dense.nbytes].view(dense.dtype).copy_(dense)
+    return out, layout
+
+
+def _read(buffer: Tensor, layout: codec.Layout, rows: int, like: Tensor
+          ) -> tuple[Tensor, Tensor, Tensor]:
+    """Views (indices, values, dense entries shaped as ``like``), one row per ``_message``
+    in ``buffer``."""
+    row_nbytes = buffer.numel() // rows
+    idx, val = codec.unpack(buffer, layout, rows, row_nbytes)
+    tail = buffer.view(rows, row_nbytes)[:, layout.nbytes:layout.nbytes + like.nbytes]
+    return idx, val, tail.view(like.dtype)
+
+
+def _padded(nbytes: int) -> int:
+    return -(-nbytes // 8) * 8
+
+
+def _count_dense(group: Group, nbytes: float) -> None:
+    """The dense entries' share of what a swap or allgather just counted."""
+    group.owner.stats.bytes_dense_tensors += nbytes
 
 
 def _merge_slots(idx: Tensor, val: Tensor, got_idx: Tensor, got_val: Tensor, ks: list[int],
@@ -170,47 +224,51 @@ def _merge_slots(idx: Tensor, val: Tensor, got_idx: Tensor, got_val: Tensor, ks:
     return torch.cat(new_idx), torch.cat(new_val)
 
 
-def _swap(group: Group, idx: Tensor, val: Tensor, peer: int, index_dtype: torch.dtype,
-          empty: int, whole: bool = False) -> tuple[Tensor, Tensor]:
-    """``peer``'s set for this rank's. Across nodes, when the group knows its node
-    (``group.intra``) and not ``whole``, every rank of the node holds the same set (the
-    rounds inside the node came first), so local rank q sends only the q-th of r slices of
-    it to its counterpart on the peer's node, and the node allgathers the slices it
-    received: the peer node's set arrives whole, but a node's link carries it once instead
-    of r times."""
+def _swap(group: Group, idx: Tensor, val: Tensor, dense: Tensor, peer: int,
+          index_dtype: torch.dtype, empty: int, whole: bool = False
+          ) -> tuple[Tensor, Tensor, Tensor]:
+    """``peer``'s set and dense entries for this rank's. Across nodes, when the group knows
+    its node (``group.intra``) and not ``whole``, every rank of the node holds the same set
+    (the rounds inside the node came first), so local rank q sends only the q-th of r
+    slices of it (and of the dense entries) to its counterpart on the peer's node, and the
+    node allgathers the slices it received: the peer node's set arrives whole, but a node's
+    link carries it once instead of r times."""
     intra = group.intra
     r = intra.size if intra is not None else 1
     if whole or r == 1 or mine_node(group, group.rank) == mine_node(group, peer):
-        layout = codec.Layout(idx.numel(), val.dtype, index_dtype)
-        outgoing = codec.pack(idx, val, layout)
+        outgoing, layout = _message(idx, val, dense, index_dtype)
         incoming = torch.empty_like(outgoing)
         group.sendrecv(incoming, outgoing, peer)
-        got_idx, got_val = codec.unpack(incoming, layout, 1)
-        return got_idx[0].long(), got_val[0]
-    count = idx.numel()
-    mine_idx, mine_val = slice_of(idx, val, r, intra.rank, empty)
-    layout = codec.Layout(mine_idx.numel(), val.dtype, index_dtype)
-    outgoing = codec.pack(mine_idx, mine_val, layout)
+        _count_dense(group, _padded(dense.nbytes))
+        got_idx, got_val, got_dense = _read(incoming, layout, 1, dense)
+        return got_idx[0].long(), got_val[0], got_dense[0]
+    count, q = idx.numel(), intra.rank
+    mine_dense = _part(dense, r, q)
+    outgoing, layout = _message(*slice_of(idx, val, r, q, empty), mine_dense, index_dtype)
     incoming = torch.empty_like(outgoing)
     group.sendrecv(incoming, outgoing, peer)
     gathered = incoming.new_empty(r * incoming.numel())
     intra.allgather(gathered, incoming).wait()
-    got_idx, got_val = codec.unpack(gathered, layout, r)
-    return got_idx.reshape(-1)[:count].long(), got_val.reshape(-1)[:count]
+    _count_dense(group, r * _padded(mine_dense.nbytes))
+    got_idx, got_val, got_dense = _read(gathered, layout, r, mine_dense)
+    return (got_idx.reshape(-1)[:count].long(), got_val.reshape(-1)[:count],
+            got_dense.reshape(-1)[:dense.numel()])
 
 
-def _across_nodes(group: Group, idx: Tensor, val: Tensor, ks: list[int], first: int,
-                  plan: Plan, empty: int) -> tuple[tuple[Tensor, Tensor], Tensor]:
+def _across_nodes(group: Group, idx: Tensor, val: Tensor, dense: Tensor, ks: list[int],
+                  first: int, plan: Plan, empty: int
+                  ) -> tuple[tuple[Tensor, Tensor], Tensor, Tensor]:
     """The rounds from ``first`` on, which cross nodes. Every rank of the node holds the same
     set (``idx``, ``val``); local rank q keeps only the q-th of r slices of each slot's set
     and runs the remaining rounds on it with its counterparts on the other nodes (same q),
     keeping ceil(k / r) per slot: a node's link carries its set once per round instead of r
-    times, and no round waits for the node. Then the node allgathers its r final slices and,
-    beside them, the entries of its own set that survived every round.
+    times, and no round waits for the node. The dense entries (``dense``, the same on every
+    rank of the node) are sliced and summed alike. Then the node allgathers its r final
+    slices and, beside them, the entries of its own set that survived every round.
 
     Returns the rows of (index, value) to sum (r slices, the same on every rank of the
-    world) and the indices of this node's set that reached them: a rank's pair that is not
-    among those was dropped on the way."""
+    world), the indices of this node's set that reached them (a rank's pair that is not
+    among those was dropped on the way), and the dense entries summed over the world."""
     intra = group.intra
     r, q, mine = intra.size, intra.rank, group.rank
     parts = [-(-k // r) for k in ks]
@@ -220,26 +278,31 @@ def _across_nodes(group: Group, idx: Tensor, val: Tensor, ks: list[int], first: 
                              empty))
         column += k
     cur_idx, cur_val = torch.cat([i for i, _ in held]), torch.cat([v for _, v in held])
+    cur_dense = _part(dense.float(), r, q)
     own = cur_idx.clone()  # this slice of the node's set, and whether it is still in
     alive = torch.ones_like(own, dtype=torch.bool)
     for j in range(first, rounds(group.size)):
         peer = mine ^ (1 << j)
-        got_idx, got_val = _swap(group, cur_idx, cur_val, peer, plan.layout.index_dtype,
-                                 empty, whole=True)
+        got_idx, got_val, got_dense = _swap(group, cur_idx, cur_val, cur_dense, peer,
+                                            plan.layout.index_dtype, empty, whole=True)
         cur_idx, cur_val = _merge_slots(cur_idx, cur_val, got_idx, got_val, parts,
                                         mine < peer, empty)
+        cur_dense = cur_dense + got_dense
         alive &= torch.isin(own, cur_idx)
-    # one allgather in the node: the final slice's pairs, then the surviving own entries
+    # one allgather in the node: the final slice's pairs, the surviving own entries, the
+    # dense slice
     count = cur_idx.numel()
-    layout = codec.Layout(2 * count, torch.float32, plan.layout.index_dtype)
     survived = torch.where(alive, own, torch.full_like(own, empty))
-    packed = codec.pack(torch.cat([cur_idx, survived]),
-                        torch.cat([cur_val, torch.zeros_like(cur_val)]), layout)
+    packed, layout = _message(torch.cat([cur_idx, survived]),
+                              torch.cat([cur_val, torch.zeros_like(cur_val)]), cur_dense,
+                              plan.layout.index_dtype)
     gathered = packed.new_empty(r * packed.numel())
     intra.allgather(gathered, packed).wait()
-    got_idx, got_val = codec.unpack(gathered, layout, r)
+    _count_dense(group, (r - 1) * _padded(cur_dense.nbytes))
+    got_idx, got_val, got_dense = _read(gathered, layout, r, cur_dense)
     published = got_idx[:, count:].reshape(-1).long()
-    return (got_idx[:, :count].long(), got_val[:, :count]), published  # empties match none
+    dense = got_dense.reshape(-1)[:dense.numel()]
+    return (got_idx[:, :count].long(), got_val[:, :count]), published, dense  # empties match none
 
 
 def mine_node(group: Group, rank: int) -> int:

@@ -178,48 +178,58 @@ def route_collectives(plan, p: int, options: DGCOptions, group: GroupKind,
     """The collectives ``dgc.transport`` starts for ``plan`` on a group of ``p`` ranks:
     the dense fallback's allreduce, or the dense slots' allreduce beside the pairs'
     allgather, or beside the sparse allreduce's all-to-all and allgather (its regions'
-    histogram, once every 64 steps, left out), or beside gtopk's log2(p) swaps. A swap of
-    a ``"world"`` group stays inside a node while the peer's distance divides the
-    ``per_node`` ranks placed on each node (default: all ``p``)."""
+    histogram, once every 64 steps, left out), or gtopk's log2(p) swaps (the dense slots
+    in them where the plan says so, or allreduced beside). A swap of a ``"world"`` group stays inside a node while the peer's
+    distance divides the ``per_node`` ranks placed on each node (default: all ``p``)."""
     from dgc.transport.sparse_allreduce import capacities
     value_bytes = plan.layout.value_dtype.itemsize
     if not plan.sparse:  # the fallback allreduce, in the value dtype
         return [Collective("allreduce", sum(s.live for s in plan.slots) * value_bytes, group)]
-    out = []
     dense_elems = sum(s.live for s in plan.dense)
-    if dense_elems:  # sent in the value dtype too
+    out = []
+    if dense_elems and not plan.dense_in_swaps:  # sent in the value dtype too
         out.append(Collective("allreduce", dense_elems * value_bytes, group))
+    if plan.route == "gtopk":
+        carried = dense_elems if plan.dense_in_swaps else 0
+        return out + _gtopk_collectives(plan, p, options, group, min(per_node or p, p), carried)
     if plan.route == "allgather":
         return out + [Collective("allgather", plan.layout.nbytes, group)]
-    if plan.route == "gtopk":
-        index = plan.layout.index_dtype.itemsize
-        r = min(per_node or p, p)
-        part = sum(-(-s.k // r) for s in plan.compressed)  # pairs of one rank's slice
-        sliced = False
-        for j in range(p.bit_length() - 1):
-            pair = index + (value_bytes if j == 0 else FP32)
-            if group != "world" or r % (2 << j) == 0:  # inside a node, or one rank per node
-                out.append(Collective("sendrecv", plan.layout.count * pair,
-                                      "intra" if group == "world" else group))
-            elif r == 1:
-                out.append(Collective("sendrecv", plan.layout.count * pair, "inter"))
-            elif options.gtopk_slices:  # across nodes: each rank swaps its own slice
-                out.append(Collective("sendrecv", part * pair, "inter"))
-                sliced = True
-            else:  # across nodes: a slice per rank, the node allgathers the slices
-                whole = -(-plan.layout.count // r) * pair
-                out += [Collective("sendrecv", whole, "inter"),
-                        Collective("allgather", whole, "intra")]
-        if sliced:  # the node allgathers its final slices and the surviving entries
-            out.append(Collective("allgather", codec.Layout(
-                2 * part, torch.float32, plan.layout.index_dtype).nbytes, "intra"))
-        return out
     pair = plan.layout.index_dtype.itemsize + value_bytes
     caps = [capacities(s.k, p, options.sparse_capacity) for s in plan.compressed]
     row = -(-sum(c1 for c1, _ in caps) * pair // 8) * 8
     published = -(-sum(c2 for _, c2 in caps) * pair // 8) * 8
     return out + [Collective("all_to_all", p * row, group),
                   Collective("allgather", published, group)]
+
+
+def _gtopk_collectives(plan, p: int, options: DGCOptions, group: GroupKind, r: int,
+                       dense_elems: int) -> list[Collective]:
+    """gtopk's swaps (``dgc.transport.gtopk``), each carrying the bucket's pairs and its
+    ``dense_elems`` dense entries (the first in the value dtype, later ones in float32),
+    over ``r`` ranks per node."""
+    index, value_bytes = plan.layout.index_dtype.itemsize, plan.layout.value_dtype.itemsize
+    part = sum(-(-s.k // r) for s in plan.compressed)  # pairs of one rank's slice
+    dense_part = -(-dense_elems // r)
+    out, sliced = [], False
+    for j in range(p.bit_length() - 1):
+        width = value_bytes if j == 0 else FP32
+        pair = index + width
+        if group != "world" or r % (2 << j) == 0 or r == 1:  # inside a node, or whole sets
+            link = group if group != "world" else ("intra" if r % (2 << j) == 0 else "inter")
+            out.append(Collective("sendrecv", plan.layout.count * pair + dense_elems * width,
+                                  link))
+        elif options.gtopk_slices:  # across nodes: each rank swaps its own slice
+            out.append(Collective("sendrecv", part * pair + dense_part * FP32, "inter"))
+            sliced = True
+        else:  # across nodes: a slice per rank, the node allgathers the slices
+            whole = -(-plan.layout.count // r) * pair + dense_part * width
+            out += [Collective("sendrecv", whole, "inter"),
+                    Collective("allgather", whole, "intra")]
+    if sliced:  # the node allgathers its final slices, the surviving entries, the dense
+        out.append(Collective("allgather", codec.Layout(
+            2 * part, torch.float32, plan.layout.index_dtype).nbytes + dense_part * FP32,
+            "intra"))
+    return out
 
 
 def masked(buckets: Sequence[Sequence[Param]], live: Mapping[str, int], scheme: str = "masked"
