@@ -73,6 +73,7 @@ LABELS = {"dense": "dense allreduce (fp32)", "fp16": "torch fp16_compress_hook",
           "dgc-nm24": "DGC 0.1% on a 2:4 model (mask-aware)",
           "dgc-sar": "DGC 0.1%, sparse allreduce",
           "dgc-gtopk": "DGC 0.1%, gtopk", "dgc-gtopk-slices": "DGC 0.1%, gtopk in slices",
+          "dgc-gtopk-beside": "DGC 0.1%, gtopk, dense slots allreduced beside",
           "dgc-hier": "hierarchical DGC 0.1%",
           "dgc-hier-sparse": "hierarchical DGC 0.1%, sparse intra-node stage",
           "hierdense": "hierarchical dense allreduce",
@@ -180,6 +181,8 @@ def modelled_traffic(model: str, scheme: str, p: int, per_node: int = 1
         options = DGCOptions(**GTOPK_OPTIONS)
     if scheme == "dgc-gtopk-slices":
         options = DGCOptions(**GTOPK_OPTIONS, gtopk_slices=True)
+    if scheme == "dgc-gtopk-beside":
+        options = DGCOptions(**{**GTOPK_OPTIONS, "exchange_latency_us": 0.0})
     kind, parameter = parse_scheme(scheme)
     if kind == "powersgd":
         return tr.powersgd(buckets, int(parameter), passes=0)

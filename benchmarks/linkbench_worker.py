@@ -49,12 +49,14 @@ MODELS = {  # name -> (ModelConfig, input shape); inputs are synthetic, 10 class
 SCHEMES = ["dense", "fp16", "powersgd1", "powersgd4", "dgc", "dgc-nm24", "nocomm"]
 # Beyond those, any "powersgdR" (rank R) and "dgc@D" (DGC at density D, e.g. a warm-up's),
 # and: "dgc-sar" (DGC with the sparse allreduce), "dgc-gtopk" (with recursive doubling;
-# "dgc-gtopk-slices" with gtopk_slices over LOCAL_WORLD_SIZE ranks per node),
+# "dgc-gtopk-slices" with gtopk_slices over LOCAL_WORLD_SIZE ranks per node;
+# "dgc-gtopk-beside" with the dense slots allreduced beside the swaps, as on a link of no
+# latency),
 # "dgc-hier" (hierarchical DGC), "dgc-hier-sparse" (its sparse intra-node stage) and
 # "hierdense" (dense allreduce the hierarchical way), the last four over LOCAL_WORLD_SIZE
 # ranks per node.
 NAMED = ("dense", "fp16", "dgc-nm24", "nocomm", "dgc-sar", "dgc-gtopk", "dgc-gtopk-slices",
-         "dgc-hier", "dgc-hier-sparse", "hierdense")
+         "dgc-gtopk-beside", "dgc-hier", "dgc-hier-sparse", "hierdense")
 DGC_OPTIONS = dict(density=0.001, value_dtype="fp16", index_dtype="int32", warmup_epochs=0)
 # gtopk is told the testbed's link, as launch.train tells DGC the link of its
 # hardware.preset: the calibrated per-hop latency of the netns presets, with which gtopk
@@ -141,6 +143,9 @@ def build(scheme: str, model_name: str, seed: int):
     elif scheme == "dgc-gtopk":
         state = dgc.attach(ddp, opt, ranks_per_node=int(os.environ["LOCAL_WORLD_SIZE"]),
                            **GTOPK_OPTIONS)
+    elif scheme == "dgc-gtopk-beside":
+        state = dgc.attach(ddp, opt, ranks_per_node=int(os.environ["LOCAL_WORLD_SIZE"]),
+                           **{**GTOPK_OPTIONS, "exchange_latency_us": 0.0})
     elif scheme == "dgc-gtopk-slices":
         state = dgc.attach(ddp, opt, gtopk_slices=True,
                            ranks_per_node=int(os.environ["LOCAL_WORLD_SIZE"]), **GTOPK_OPTIONS)
