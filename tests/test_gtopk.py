@@ -169,9 +169,10 @@ def test_rounds_across_nodes_in_slices_lose_nothing_agree_and_resume(world_size,
         assert same and resumed_sparse > 0
 
 
-def _split_rank(rank, world_size):
+def _split_rank(rank, world_size, latency_us):
     """The same steps with the swaps across nodes split over each node's two ranks, whole,
-    and in slices (gtopk_slices); the dense slots ride in the swaps."""
+    and in slices (gtopk_slices); the dense slots ride in the swaps on a link with
+    ``latency_us``."""
     from tests.test_dgc_distributed import MLP, _flat, _sgd, _train
     out = {}
     for per_node, slices in ((2, False), (1, False), (2, True)):
@@ -179,15 +180,17 @@ def _split_rank(rank, world_size):
         ddp = DDP(model, bucket_cap_mb=100)
         opt = _sgd(model, momentum=0.9, weight_decay=1e-3)
         state = dgc.attach(ddp, opt, density=0.03, exchange="gtopk", ranks_per_node=per_node,
-                           gtopk_slices=slices, exchange_latency_us=LATENCY, **SPARSE)
+                           gtopk_slices=slices, exchange_latency_us=latency_us, **SPARSE)
         _train(ddp, opt, 6, rank)
         digest = hashlib.sha256(_flat(model).numpy().tobytes()).hexdigest()
         out[per_node, slices] = (digest, state.stats.bytes_inter, state.world.intra is not None)
     return out  # digests, not tensors: run_ranks carries plain values back
 
 
-def test_swaps_across_nodes_split_over_the_node_give_the_same_bits_for_fewer_node_bytes():
-    for out in run_ranks(_split_rank, 4, timeout=300):
+@pytest.mark.parametrize("latency_us", [0.0, LATENCY])
+def test_swaps_across_nodes_split_over_the_node_give_the_same_bits_for_fewer_node_bytes(
+        latency_us):
+    for out in run_ranks(_split_rank, 4, latency_us, timeout=300):
         (split, split_inter, has_node), (whole, whole_inter, no_node) = out[2, False], out[1, False]
         sliced, sliced_inter, _ = out[2, True]
         assert has_node and not no_node
