@@ -105,13 +105,12 @@ def exchange(group: Group, plan: Plan, flat: Tensor, sent: allgather.Pairs,
     if not plan.sparse:
         return allgather.exchange(group, plan, flat, sent, positions)
     n, p, mine = flat.numel(), group.size, group.rank
-    carried = plan.dense_in_swaps
-    dense_slots, beside, futures = (([], None, []) if carried else
-                                    allgather.start_dense(group, plan, flat, positions))
-    dense = flat.new_zeros(0, dtype=plan.layout.value_dtype)  # what rides in the swaps
-    if carried:
-        dense_slots = allgather.dense_in_name_order(plan)
+    if plan.dense_in_swaps:  # ``dense`` rides in the swaps
+        dense_slots, beside, futures = allgather.dense_in_name_order(plan), None, []
         dense = allgather.live_entries(flat, dense_slots, positions, plan.layout.value_dtype)
+    else:  # allreduced beside them; nothing rides
+        dense_slots, beside, futures = allgather.start_dense(group, plan, flat, positions)
+        dense = flat.new_zeros(0, dtype=plan.layout.value_dtype)
     slots = plan.compressed
     ks = [i.numel() for i, _ in sent]
     cur_idx = torch.cat([i + s.offset for s, (i, _) in zip(slots, sent)])
@@ -152,7 +151,7 @@ def exchange(group: Group, plan: Plan, flat: Tensor, sent: allgather.Pairs,
         flat.copy_(summed[:n])
         if dense_slots:
             allgather.put_back_(flat, dense_slots, positions,
-                                dense.to(flat.dtype) if carried else beside)
+                                beside if beside is not None else dense.to(flat.dtype))
         return flat
 
     if not futures:  # every swap waited for its partner

@@ -179,8 +179,9 @@ def route_collectives(plan, p: int, options: DGCOptions, group: GroupKind,
     the dense fallback's allreduce, or the dense slots' allreduce beside the pairs'
     allgather, or beside the sparse allreduce's all-to-all and allgather (its regions'
     histogram, once every 64 steps, left out), or gtopk's log2(p) swaps (the dense slots
-    in them where the plan says so, or allreduced beside). A swap of a ``"world"`` group stays inside a node while the peer's
-    distance divides the ``per_node`` ranks placed on each node (default: all ``p``)."""
+    in them where the plan says so, or allreduced beside). A swap of a ``"world"`` group
+    stays inside a node while the peer's distance divides the ``per_node`` ranks placed on
+    each node (default: all ``p``)."""
     from dgc.transport.sparse_allreduce import capacities
     value_bytes = plan.layout.value_dtype.itemsize
     if not plan.sparse:  # the fallback allreduce, in the value dtype
