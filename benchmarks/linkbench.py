@@ -149,7 +149,8 @@ def run_on(rate: str | None, p: int, worker: list[str], args) -> dict:
     """``run_workers`` on a testbed at ``rate``, or on loopback for None."""
     if rate is None:
         return run_workers(worker, p, args, None)
-    with netns.Testbed(p, rate, ranks_per_node=args.ranks_per_node) as testbed:
+    with netns.Testbed(p, rate, ranks_per_node=args.ranks_per_node,
+                       idle_slow_start=not args.no_idle_slow_start) as testbed:
         return run_workers(worker, p, args, testbed)
 
 
@@ -474,6 +475,9 @@ def parse(argv) -> argparse.Namespace:
     p.add_argument("--ranks-per-node", type=int, default=1,
                    help="ranks sharing each namespace (a node): 2 gives the two-node "
                         "testbed of the hierarchical schemes")
+    p.add_argument("--no-idle-slow-start", action="store_true",
+                   help="TCP keeps a connection's congestion window over idle spells "
+                        "(net.ipv4.tcp_slow_start_after_idle=0 in every namespace)")
     p.add_argument("--models", default="lenet300,wide_mlp")
     p.add_argument("--schemes", default=",".join(SCHEMES))
     p.add_argument("--steps", type=int, default=20, help="timed steps per scheme")

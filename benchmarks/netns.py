@@ -112,12 +112,15 @@ class Testbed:
     veth, which they share, as the ranks of a server share its NIC."""
 
     def __init__(self, world_size: int, rate: str, burst: int | None = None,
-                 ranks_per_node: int = 1):
+                 ranks_per_node: int = 1, idle_slow_start: bool = True):
         if world_size % ranks_per_node:
             raise ValueError(f"{ranks_per_node} ranks per node do not divide {world_size}")
         self.world_size, self.rate, self.ranks_per_node = world_size, rate, ranks_per_node
         self.rate_bits = parse_rate(rate)
         self.burst = burst_bytes(self.rate_bits) if burst is None else burst
+        # False: TCP keeps a connection's window over idle spells (Linux's
+        # net.ipv4.tcp_slow_start_after_idle = 0 inside every namespace)
+        self.idle_slow_start = idle_slow_start
         self.tag = f"{PREFIX}{os.getpid()}"
         self.bridge = f"{self.tag}br"
         self._made: list[tuple[str, str]] = []  # ("netns" | "link", name), in creation order
@@ -183,3 +186,5 @@ class Testbed:
             sh(*inside, "ip", "link", "set", "lo", "up")
             sh(*inside, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", self.rate,
                "burst", str(self.burst), "latency", "100ms")
+            if not self.idle_slow_start:
+                sh(*inside, "sysctl", "-q", "-w", "net.ipv4.tcp_slow_start_after_idle=0")
