@@ -77,6 +77,13 @@ def test_linkbench_rejects_a_bad_rate_in_one_line():
     assert proc.stderr.startswith("linkbench: --rates:"), proc.stderr
 
 
+def test_swapprobe_rejects_a_bad_rate_in_one_line():
+    proc = subprocess.run([sys.executable, "benchmarks/swapprobe.py", "--rate", "fast"],
+                          cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("swapprobe: --rate:"), proc.stderr
+
+
 def _can_make_namespaces() -> bool:
     from benchmarks import netns
     return netns.need_root() is None
