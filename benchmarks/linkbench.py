@@ -53,7 +53,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks import netns  # noqa: E402
-from benchmarks.linkbench_worker import (CALIBRATION, DGC_OPTIONS, GTOPK_OPTIONS,  # noqa: E402
+from benchmarks.linkbench_worker import (CALIBRATION, DGC_OPTIONS,  # noqa: E402
+                                         GTOPK_BESIDE_OPTIONS, GTOPK_OPTIONS,
                                          INTRA_CALIBRATION, MODELS, ONE_BUCKET_MB,
                                          POWERSGD_START, PROBE, SCHEMES, parse_scheme)
 from dgc.options import DGCOptions  # noqa: E402
@@ -183,7 +184,7 @@ def modelled_traffic(model: str, scheme: str, p: int, per_node: int = 1
     if scheme == "dgc-gtopk-slices":
         options = DGCOptions(**GTOPK_OPTIONS, gtopk_slices=True)
     if scheme == "dgc-gtopk-beside":
-        options = DGCOptions(**{**GTOPK_OPTIONS, "exchange_latency_us": 0.0})
+        options = DGCOptions(**GTOPK_BESIDE_OPTIONS)
     kind, parameter = parse_scheme(scheme)
     if kind == "powersgd":
         return tr.powersgd(buckets, int(parameter), passes=0)

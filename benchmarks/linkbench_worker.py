@@ -63,6 +63,7 @@ DGC_OPTIONS = dict(density=0.001, value_dtype="fp16", index_dtype="int32", warmu
 # carries the dense slots in its swaps (dgc.plan.dense_rides_swaps).
 GTOPK_OPTIONS = dict(DGC_OPTIONS, exchange="gtopk",
                      exchange_latency_us=load_cluster("netns-100mbit").inter.latency * 1e6)
+GTOPK_BESIDE_OPTIONS = dict(GTOPK_OPTIONS, exchange_latency_us=0.0)  # "dgc-gtopk-beside"
 # torch's PowerSGD allreduces plainly until this iteration, so warm-up must pass it.
 POWERSGD_START = 2
 # On Gloo, PowerSGD needs one bucket: with two it failed here with a collective size
@@ -145,7 +146,7 @@ def build(scheme: str, model_name: str, seed: int):
                            **GTOPK_OPTIONS)
     elif scheme == "dgc-gtopk-beside":
         state = dgc.attach(ddp, opt, ranks_per_node=int(os.environ["LOCAL_WORLD_SIZE"]),
-                           **{**GTOPK_OPTIONS, "exchange_latency_us": 0.0})
+                           **GTOPK_BESIDE_OPTIONS)
     elif scheme == "dgc-gtopk-slices":
         state = dgc.attach(ddp, opt, gtopk_slices=True,
                            ranks_per_node=int(os.environ["LOCAL_WORLD_SIZE"]), **GTOPK_OPTIONS)

@@ -38,8 +38,12 @@ class Layout:
     @property
     def nbytes(self) -> int:
         """Bytes per rank, padding included: what goes on the wire."""
-        raw = self.index_nbytes + self.value_nbytes
-        return -(-raw // _ALIGN) * _ALIGN
+        return aligned(self.index_nbytes + self.value_nbytes)
+
+
+def aligned(nbytes: int) -> int:
+    """``nbytes`` padded to the 8-byte alignment every packed chunk keeps."""
+    return -(-nbytes // _ALIGN) * _ALIGN
 
 
 def pack(indices: Tensor, values: Tensor, layout: Layout) -> Tensor:

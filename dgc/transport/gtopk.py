@@ -128,7 +128,7 @@ def exchange(group: Group, plan: Plan, flat: Tensor, sent: allgather.Pairs,
             break
         got_idx, got_val, got_dense = _swap(group, cur_idx, cur_val, dense, peer,
                                             plan.layout.index_dtype, n)
-        cur_idx, cur_val = _merge_slots(cur_idx, cur_val, got_idx, got_val, ks, mine < peer, n)
+        cur_idx, cur_val = _merge_pair(cur_idx, cur_val, got_idx, got_val, ks, mine < peer, n)
         dense = dense.float() + got_dense.float()  # the same bits either way round
         alive &= torch.isin(mine_idx, cur_idx)
     rows = None
@@ -136,11 +136,7 @@ def exchange(group: Group, plan: Plan, flat: Tensor, sent: allgather.Pairs,
         rows, published, dense = _across_nodes(group, cur_idx, cur_val, dense, ks, across,
                                                plan, n)
         alive &= torch.isin(mine_idx, published)
-    column = 0
-    for s, (i, v), k in zip(slots, sent, ks):
-        lost = ~alive[column:column + k]
-        state.give_back(s.name, i, v, lost)
-        column += k
+    give_back_lost(state, slots, sent, alive)
 
     def unpack(_) -> Tensor:
         summed = flat.new_zeros(n + 1)  # the last entry takes the empty slots
@@ -181,7 +177,7 @@ def _message(idx: Tensor, val: Tensor, dense: Tensor, index_dtype: torch.dtype
     layout = codec.Layout(idx.numel(), val.dtype, index_dtype)
     if not dense.numel():
         return codec.pack(idx, val, layout), layout
-    out = torch.zeros(layout.nbytes + _padded(dense.nbytes), dtype=torch.uint8,
+    out = torch.zeros(layout.nbytes + codec.aligned(dense.nbytes), dtype=torch.uint8,
                       device=val.device)
     out[:layout.nbytes] = codec.pack(idx, val, layout)
     out[layout.nbytes:layout.nbytes + dense.nbytes].view(dense.dtype).copy_(dense)
@@ -198,29 +194,40 @@ def _read(buffer: Tensor, layout: codec.Layout, rows: int, like: Tensor
     return idx, val, tail.view(like.dtype)
 
 
-def _padded(nbytes: int) -> int:
-    return -(-nbytes // 8) * 8
-
-
 def _count_dense(group: Group, nbytes: float) -> None:
     """The dense entries' share of what a swap or allgather just counted."""
     group.owner.stats.bytes_dense_tensors += nbytes
 
 
-def _merge_slots(idx: Tensor, val: Tensor, got_idx: Tensor, got_val: Tensor, ks: list[int],
-                 lower: bool, empty: int) -> tuple[Tensor, Tensor]:
-    """Merge two sets slot by slot (``ks`` entries each, one after another), the lower
-    rank's first; each slot keeps its k."""
+def merge_slots(idx: Tensor, val: Tensor, ks: list[int], empty: int) -> tuple[Tensor, Tensor]:
+    """``merge_rows`` slot by slot: the rows of ``idx`` and ``val`` (``[sets, sum(ks)]``)
+    hold each slot's ``ks`` entries one slot after another; each slot keeps its k, and the
+    merged slots follow one another in the result."""
     new_idx, new_val, column = [], [], 0
     for k in ks:
-        a = (idx[column:column + k], val[column:column + k])
-        b = (got_idx[column:column + k], got_val[column:column + k])
-        lo, hi = (a, b) if lower else (b, a)
-        i, v = merge(*lo, *hi, k, empty)
+        i, v = merge_rows(idx[:, column:column + k], val[:, column:column + k], k, empty)
         new_idx.append(i)
         new_val.append(v)
         column += k
     return torch.cat(new_idx), torch.cat(new_val)
+
+
+def give_back_lost(state, slots, sent, kept: Tensor) -> None:
+    """Give back to ``state`` (a ``DGCState``) every pair of ``sent`` (per compressed slot,
+    one after another) whose place in ``kept`` is False: its contribution did not reach
+    the result."""
+    column = 0
+    for s, (i, v) in zip(slots, sent):
+        state.give_back(s.name, i, v, ~kept[column:column + i.numel()])
+        column += i.numel()
+
+
+def _merge_pair(idx: Tensor, val: Tensor, got_idx: Tensor, got_val: Tensor, ks: list[int],
+                lower: bool, empty: int) -> tuple[Tensor, Tensor]:
+    """Merge this rank's set with its partner's slot by slot, the lower rank's first."""
+    rows = ((idx, val), (got_idx, got_val)) if lower else ((got_idx, got_val), (idx, val))
+    return merge_slots(torch.stack([rows[0][0], rows[1][0]]),
+                       torch.stack([rows[0][1], rows[1][1]]), ks, empty)
 
 
 def _swap(group: Group, idx: Tensor, val: Tensor, dense: Tensor, peer: int,
@@ -238,7 +245,7 @@ def _swap(group: Group, idx: Tensor, val: Tensor, dense: Tensor, peer: int,
         outgoing, layout = _message(idx, val, dense, index_dtype)
         incoming = torch.empty_like(outgoing)
         group.sendrecv(incoming, outgoing, peer)
-        _count_dense(group, _padded(dense.nbytes))
+        _count_dense(group, codec.aligned(dense.nbytes))
         got_idx, got_val, got_dense = _read(incoming, layout, 1, dense)
         return got_idx[0].long(), got_val[0], got_dense[0]
     count, q = idx.numel(), intra.rank
@@ -248,7 +255,7 @@ def _swap(group: Group, idx: Tensor, val: Tensor, dense: Tensor, peer: int,
     group.sendrecv(incoming, outgoing, peer)
     gathered = incoming.new_empty(r * incoming.numel())
     intra.allgather(gathered, incoming).wait()
-    _count_dense(group, r * _padded(mine_dense.nbytes))
+    _count_dense(group, r * codec.aligned(mine_dense.nbytes))
     got_idx, got_val, got_dense = _read(gathered, layout, r, mine_dense)
     return (got_idx.reshape(-1)[:count].long(), got_val.reshape(-1)[:count],
             got_dense.reshape(-1)[:dense.numel()])
@@ -284,8 +291,8 @@ def _across_nodes(group: Group, idx: Tensor, val: Tensor, dense: Tensor, ks: lis
         peer = mine ^ (1 << j)
         got_idx, got_val, got_dense = _swap(group, cur_idx, cur_val, cur_dense, peer,
                                             plan.layout.index_dtype, empty, whole=True)
-        cur_idx, cur_val = _merge_slots(cur_idx, cur_val, got_idx, got_val, parts,
-                                        mine < peer, empty)
+        cur_idx, cur_val = _merge_pair(cur_idx, cur_val, got_idx, got_val, parts,
+                                       mine < peer, empty)
         cur_dense = cur_dense + got_dense
         alive &= torch.isin(own, cur_idx)
     # one allgather in the node: the final slice's pairs, the surviving own entries, the
@@ -297,7 +304,7 @@ def _across_nodes(group: Group, idx: Tensor, val: Tensor, dense: Tensor, ks: lis
                               plan.layout.index_dtype)
     gathered = packed.new_empty(r * packed.numel())
     intra.allgather(gathered, packed).wait()
-    _count_dense(group, (r - 1) * _padded(cur_dense.nbytes))
+    _count_dense(group, (r - 1) * codec.aligned(cur_dense.nbytes))
     got_idx, got_val, got_dense = _read(gathered, layout, r, cur_dense)
     published = got_idx[:, count:].reshape(-1).long()
     dense = got_dense.reshape(-1)[:dense.numel()]

@@ -41,7 +41,7 @@ from torch import Tensor
 
 from dgc import codec
 from dgc.transport import allgather, flat as flat_topology
-from dgc.transport.gtopk import merge_rows, slice_of
+from dgc.transport.gtopk import give_back_lost, merge_slots, slice_of
 
 
 def run(state, bucket: dist.GradBucket, flat: Tensor, masks: Mapping[str, Tensor],
@@ -64,16 +64,10 @@ def run(state, bucket: dist.GradBucket, flat: Tensor, masks: Mapping[str, Tensor
     node = packed.new_empty(r * packed.numel())
     intra.allgather(node, packed).wait()
     rows_idx, rows_val = codec.unpack(node, plan.layout, r)
-    merged, column = [], 0
-    for s in slots:
-        merged.append(merge_rows(rows_idx[:, column:column + s.k].long(),
-                                 rows_val[:, column:column + s.k], s.k, n))
-        column += s.k
-    kept = torch.isin(mine, torch.cat([i for i, _ in merged]))
-    column = 0
-    for s, (i, v) in zip(slots, sent):
-        state.give_back(s.name, i, v, ~kept[column:column + s.k])
-        column += s.k
+    ks = [s.k for s in slots]
+    merged_idx, merged_val = merge_slots(rows_idx.long(), rows_val, ks, n)
+    give_back_lost(state, slots, sent, torch.isin(mine, merged_idx))
+    merged = zip(merged_idx.split(ks), merged_val.split(ks))
 
     # 3. this rank's slice of the node's set, to every rank: all N nodes' sets everywhere
     q = intra.rank

@@ -197,8 +197,8 @@ def route_collectives(plan, p: int, options: DGCOptions, group: GroupKind,
         return out + [Collective("allgather", plan.layout.nbytes, group)]
     pair = plan.layout.index_dtype.itemsize + value_bytes
     caps = [capacities(s.k, p, options.sparse_capacity) for s in plan.compressed]
-    row = -(-sum(c1 for c1, _ in caps) * pair // 8) * 8
-    published = -(-sum(c2 for _, c2 in caps) * pair // 8) * 8
+    row = codec.aligned(sum(c1 for c1, _ in caps) * pair)
+    published = codec.aligned(sum(c2 for _, c2 in caps) * pair)
     return out + [Collective("all_to_all", p * row, group),
                   Collective("allgather", published, group)]
 
