@@ -1,17 +1,28 @@
-"""One message one way against the same message both ways at once, between two namespaces.
+"""Pairwise swaps between two namespaces: one message one way against the same message both
+ways at once, and the fit of the swap's own constants for the cost model.
 
     sudo python benchmarks/swapprobe.py --rate 100mbit --bytes 115000
+    sudo python benchmarks/swapprobe.py --calibrate --json results/swap_calibration.json
+    python benchmarks/swapprobe.py --from-json results/swap_calibration.json
 
 gtopk's rounds are pairwise swaps: both ranks send at once, over one TCP connection. On the
 emulated links (``benchmarks/netns.py``: each rank's egress shaped by tbf) the link
-benchmark measured those swaps slower than their bytes at the shaped rate. This probe
-times, on a two-rank testbed, a Gloo send from rank 0 to rank 1 alone and a swap of the
-same size (``batch_isend_irecv`` both ways), each the median of ``--repeats`` after a
-barrier and an idle spell, as the link benchmark's replays are. Needs root.
+benchmark measured those swaps slower than their bytes at the shaped rate, and faster to
+start than a collective. This probe times, on a two-rank testbed, a Gloo send from rank 0
+to rank 1 alone and a swap of the same size (``batch_isend_irecv`` both ways), each after a
+barrier and an idle spell, as the link benchmark's replays are.
+
+``--calibrate`` times every size at each rate, the shapes in turn with each other, and fits
+the two constants a link preset gives its swaps (``configs/hardware/links.yaml``):
+``swap_us``, the mean time of a 1 KiB swap (its fixed cost: the bytes fit in the bucket),
+and ``swap_slowdown``, the factor on the time of the bytes that wait for the shaper's rate
+that fits the larger swaps best (least squares on relative error, both rates at once).
+The link benchmark's rows are not part of the fit. Needs root.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -24,55 +35,165 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks import netns  # noqa: E402
+from benchmarks.linkbench_worker import IDLE_S  # noqa: E402
 
 PORT = 29533
+SIZES = (1024, 65536, 131072, 262144, 524288)
+BUCKETS = 2  # "rounds": the rounds of this many buckets, one after another
+PRESETS = {"100mbit": "netns-100mbit", "1gbit": "netns-1gbit"}
 
 
-def worker(rank: int, master: str, nbytes: int, repeats: int) -> None:
+def partners(rank: int, world_size: int) -> list[int]:
+    """The peers of ``rank`` in gtopk's recursive doubling, round by round, for ``BUCKETS``
+    buckets one after another."""
+    return [rank ^ d for d in (1 << i for i in range(world_size.bit_length() - 1))] * BUCKETS
+
+
+def worker(rank: int, world_size: int, master: str, sizes: list[int], repeats: int) -> None:
     import torch
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"tcp://{master}:{PORT}", rank=rank,
-                            world_size=2)
-    out = torch.zeros(nbytes, dtype=torch.uint8)
-    into = torch.empty_like(out)
-    peer = 1 - rank
+                            world_size=world_size)
+    peer = rank ^ 1
 
-    def one_way() -> None:
-        if rank == 0:
+    def one_way(out, into) -> None:  # the even ranks send, the odd ones receive
+        if rank % 2 == 0:
             dist.send(out, peer)
         else:
             dist.recv(into, peer)
 
-    def swap() -> None:
-        for work in dist.batch_isend_irecv([dist.P2POp(dist.isend, out, peer),
-                                            dist.P2POp(dist.irecv, into, peer)]):
+    def swap(out, into, with_rank: int = peer) -> None:
+        for work in dist.batch_isend_irecv([dist.P2POp(dist.isend, out, with_rank),
+                                            dist.P2POp(dist.irecv, into, with_rank)]):
             work.wait()
 
-    medians = {}
-    for name, step in (("one way", one_way), ("swap", swap)) * 2:  # the second pass counts
-        times = []
-        for _ in range(repeats):
-            dist.barrier()
-            time.sleep(0.05)  # an idle spell: the shaper's bucket refills
+    def rounds(out, into) -> None:  # back to back: only the first follows the idle spell
+        for other in partners(rank, world_size):
+            swap(out, into, other)
+
+    shapes = [(kind, step, size) for size in sizes
+              for kind, step in (("one way", one_way), ("swap", swap), ("rounds", rounds))]
+    buffers = {size: (torch.zeros(size, dtype=torch.uint8), torch.empty(size, dtype=torch.uint8))
+               for size in sizes}
+    times = {f"{kind} {size}": [] for kind, _, size in shapes}
+    for repeat in range(repeats + 1):  # the first pass warms the connections up, uncounted
+        for kind, step, size in shapes:
+            time.sleep(IDLE_S)  # the link benchmark's idle spell: the shaper's bucket refills
             dist.barrier()
             start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
-        medians[name] = statistics.median(times) * 1e3
+            step(*buffers[size])
+            if repeat:
+                times[f"{kind} {size}"].append(time.perf_counter() - start)
     if rank == 1:
-        print(json.dumps(medians), flush=True)
+        print(json.dumps(times), flush=True)
     dist.destroy_process_group()
+
+
+def measure(rate: str, sizes: list[int], repeats: int, world_size: int) -> dict:
+    """{"one way N" | "swap N" | "rounds N": [seconds, ...]} (rank 1's) on a fresh testbed
+    of ``world_size`` namespaces."""
+    with netns.Testbed(world_size, rate) as testbed:
+        procs = [subprocess.Popen(
+            testbed.exec_prefix(rank) + [
+                sys.executable, __file__, "--bytes", ",".join(map(str, sizes)), "--repeats",
+                str(repeats), "--ranks", str(world_size), "--worker", str(rank),
+                testbed.address(0)],
+            env={**os.environ, "GLOO_SOCKET_IFNAME": testbed.device(rank),
+                 "OMP_NUM_THREADS": "1"},
+            stdout=subprocess.PIPE, text=True) for rank in range(world_size)]
+        lines = [proc.communicate(timeout=1800)[0] for proc in procs]
+    return json.loads(lines[1].strip().splitlines()[-1])
+
+
+@functools.cache
+def _link(rate: str):
+    from launch.costmodel.hardware import load_cluster
+    return load_cluster(PRESETS[rate]).inter
+
+
+def model_time(rate: str, nbytes: int, swaps: int, fixed: float, slowdown: float) -> float:
+    """The cost model's seconds for ``swaps`` swaps of ``nbytes`` back to back after an idle
+    spell, on the preset of ``rate`` with these swap constants."""
+    from launch.costmodel.collectives import token_bucket_time
+    link = _link(rate)
+    return token_bucket_time([(1, nbytes)] * swaps, fixed, link.bandwidth, link.burst, 0.0,
+                             slowdown)
+
+
+def fit(times: dict, rate: str, swaps: int) -> tuple[float, float]:
+    """(swap_us in seconds, swap_slowdown) of one rate's ``times``: least squares on the
+    relative error of every size's rounds (see the module doc)."""
+    rows = [(int(key.split()[-1]), statistics.fmean(values)) for key, values in times.items()
+            if key.startswith("rounds ")]
+
+    def loss(fixed: float, slowdown: float) -> float:
+        return sum((model_time(rate, n, swaps, fixed, slowdown) / measured - 1) ** 2
+                   for n, measured in rows)
+
+    grid = [(us * 1e-6, 1 + i / 50) for us in range(50, 3001, 25) for i in range(101)]
+    return min(grid, key=lambda point: loss(*point))
+
+
+def report(run: dict) -> list[str]:
+    p = run["world_size"]
+    swaps = len(partners(0, p))
+    lines = [f"{p} ranks, one per namespace; \"rounds\": {swaps} swaps back to back (the "
+             f"recursive doubling of {BUCKETS} buckets), after an idle spell.", ""]
+    for rate, times in run["rates"].items():
+        fixed, slowdown = fit(times, rate, swaps)
+        lines += [f"**{rate}: swap_us {fixed * 1e6:.0f}, swap_slowdown {slowdown:.2f}**", "",
+                  "| bytes | one way (ms, mean) | swap (ms, mean) | swap / one way | "
+                  "rounds (ms, mean) | model (ms) | error |",
+                  "|---:|---:|---:|---:|---:|---:|---:|"]
+        for key in times:
+            if not key.startswith("rounds "):
+                continue
+            n = int(key.split()[-1])
+            one, both, seq = (statistics.fmean(times[f"{kind} {n}"])
+                              for kind in ("one way", "swap", "rounds"))
+            model = model_time(rate, n, swaps, fixed, slowdown)
+            lines.append(f"| {n} | {one * 1e3:.2f} | {both * 1e3:.2f} | {both / one:.2f}x | "
+                         f"{seq * 1e3:.2f} | {model * 1e3:.2f} | "
+                         f"{(model / seq - 1) * 100:+.0f}% |")
+        lines.append("")
+    return lines
+
+
+def sizes_arg(text: str) -> list[int]:
+    try:
+        sizes = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated byte counts, got {text!r}")
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"sizes must be >= 1 byte, got {text!r}")
+    return sizes
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rate", default="100mbit", help="tc rate of each rank's egress")
-    p.add_argument("--bytes", type=int, default=115_000, help="message size")
+    p.add_argument("--bytes", type=sizes_arg, default=[115_000],
+                   help="message size(s), comma-separated")
     p.add_argument("--repeats", type=int, default=40)
+    p.add_argument("--ranks", type=int, default=2, choices=(2, 4, 8),
+                   help="namespaces, one rank each (a power of two)")
+    p.add_argument("--calibrate", action="store_true",
+                   help=f"time {','.join(map(str, SIZES))} bytes at 100mbit and 1gbit and fit "
+                        "swap_us and swap_slowdown")
+    p.add_argument("--json", type=Path, help="with --calibrate: write the times here")
+    p.add_argument("--from-json", type=Path, help="report a calibration's times again")
     p.add_argument("--worker", nargs=2, metavar=("RANK", "MASTER"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        worker(int(args.worker[0]), args.worker[1], args.bytes, args.repeats)
+        worker(int(args.worker[0]), args.ranks, args.worker[1], args.bytes, args.repeats)
+        return 0
+    if args.from_json:
+        try:
+            runs = json.loads(args.from_json.read_text())
+        except (OSError, ValueError) as err:
+            print(f"swapprobe: --from-json: {err}", file=sys.stderr)
+            return 2
+        print("\n".join(report(runs)))
         return 0
     try:
         rate_bits = netns.parse_rate(args.rate)
@@ -83,21 +204,24 @@ def main(argv=None) -> int:
     if why:
         print(f"swapprobe: {why}", file=sys.stderr)
         return 2
-    with netns.Testbed(2, args.rate) as testbed:
-        procs = [subprocess.Popen(
-            testbed.exec_prefix(rank) + [
-                sys.executable, __file__, "--bytes", str(args.bytes), "--repeats",
-                str(args.repeats), "--worker", str(rank), testbed.address(0)],
-            env={**os.environ, "GLOO_SOCKET_IFNAME": testbed.device(rank),
-                 "OMP_NUM_THREADS": "1"},
-            stdout=subprocess.PIPE, text=True) for rank in range(2)]
-        lines = [proc.communicate(timeout=600)[0] for proc in procs]
-    medians = json.loads(lines[1].strip().splitlines()[-1])
-    at_rate = args.bytes / (rate_bits / 8 * 1448 / 1514) * 1e3
-    print(f"{args.rate}, {args.bytes} bytes, median of {args.repeats}: one way "
-          f"{medians['one way']:.2f} ms, swap {medians['swap']:.2f} ms "
-          f"({medians['swap'] / medians['one way']:.2f}x); the bytes at the TCP payload "
-          f"rate {at_rate:.2f} ms")
+    if args.calibrate:
+        runs = {"world_size": args.ranks, "rates": {}}
+        for rate in PRESETS:
+            print(f"[{time.strftime('%H:%M:%S')}] swaps at {rate}, {args.ranks} ranks, "
+                  f"{len(SIZES)} sizes x {args.repeats}", flush=True)
+            runs["rates"][rate] = measure(rate, list(SIZES), args.repeats, args.ranks)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(runs))
+        print("\n".join(report(runs)))
+        return 0
+    times = measure(args.rate, args.bytes, args.repeats, args.ranks)
+    for n in args.bytes:
+        one, both = (statistics.median(times[f"{kind} {n}"]) * 1e3 for kind in ("one way", "swap"))
+        at_rate = n / (rate_bits / 8 * 1448 / 1514) * 1e3
+        print(f"{args.rate}, {n} bytes, median of {args.repeats}: one way {one:.2f} ms, swap "
+              f"{both:.2f} ms ({both / one:.2f}x); the bytes at the TCP payload rate "
+              f"{at_rate:.2f} ms")
     return 0
 
 

@@ -143,6 +143,41 @@ def test_a_links_overhead_is_paid_once_per_collective():
             col.collective_time(kind, 1e6, bare, 8, "ring") + 30 * US)
 
 
+def test_a_link_calibrated_for_swaps_prices_them_by_its_own_constants():
+    link = Link(bandwidth_gbytes=1.0, latency_us=2.0, overhead_us=30.0)
+    swapping = dataclasses.replace(link, swap_us=50.0, swap_slowdown=1.5)
+    for a_link, fixed, slowdown in ((link, 32 * US, 1.0), (swapping, 50 * US, 1.5)):
+        cluster = Cluster("flat", Accelerator(), 1, a_link, a_link, 1)  # one rank per node
+        want = fixed + 1e6 * slowdown / GB
+        assert col.collective_time("sendrecv", 1e6, cluster, 8) == pytest.approx(want)
+        assert col.sequence_time([("sendrecv", 1e6, "inter")], cluster, 8) == pytest.approx(want)
+        # the other collectives keep the link's overhead and latency
+        assert col.collective_time("allgather", 1e6, cluster, 8, "ring") == pytest.approx(
+            30 * US + col.allgather(8e6, 8, 2 * US, GB))
+
+
+def test_on_a_shaped_link_a_swaps_slowdown_stretches_only_the_bytes_past_the_bucket():
+    alpha, rate, burst = 100 * US, 1e6, 10e3
+    assert col.token_bucket_time([(1, 8e3)], alpha, rate, burst, slowdown=2.0) == \
+        pytest.approx(alpha)  # the bucket holds them all
+    plain = col.token_bucket_time([(1, 8e3), (1, 8e3)], alpha, rate, burst)
+    slowed = col.token_bucket_time([(1, 8e3), (1, 8e3)], alpha, rate, burst, slowdown=2.0)
+    assert slowed - plain == pytest.approx(5.9e3 / rate)  # the 5.9 kB late, twice as long
+    shaped = load_cluster("netns-1gbit")
+    swaps = [("sendrecv", 2e5, "inter"), ("sendrecv", 2e5, "inter")]
+    link = shaped.inter
+    assert link.swap_us > 0 and link.swap_slowdown >= 1
+    assert col.sequence_time(swaps, shaped, 4) == pytest.approx(col.token_bucket_time(
+        [(1, 2e5), (1, 2e5)], link.swap_us * US, link.bandwidth, link.burst, 0.0,
+        link.swap_slowdown))
+
+
+@pytest.mark.parametrize("field, value", [("swap_us", -1.0), ("swap_slowdown", 0.5)])
+def test_a_links_swap_constants_are_checked(field, value):
+    with pytest.raises(ConfigError, match=field):
+        build(Link, {"bandwidth_gbytes": 1.0, field: value}, "links.yaml: tbf")
+
+
 # --- traffic ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("model", [MLP(784, [300, 100], 10), MLP(784, [5000, 5000], 10),

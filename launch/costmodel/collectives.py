@@ -37,7 +37,7 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
-from .hardware import Cluster
+from .hardware import Cluster, Link
 
 Kind = Literal["allreduce", "allgather", "reduce_scatter", "all_to_all", "sendrecv"]
 Algorithm = Literal["auto", "ring", "tree", "hierarchical"]
@@ -101,7 +101,7 @@ def _expected_min(cap: float, mean: float) -> float:
 
 
 def token_bucket_time(collectives: Iterable[tuple[int, float]], alpha: float, bandwidth: float,
-                      burst: float, overhead: float = 0.0) -> float:
+                      burst: float, overhead: float = 0.0, slowdown: float = 1.0) -> float:
     """Expected seconds for collectives run back to back on links shaped by a token bucket
     of ``burst`` bytes that refills at ``bandwidth``. ``collectives``: per collective, its
     hops and the bytes one rank sends at each hop (a ring allreduce: 2(p-1) hops of S/p; a
@@ -115,7 +115,9 @@ def token_bucket_time(collectives: Iterable[tuple[int, float]], alpha: float, ba
     calibration, BENCHMARKS.md), and a chunk about the size of a mean wait's refill is
     late only after short waits, which a fixed wait of ``alpha`` would miss. The bucket
     starts full (the link was idle before) and carries its expected fill from hop to hop.
-    With ``burst`` 0 this is the sum of the ring forms, plus an overhead per collective."""
+    With ``burst`` 0 this is the sum of the ring forms, plus an overhead per collective.
+    The bytes that wait for the rate take ``slowdown`` times their time at the rate
+    (``Link.swap_slowdown``: a swap's both ways at once)."""
     total, tokens = 0.0, burst
     refill = alpha * bandwidth  # bytes a mean wait adds to the bucket
     for hops, chunk in collectives:
@@ -130,7 +132,7 @@ def token_bucket_time(collectives: Iterable[tuple[int, float]], alpha: float, ba
             else:
                 late = 0.0
                 left = -short + _expected_min(burst - tokens, refill)
-            took = alpha + late / bandwidth
+            took = alpha + late * slowdown / bandwidth
             if abs(left - tokens) <= 1e-9 * burst:  # every hop left will be this one again
                 total += took * (hops - hop)
                 break
@@ -182,8 +184,6 @@ def _group_time(kind: Kind, nbytes: float, size: int, alpha: float, bandwidth: f
         return ring_allreduce(nbytes, size, alpha, bandwidth)
     if kind in ("reduce_scatter", "all_to_all"):  # the same (p-1) alpha + (p-1)/p S / B
         return reduce_scatter(nbytes, size, alpha, bandwidth)
-    if kind == "sendrecv":  # both ways at once: one message's time
-        return alpha + nbytes / bandwidth
     return allgather(size * nbytes, size, alpha, bandwidth)
 
 
@@ -203,16 +203,32 @@ def _subgroup_time(items: Sequence[tuple[Kind, float]], group: GroupKind, cluste
     else:
         link, bandwidth = cluster.inter, cluster.inter_bandwidth_per_rank()
     if link.burst:
-        hops = [ring_hops(kind, nbytes, size) for kind, nbytes in items]
-        return token_bucket_time(hops, link.latency, bandwidth, link.burst, link.overhead)
+        return _bucket_time(items, size, link, link.latency, bandwidth, link.overhead)
     total = 0.0
     for kind, nbytes in items:
+        if kind == "sendrecv":  # both ways at once: one message's time
+            fixed, overhead, slowdown = link.swap
+            total += overhead + fixed + nbytes * slowdown / bandwidth
+            continue
         took = _group_time(kind, nbytes, size, link.latency, bandwidth)
         if kind == "allreduce" and algorithm in ("auto", "tree"):
             tree = tree_allreduce(nbytes, size, link.latency, bandwidth)
             took = tree if algorithm == "tree" else min(took, tree)
         total += link.overhead + took
     return total
+
+
+def _bucket_time(items: Sequence[tuple[Kind, float]], size: int, link: Link, alpha: float,
+                 bandwidth: float, overhead: float) -> float:
+    """``items`` back to back over ``size`` ranks on a link shaped by a token bucket. On a
+    link with a calibration of its pairwise swaps (``Link.swap_us``) the swaps run on it,
+    the bucket carried within the swaps and within the rest."""
+    own = bool(link.swap_us)
+    swaps = [ring_hops(k, n, size) for k, n in items if own and k == "sendrecv"]
+    rest = [ring_hops(k, n, size) for k, n in items if not (own and k == "sendrecv")]
+    fixed, swap_overhead, slowdown = link.swap
+    return (token_bucket_time(rest, alpha, bandwidth, link.burst, overhead)
+            + token_bucket_time(swaps, fixed, bandwidth, link.burst, swap_overhead, slowdown))
 
 
 def _overhead(cluster: Cluster, p: int) -> float:
@@ -247,12 +263,10 @@ def _world_time(collectives: Sequence[tuple[Kind, float]], cluster: Cluster, p: 
                    for kind, nbytes in collectives)
     total = 0.0  # rings and the rest on their own links, the bucket carried within each
     for ring in (True, False):
-        hops = [ring_hops(kind, nbytes, p) for kind, nbytes in collectives
-                if (kind in RING_KINDS) == ring]
-        if hops:
-            kind = "allreduce" if ring else "sendrecv"
-            total += token_bucket_time(hops, *_flat_link(cluster, p, kind), link.burst,
-                                       _overhead(cluster, p))
+        items = [(kind, nbytes) for kind, nbytes in collectives if (kind in RING_KINDS) == ring]
+        if items:
+            alpha, bandwidth = _flat_link(cluster, p, "allreduce" if ring else "sendrecv")
+            total += _bucket_time(items, p, link, alpha, bandwidth, _overhead(cluster, p))
     return total
 
 
@@ -276,6 +290,10 @@ def collective_time(kind: Kind, nbytes: float, cluster: Cluster, p: int,
         ring = reduce_scatter(nbytes, p, *flat)
         options = {"ring": ring, "tree": ring, "hierarchical": ring}
     elif kind == "sendrecv":  # one swap, on the slowest hop
+        link = cluster.intra if nodes == 1 else cluster.inter
+        if link.swap_us:
+            fixed, overhead, slowdown = link.swap
+            return overhead + fixed + nbytes * slowdown / flat[1]
         swap = flat[0] + nbytes / flat[1]
         options = {"ring": swap, "tree": swap, "hierarchical": swap}
     else:

@@ -39,6 +39,15 @@ class Link:
     it and waking its caller when it completes (LogP's o). 0 on the real links, whose
     latency is taken as the whole fixed cost; on the emulated links it is Gloo's threads
     waking up (fitted by ``benchmarks/linkbench.py --calibrate``)."""
+    swap_us: float = 0.0
+    """Microseconds a pairwise swap of a small message costs, start to finish (both ranks
+    send at once, as gtopk's rounds do). 0: a swap costs what one hop of a collective does,
+    ``overhead_us`` plus ``latency_us``. Fitted on the emulated links by
+    ``benchmarks/swapprobe.py --calibrate``: a swap skips a collective's rendezvous."""
+    swap_slowdown: float = 1.0
+    """How many times longer a swap's bytes take than the same bytes sent one way alone: 1
+    on a full-duplex wire. On the emulated links each side's acknowledgements wait in its
+    shaper behind its own half of the swap. Fitted with ``swap_us``, used with it."""
 
     def check(self) -> None:
         require(self.bandwidth_gbytes > 0, "bandwidth_gbytes",
@@ -46,6 +55,9 @@ class Link:
         require(self.latency_us >= 0, "latency_us", f"must be >= 0, got {self.latency_us}")
         require(self.burst_kbytes >= 0, "burst_kbytes", f"must be >= 0, got {self.burst_kbytes}")
         require(self.overhead_us >= 0, "overhead_us", f"must be >= 0, got {self.overhead_us}")
+        require(self.swap_us >= 0, "swap_us", f"must be >= 0, got {self.swap_us}")
+        require(self.swap_slowdown >= 1, "swap_slowdown",
+                f"must be >= 1, got {self.swap_slowdown}")
 
     @property
     def bandwidth(self) -> float:
@@ -66,6 +78,14 @@ class Link:
     def burst(self) -> float:
         """Bytes."""
         return self.burst_kbytes * 1e3
+
+    @property
+    def swap(self) -> tuple[float, float, float]:
+        """(seconds, overhead in seconds, slowdown) of a pairwise swap: its own calibration
+        where the link has one, else one hop, a collective's overhead and no slowdown."""
+        if self.swap_us:
+            return self.swap_us * 1e-6, 0.0, self.swap_slowdown
+        return self.latency, self.overhead, 1.0
 
 
 @dataclass
