@@ -397,7 +397,7 @@ def model_rows(run: dict) -> list[str]:
             continue
         kinds = [call[0] for call in r["collectives"]]
         calls = ", ".join(f"{kinds.count(k)} {k}" for k in
-                          ("allreduce", "allgather", "reduce_scatter", "all_to_all")
+                          ("allreduce", "allgather", "reduce_scatter", "all_to_all", "sendrecv")
                           if k in kinds)
         measured = comm_measured(r)
         lines.append(

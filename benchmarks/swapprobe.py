@@ -1,23 +1,26 @@
-"""Pairwise swaps between two namespaces: one message one way against the same message both
-ways at once, and the fit of the swap's own constants for the cost model.
+"""Pairwise swaps on the emulated links: one message one way against the same message both
+ways at once, gtopk's rounds back to back, and the fit of a swap's own cost-model constants.
 
     sudo python benchmarks/swapprobe.py --rate 100mbit --bytes 115000
-    sudo python benchmarks/swapprobe.py --calibrate --json results/swap_calibration.json
+    sudo python benchmarks/swapprobe.py --calibrate --ranks 4 --repeats 101 \
+        --json results/swap_calibration.json
     python benchmarks/swapprobe.py --from-json results/swap_calibration.json
 
 gtopk's rounds are pairwise swaps: both ranks send at once, over one TCP connection. On the
 emulated links (``benchmarks/netns.py``: each rank's egress shaped by tbf) the link
-benchmark measured those swaps slower than their bytes at the shaped rate, and faster to
-start than a collective. This probe times, on a two-rank testbed, a Gloo send from rank 0
-to rank 1 alone and a swap of the same size (``batch_isend_irecv`` both ways), each after a
-barrier and an idle spell, as the link benchmark's replays are.
+benchmark measured them slower than their bytes at the shaped rate. On a testbed of
+``--ranks`` namespaces, one rank each, this probe times three shapes per size, each after
+the link benchmark's idle spell and a barrier, as its replays are: a Gloo send from every
+even rank to the next odd one ("one way"), a swap of the same size with that rank
+(``batch_isend_irecv`` both ways, "swap"), and "rounds": the recursive doubling of two
+buckets, one swap per round with rank XOR 1, 2, ..., back to back.
 
-``--calibrate`` times every size at each rate, the shapes in turn with each other, and fits
-the two constants a link preset gives its swaps (``configs/hardware/links.yaml``):
-``swap_us``, the mean time of a 1 KiB swap (its fixed cost: the bytes fit in the bucket),
-and ``swap_slowdown``, the factor on the time of the bytes that wait for the shaper's rate
-that fits the larger swaps best (least squares on relative error, both rates at once).
-The link benchmark's rows are not part of the fit. Needs root.
+``--calibrate`` times every size at 100 Mbit/s and 1 Gbit/s, the shapes in turn with each
+other, and fits per rate the two constants a link preset gives its swaps
+(``configs/hardware/links.yaml``): ``swap_us``, the fixed cost of a swap, and
+``swap_slowdown``, the factor on the time of its bytes past the shaper's bucket, by least
+squares on the relative error of the rounds' mean times. The link benchmark's rows are not
+part of the fit. Needs root (``--from-json`` does not).
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
 """Benchmark scripts keep working: each runs in its quick mode (no timing is asserted)."""
+import json
 import subprocess
 import sys
 
@@ -82,6 +83,26 @@ def test_swapprobe_rejects_a_bad_rate_in_one_line():
                           cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith("swapprobe: --rate:"), proc.stderr
+
+
+def test_swapprobe_fits_back_the_swap_constants_its_rounds_were_made_with(tmp_path):
+    from benchmarks import swapprobe
+    swaps = len(swapprobe.partners(0, 4))
+    assert swaps == 4 and swapprobe.partners(5, 8)[:3] == [4, 7, 1]
+    made = {"100mbit": (1000e-6, 1.5), "1gbit": (250e-6, 1.2)}
+    rates = {rate: {f"{kind} {n}": [swapprobe.model_time(rate, n, swaps, *constants)] * 3
+                    for n in swapprobe.SIZES for kind in ("one way", "swap", "rounds")}
+             for rate, constants in made.items()}
+    for rate, (fixed, slowdown) in made.items():
+        got = swapprobe.fit(rates[rate], rate, swaps)
+        assert got == (pytest.approx(fixed), pytest.approx(slowdown))
+    path = tmp_path / "swaps.json"
+    path.write_text(json.dumps({"world_size": 4, "rates": rates}))
+    proc = subprocess.run([sys.executable, "benchmarks/swapprobe.py", "--from-json", str(path)],
+                          cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "**100mbit: swap_us 1000, swap_slowdown 1.50**" in proc.stdout
+    assert "**1gbit: swap_us 250, swap_slowdown 1.20**" in proc.stdout
 
 
 def _can_make_namespaces() -> bool:
