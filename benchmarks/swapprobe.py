@@ -219,12 +219,15 @@ def main(argv=None) -> int:
         print("\n".join(report(runs)))
         return 0
     times = measure(args.rate, args.bytes, args.repeats, args.ranks)
+    swaps = len(partners(0, args.ranks))
     for n in args.bytes:
         one, both = (statistics.median(times[f"{kind} {n}"]) * 1e3 for kind in ("one way", "swap"))
         at_rate = n / (rate_bits / 8 * 1448 / 1514) * 1e3
         print(f"{args.rate}, {n} bytes, median of {args.repeats}: one way {one:.2f} ms, swap "
               f"{both:.2f} ms ({both / one:.2f}x); the bytes at the TCP payload rate "
-              f"{at_rate:.2f} ms")
+              f"{at_rate:.2f} ms; {swaps} swaps in rounds: mean "
+              f"{statistics.fmean(times[f'rounds {n}']) * 1e3:.2f} ms, median "
+              f"{statistics.median(times[f'rounds {n}']) * 1e3:.2f}")
     return 0
 
 
