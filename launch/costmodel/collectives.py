@@ -206,7 +206,7 @@ def _subgroup_time(items: Sequence[tuple[Kind, float]], group: GroupKind, cluste
         return _bucket_time(items, size, link, link.latency, bandwidth, link.overhead)
     total = 0.0
     for kind, nbytes in items:
-        if kind == "sendrecv":  # both ways at once: one message's time
+        if kind == "sendrecv":  # both ways at once, at the link's swap constants
             fixed, overhead, slowdown = link.swap
             total += overhead + fixed + nbytes * slowdown / bandwidth
             continue
