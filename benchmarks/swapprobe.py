@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks import netns  # noqa: E402
 from benchmarks.linkbench_worker import IDLE_S  # noqa: E402
+from launch.cli import OneLineParser  # noqa: E402
 
 PORT = 29533
 SIZES = (1024, 65536, 131072, 262144, 524288)
@@ -173,7 +174,7 @@ def sizes_arg(text: str) -> list[int]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="swapprobe", description=__doc__.split("\n\n")[0])
     p.add_argument("--rate", default="100mbit", help="tc rate of each rank's egress")
     p.add_argument("--bytes", type=sizes_arg, default=[115_000],
                    help="message size(s), comma-separated")
@@ -192,11 +193,12 @@ def main(argv=None) -> int:
         return 0
     if args.from_json:
         try:
-            runs = json.loads(args.from_json.read_text())
-        except (OSError, ValueError) as err:
-            print(f"swapprobe: --from-json: {err}", file=sys.stderr)
+            lines = report(json.loads(args.from_json.read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            print(f"swapprobe: --from-json: not a calibration's times: {err!r}",
+                  file=sys.stderr)
             return 2
-        print("\n".join(report(runs)))
+        print("\n".join(lines))
         return 0
     try:
         rate_bits = netns.parse_rate(args.rate)

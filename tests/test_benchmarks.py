@@ -78,11 +78,16 @@ def test_linkbench_rejects_a_bad_rate_in_one_line():
     assert proc.stderr.startswith("linkbench: --rates:"), proc.stderr
 
 
-def test_swapprobe_rejects_a_bad_rate_in_one_line():
-    proc = subprocess.run([sys.executable, "benchmarks/swapprobe.py", "--rate", "fast"],
+@pytest.mark.parametrize("args, starts", [
+    (["--rate", "fast"], "swapprobe: --rate:"),
+    (["--ranks", "3"], "swapprobe: error: argument --ranks"),
+    (["--bytes", "1,x"], "swapprobe: error: argument --bytes"),
+    (["--from-json", "pyproject.toml"], "swapprobe: --from-json:")])
+def test_swapprobe_rejects_bad_input_in_one_line(args, starts):
+    proc = subprocess.run([sys.executable, "benchmarks/swapprobe.py", *args],
                           cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
-    assert proc.stderr.startswith("swapprobe: --rate:"), proc.stderr
+    assert proc.stderr.startswith(starts), proc.stderr
 
 
 def test_swapprobe_fits_back_the_swap_constants_its_rounds_were_made_with(tmp_path):
