@@ -81,13 +81,22 @@ def unpack(gathered: Tensor, layout: Layout, world_size: int, row_nbytes: int | 
     return indices, values
 
 
-def scatter_sum_(out: Tensor, indices: Tensor, values: Tensor) -> Tensor:
+def scatter_sum_(out: Tensor, indices: Tensor, values: Tensor, empty: int | None = None
+                 ) -> Tensor:
     """Add every rank's values into ``out`` at its indices; returns ``out``.
 
     One ``index_add_`` per rank, in rank order: within a rank the indices are distinct, so no
     two additions race, and every rank sums the contributions in the same order, giving
     bit-identical results on all ranks even where atomics would reorder them (CUDA).
+    ``empty`` (an index past the end of ``out``) marks unused slots. They add -0.0 at index
+    0, which changes no value whatever the order, so ``out`` needs no extra entry and the
+    shapes stay static.
     """
     for rank_indices, rank_values in zip(indices, values):
-        out.index_add_(0, rank_indices.long(), rank_values.to(out.dtype))
+        rank_indices, rank_values = rank_indices.long(), rank_values.to(out.dtype)
+        if empty is not None:
+            unused = rank_indices == empty
+            rank_indices = rank_indices.masked_fill(unused, 0)
+            rank_values = rank_values.masked_fill(unused, -0.0)
+        out.index_add_(0, rank_indices, rank_values)
     return out

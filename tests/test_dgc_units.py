@@ -106,6 +106,15 @@ def test_scatter_sum_adds_every_rank():
     assert out.tolist() == [1.0, 0.0, 5.0, 4.0]
 
 
+def test_scatter_sum_skips_the_empty_slots_without_an_extra_entry():
+    out = torch.tensor([-0.0, 0.0, 0.0, 0.0])
+    indices = torch.tensor([[4, 2, 4], [2, 3, 4]])  # 4, past the end, marks an empty slot
+    values = torch.tensor([[9.0, 2.0, 7.0], [3.0, 4.0, 5.0]])
+    codec.scatter_sum_(out, indices, values, empty=4)
+    assert out.tolist() == [0.0, 0.0, 5.0, 4.0]
+    assert torch.signbit(out[0])  # the empties added -0.0: every bit of index 0 unchanged
+
+
 # -- schedule -------------------------------------------------------------------------------
 
 

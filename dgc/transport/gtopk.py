@@ -137,14 +137,11 @@ def exchange(group: Group, plan: Plan, flat: Tensor, sent: allgather.Pairs,
                                                plan, n)
         alive &= torch.isin(mine_idx, published)
     give_back_lost(state, slots, sent, alive)
+    # an index may be in several slices: summed slice by slice, in one order
+    summands = rows if rows is not None else (cur_idx[None], cur_val[None])
 
     def unpack(_) -> Tensor:
-        summed = flat.new_zeros(n + 1)  # the last entry takes the empty slots
-        if rows is None:
-            summed.index_copy_(0, cur_idx, cur_val.to(flat.dtype))
-        else:  # an index may be in several slices: summed slice by slice, in one order
-            codec.scatter_sum_(summed, *rows)
-        flat.copy_(summed[:n])
+        codec.scatter_sum_(flat.zero_(), *summands, empty=n)
         if dense_slots:
             allgather.put_back_(flat, dense_slots, positions,
                                 beside if beside is not None else dense.to(flat.dtype))

@@ -96,16 +96,11 @@ def exchange(group: Group, plan: Plan, flat: Tensor, sent: allgather.Pairs,
 
     def unpack(_) -> Tensor:
         all_idx, all_val = codec.unpack(gathered, published, p)
-        all_idx = all_idx.reshape(-1).long()
-        summed = flat.new_zeros(n + 1)  # the last entry takes the empty slots
-        summed.index_add_(0, all_idx, all_val.reshape(-1).to(flat.dtype))
-        won = torch.zeros(n + 1, dtype=torch.bool, device=flat.device)
-        won[all_idx] = True
-        won[n] = False
+        all_idx = all_idx.reshape(1, -1).long()  # the owners' regions do not overlap
+        codec.scatter_sum_(flat.zero_(), all_idx, all_val.reshape(1, -1), empty=n)
         for s, (i, v), fit in zip(slots, sent, fits):
-            applied = fit & won[i + s.offset]
+            applied = fit & torch.isin(i + s.offset, all_idx)
             state.give_back(s.name, i, v, applied.logical_not())
-        flat.copy_(summed[:n])
         if dense_slots:
             allgather.put_back_(flat, dense_slots, positions, dense)
         return flat
