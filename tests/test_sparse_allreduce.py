@@ -7,7 +7,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import dgc
-from dgc.transport.sparse_allreduce import capacities
+from dgc.transport.sparse_allreduce import _owner_sums, capacities
 from tests.dgc_helpers import nothing_lost, one_tensor_dgc, resumed
 from tests.distributed import run_ranks
 from tests.test_dgc_distributed import MLP, _flat, _sgd, _train
@@ -129,3 +129,26 @@ def test_wire_bytes_per_rank_stay_within_6k_pairs_at_a_25m_entry_tensor(world_si
         assert pairs <= 6 * k * (world_size - 1) / world_size + 2 * world_size
         print(f"p={world_size}: {pairs:.0f} pairs per rank; allgather would send "
               f"{(world_size - 1) * k}")
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_an_owner_publishes_the_largest_sums_of_what_it_received(seed):
+    g = torch.Generator().manual_seed(seed)
+    p, c1, c2, n = 4, 12, 9, 300
+    bounds, mine = [0, 70, 160, 230, 300], seed % 4
+    lo, hi = bounds[mine], bounds[mine + 1]
+    local = torch.full((p, c1), n)  # n: an empty slot
+    for r in range(p):  # within a rank the positions are distinct
+        m = int(torch.randint(0, c1 + 1, (1,), generator=g))
+        local[r, :m] = lo + torch.randperm(hi - lo, generator=g)[:m]
+    val = torch.where(local == n, 0.0, torch.randn(p, c1, generator=g)).half()
+    sums = {}
+    for r in range(p):  # in rank order, in float32
+        for i, v in zip(local[r].tolist(), val[r].float().tolist()):
+            if i != n:
+                sums[i] = float(torch.tensor(sums.get(i, 0.0)) + torch.tensor(v))
+    want = sorted(sums, key=lambda i: (-abs(sums[i]), i))[:c2]
+    pub, value, rounding = _owner_sums(local, val, bounds, mine, c2, n)
+    assert pub.tolist() == want + [n] * (c2 - len(want))
+    exact = torch.tensor([sums[i] for i in want] + [0.0] * (c2 - len(want)))
+    assert torch.equal(value.float() + rounding, exact)  # nothing lost to the fp16 wire

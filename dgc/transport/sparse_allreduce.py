@@ -140,16 +140,20 @@ def _owner_sums(local: Tensor, val: Tensor, bounds: list[int], mine: int, c2: in
     empty), values in the value dtype, and each value's rounding."""
     lo = bounds[mine]
     width = bounds[mine + 1] - lo
-    rel = torch.where(local == n, width, local - lo)  # width collects the empty slots
-    scratch = torch.zeros(width + 1, dtype=torch.float32, device=val.device)
-    for row_idx, row_val in zip(rel, val):
-        scratch.index_add_(0, row_idx, row_val.float())
+    rel = torch.where(local == n, width, local - lo)  # width marks the empty slots
     flat_rel = rel.reshape(-1)
-    sums = scratch[flat_rel]
+    # each position's place: its first slot in sorted order (p * c1 places, not the region's
+    # width, so nothing here grows with the tensor)
+    place = torch.searchsorted(torch.sort(flat_rel).values, rel)
+    scratch = torch.zeros(flat_rel.numel(), dtype=torch.float32, device=val.device)
+    for row_place, row_val in zip(place, val):
+        scratch.index_add_(0, row_place, row_val.float())
+    flat_place = place.reshape(-1)
+    sums = scratch[flat_place]
     slot = torch.arange(flat_rel.numel(), device=val.device)
-    first = torch.full_like(scratch, flat_rel.numel(), dtype=torch.long)
-    first.scatter_reduce_(0, flat_rel, slot, reduce="amin")
-    real = (first[flat_rel] == slot) & (flat_rel != width)
+    first = torch.full_like(slot, flat_rel.numel())
+    first.scatter_reduce_(0, flat_place, slot, reduce="amin")
+    real = (first[flat_place] == slot) & (flat_rel != width)
     score = torch.where(real, sums.abs(), torch.full_like(sums, -1.0))
     order = torch.argsort(flat_rel, stable=True)
     order = order[torch.argsort(score[order], descending=True, stable=True)][:c2]
