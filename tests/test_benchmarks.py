@@ -90,6 +90,13 @@ def test_swapprobe_rejects_bad_input_in_one_line(args, starts):
     assert proc.stderr.startswith(starts), proc.stderr
 
 
+@pytest.mark.parametrize("exchange", ["sparse_allreduce", "gtopk"])
+def test_exchange_step_quick_times_an_exchange(exchange):
+    out = _quick("-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                 "benchmarks/exchange_step.py", "--quick", "--exchange", exchange)
+    assert f"{exchange}: median step " in out, out
+
+
 def test_swapprobe_fits_back_the_swap_constants_its_rounds_were_made_with(tmp_path):
     from benchmarks import swapprobe
     swaps = len(swapprobe.partners(0, 4))
