@@ -144,7 +144,8 @@ def _owner_sums(local: Tensor, val: Tensor, bounds: list[int], mine: int, c2: in
     flat_rel = rel.reshape(-1)
     # each position's place: its first slot in sorted order (p * c1 places, not the region's
     # width, so nothing here grows with the tensor)
-    place = torch.searchsorted(torch.sort(flat_rel).values, rel)
+    sorted_rel, order = torch.sort(flat_rel, stable=True)
+    place = torch.searchsorted(sorted_rel, rel)
     scratch = torch.zeros(flat_rel.numel(), dtype=torch.float32, device=val.device)
     for row_place, row_val in zip(place, val):
         scratch.index_add_(0, row_place, row_val.float())
@@ -155,7 +156,6 @@ def _owner_sums(local: Tensor, val: Tensor, bounds: list[int], mine: int, c2: in
     first.scatter_reduce_(0, flat_place, slot, reduce="amin")
     real = (first[flat_place] == slot) & (flat_rel != width)
     score = torch.where(real, sums.abs(), torch.full_like(sums, -1.0))
-    order = torch.argsort(flat_rel, stable=True)
     order = order[torch.argsort(score[order], descending=True, stable=True)][:c2]
     chosen = real[order]
     pub = torch.where(chosen, flat_rel[order] + lo, torch.full_like(order, n))

@@ -207,8 +207,7 @@ def _subgroup_time(items: Sequence[tuple[Kind, float]], group: GroupKind, cluste
     total = 0.0
     for kind, nbytes in items:
         if kind == "sendrecv":  # both ways at once, at the link's swap constants
-            fixed, overhead, slowdown = link.swap
-            total += overhead + fixed + nbytes * slowdown / bandwidth
+            total += _swap_time(link, nbytes, bandwidth)
             continue
         took = _group_time(kind, nbytes, size, link.latency, bandwidth)
         if kind == "allreduce" and algorithm in ("auto", "tree"):
@@ -216,6 +215,12 @@ def _subgroup_time(items: Sequence[tuple[Kind, float]], group: GroupKind, cluste
             took = tree if algorithm == "tree" else min(took, tree)
         total += link.overhead + took
     return total
+
+
+def _swap_time(link: Link, nbytes: float, bandwidth: float) -> float:
+    """One pairwise swap of ``nbytes`` each way on ``link`` without a bucket."""
+    fixed, overhead, slowdown = link.swap
+    return overhead + fixed + nbytes * slowdown / bandwidth
 
 
 def _bucket_time(items: Sequence[tuple[Kind, float]], size: int, link: Link, alpha: float,
@@ -292,8 +297,7 @@ def collective_time(kind: Kind, nbytes: float, cluster: Cluster, p: int,
     elif kind == "sendrecv":  # one swap, on the slowest hop
         link = cluster.intra if nodes == 1 else cluster.inter
         if link.swap_us:
-            fixed, overhead, slowdown = link.swap
-            return overhead + fixed + nbytes * slowdown / flat[1]
+            return _swap_time(link, nbytes, flat[1])
         swap = flat[0] + nbytes / flat[1]
         options = {"ring": swap, "tree": swap, "hierarchical": swap}
     else:
