@@ -4,16 +4,18 @@ own work costs beside the allgather's when the link is not the bottleneck.
     torchrun --standalone --nproc-per-node=2 benchmarks/exchange_step.py --exchange gtopk
     torchrun --standalone --nproc-per-node=2 benchmarks/exchange_step.py --quick   # CI
     torchrun ... benchmarks/exchange_step.py --exchange gtopk --repo /path/to/older/checkout
+    torchrun ... benchmarks/exchange_step.py --bucket-view   # the gradients as DDP bucket views
 
 Each rank runs the same batch of 64 through DDP with DGC attached (density 0.001, fp16
 values, int32 indices, no warm-up, no dense fallback); rank 0 prints the median of the
-timed steps (a barrier before each). ``--repo`` imports ``dgc`` from another checkout, to
-time two versions side by side with the same script.
+timed steps (a barrier before each) and its peak resident memory. ``--repo`` imports
+``dgc`` from another checkout, to time two versions side by side with the same script.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import sys
 import time
@@ -26,6 +28,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--quick", action="store_true", help="LeNet-300-100, 2 steps (CI)")
     p.add_argument("--repo", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    p.add_argument("--bucket-view", action="store_true",
+                   help="DDP(gradient_as_bucket_view=True), as launch.train builds it")
     args = p.parse_args()
     sys.path.insert(0, args.repo)
     import torch
@@ -41,7 +45,7 @@ def main() -> int:
     model = build_model(ModelConfig(name="lenet300" if args.quick else "wide_mlp"),
                         (1, 28, 28), 10)
     steps = 2 if args.quick else args.steps
-    ddp = DDP(model)
+    ddp = DDP(model, gradient_as_bucket_view=args.bucket_view)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     dgc.attach(ddp, opt, density=0.001, value_dtype="fp16", index_dtype="int32",
                warmup_epochs=0, exchange=args.exchange, dense_fallback=False)
@@ -56,8 +60,11 @@ def main() -> int:
         if step >= 3:
             times.append(time.perf_counter() - start)
     if dist.get_rank() == 0:
-        print(f"{args.exchange}: median step {statistics.median(times) * 1e3:.1f} ms over "
-              f"{steps} ({os.path.dirname(dgc.__file__)})")
+        grads = "bucket views" if args.bucket_view else "copied"
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        print(f"{args.exchange}, gradients {grads}: median step "
+              f"{statistics.median(times) * 1e3:.1f} ms over {steps}, peak RSS {peak:.0f} MiB "
+              f"({os.path.dirname(dgc.__file__)})")
     dist.destroy_process_group()
     return 0
 

@@ -56,6 +56,8 @@ class DGCStrategy(DDPStrategy):
     configure DGC; the rest go to ``DDPStrategy`` and ``DistributedDataParallel`` as usual
     (``find_unused_parameters``, ``bucket_cap_mb``, ``process_group_backend``, ...). A
     mistake in either is one ``ConfigError`` naming the key, raised here, before training.
+    ``gradient_as_bucket_view`` defaults to True, as in ``launch.train``: the gradients are
+    views into DDP's buckets, which the hook writes the update into, so none is copied.
 
     ``configure_optimizers`` must return one ``torch.optim.SGD`` (any LR scheduler): DGC
     takes its momentum and weight decay over, as ``dgc.attach`` explains. A warm-up in epochs
@@ -75,6 +77,7 @@ class DGCStrategy(DDPStrategy):
             if key not in _OTHER_ARGS:
                 raise ConfigError(key, "unknown to DGCStrategy: not a DGCOptions field nor an "
                                   "argument of DDPStrategy or DistributedDataParallel")
+        kwargs.setdefault("gradient_as_bucket_view", True)  # as launch.train: the same bits
         super().__init__(**kwargs)
         self.dgc_options = options
         self.dgc_state: DGCState | None = None

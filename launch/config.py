@@ -92,6 +92,11 @@ class DDPConfig:
     bucket_cap_mb: float = 25.0
     static_graph: bool = False
     find_unused_parameters: bool = False
+    # The gradients are views into DDP's buckets, which the hooks write the averaged update
+    # into: no copy of the gradient per step, and on CPU no fresh gradient tensors to
+    # allocate after zero_grad(set_to_none=True) (BENCHMARKS.md, "Gradients as bucket
+    # views").
+    gradient_as_bucket_view: bool = True
     # The baselines DGC is measured against: torch's own hooks, bytes counted like ours.
     # "allreduce" is DDP's averaging allreduce; a `dgc:` section replaces the hook.
     comm_hook: Literal["allreduce", "fp16", "bf16", "powersgd", "hierarchical"] = "allreduce"

@@ -374,7 +374,8 @@ def run(cfg: Config, env: distenv.DistEnv, resume_from: str | Path | None, devic
     else:
         ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                   bucket_cap_mb=cfg.ddp.bucket_cap_mb, static_graph=cfg.ddp.static_graph,
-                  find_unused_parameters=cfg.ddp.find_unused_parameters)
+                  find_unused_parameters=cfg.ddp.find_unused_parameters,
+                  gradient_as_bucket_view=cfg.ddp.gradient_as_bucket_view)
     optimizer = build_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(cfg, steps_per_epoch, schedule_steps))

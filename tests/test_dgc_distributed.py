@@ -112,6 +112,28 @@ def _equivalence_rank(rank, world_size, cases):
     return results
 
 
+def _bucket_view_rank(rank, world_size):
+    same = []
+    for micro in (1, 2):
+        params = []
+        for view in (False, True):
+            model = MLP(wide=True)
+            ddp = DDP(model, bucket_cap_mb=BUCKET_MB, gradient_as_bucket_view=view)
+            opt = _sgd(model, momentum=0.9, weight_decay=1e-2)
+            dgc.attach(ddp, opt, min_numel=MIN_NUMEL, density=0.01, dense_fallback=False)
+            _train(ddp, opt, 12, rank, micro=micro)
+            params.append(_flat(model))
+        same.append(torch.equal(*params))
+    return same
+
+
+def test_gradients_as_ddp_bucket_views_change_no_bit():
+    """launch.train builds DDP with gradient_as_bucket_view=True: the hook's update then is
+    the gradient itself, not a copy of it, and every parameter keeps the same bits."""
+    for rank, same in enumerate(run_ranks(_bucket_view_rank, 2)):
+        assert same == [True, True], (rank, same)
+
+
 def test_density_one_equals_ddp_sgd_with_momentum_masking_on_or_off():
     """At density 1.0 every tensor goes the dense way (momentum after averaging), so DGC is
     DDP + SGD with momentum, momentum masking or not (it used to zero the momentum of

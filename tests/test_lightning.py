@@ -32,7 +32,10 @@ def test_dgc_and_ddp_options_go_their_own_ways():
     strategy = DGCStrategy(density=0.01, value_dtype="fp16", find_unused_parameters=True,
                            process_group_backend="gloo")
     assert strategy.dgc_options == {"density": 0.01, "value_dtype": "fp16"}
-    assert strategy._ddp_kwargs == {"find_unused_parameters": True}
+    assert strategy._ddp_kwargs == {"find_unused_parameters": True,
+                                    "gradient_as_bucket_view": True}
+    assert DGCStrategy(gradient_as_bucket_view=False)._ddp_kwargs == {
+        "gradient_as_bucket_view": False}
 
 
 def test_resuming_needs_dgc_state_for_every_rank():
