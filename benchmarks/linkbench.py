@@ -4,6 +4,7 @@ limit, and the hardware cost model checked against the measured communication ti
     sudo python benchmarks/linkbench.py --write               # 100 Mbit/s and 1 Gbit/s, p = 2, 4
     sudo python benchmarks/linkbench.py --rates 100mbit --world-sizes 2 --models lenet300
     sudo python benchmarks/linkbench.py --calibrate --write   # fit the links' alpha and overhead
+    sudo python benchmarks/linkbench.py --calibrate-swaps --world-sizes 4 --replay 101  # gtopk
     python benchmarks/linkbench.py --quick                    # CI: a few steps, tiny model
 
 For each (model, rate, p) it builds a testbed (``benchmarks/netns.py``: one network
@@ -23,8 +24,10 @@ prints two tables.
 
 ``--calibrate`` measures no model: it times 1 KiB allreduces and allgathers, alone and back to
 back, and fits the two constants of the testbed's preset that are not the wire's, a latency
-per hop and an overhead per collective, by least squares. The rows of the link benchmark
-are not part of that fit, so they check the model out of sample.
+per hop and an overhead per collective, by least squares. ``--calibrate-swaps`` likewise
+times gtopk's rounds of swaps (1 KiB to 512 KiB) and fits a preset's two swap constants.
+The rows of the link benchmark are not part of either fit, so they check the model out of
+sample.
 
 Without root, or with ``--no-net``, the ranks talk over loopback without shaping.
 ``--write`` replaces the "Link benchmark" section of BENCHMARKS.md with the tables.
@@ -56,7 +59,9 @@ from benchmarks import netns  # noqa: E402
 from benchmarks.linkbench_worker import (CALIBRATION, DGC_OPTIONS,  # noqa: E402
                                          GTOPK_BESIDE_OPTIONS, GTOPK_OPTIONS,
                                          INTRA_CALIBRATION, MODELS, ONE_BUCKET_MB,
-                                         POWERSGD_START, PROBE, SCHEMES, parse_scheme)
+                                         POWERSGD_START, PROBE, SCHEMES, parse_scheme,
+                                         partners)
+from benchmarks.swapprobe import fit_rounds, rounds_time  # noqa: E402
 from dgc.options import DGCOptions  # noqa: E402
 from launch.costmodel import traffic as tr  # noqa: E402
 from launch.costmodel.collectives import (ring_hops, sequence_time,  # noqa: E402
@@ -496,6 +501,10 @@ def parse(argv) -> argparse.Namespace:
                    help="measure no model: on the two-node testbed (--ranks-per-node), time "
                         "the node groups' reduce-scatters and allgathers of 1 KiB to 64 MiB and "
                         "fit the intra-node link's bandwidth")
+    p.add_argument("--calibrate-swaps", action="store_true",
+                   help="measure no model: time gtopk's rounds (recursive doubling of two "
+                        "buckets, 1 KiB to 512 KiB a swap) in the benchmark's own workers and "
+                        "fit each rate's swap_us and swap_slowdown")
     p.add_argument("--quick", action="store_true",
                    help="tiny model, a few steps, p = 2: checks that the script runs")
     p.add_argument("--no-net", action="store_true",
@@ -528,6 +537,12 @@ def parse(argv) -> argparse.Namespace:
     if args.ranks_per_node < 1 or any(p % args.ranks_per_node for p in args.world_sizes):
         raise UsageError(f"--ranks-per-node {args.ranks_per_node} must divide every world "
                          f"size")
+    if args.calibrate_swaps and args.ranks_per_node != 1:
+        raise UsageError("--calibrate-swaps times one rank per namespace: drop "
+                         "--ranks-per-node")
+    if args.calibrate_swaps and any(p & (p - 1) for p in args.world_sizes):
+        raise UsageError(f"--calibrate-swaps: gtopk's rounds need powers of two, got "
+                         f"--world-sizes {','.join(map(str, args.world_sizes))}")
     args.rates = [r for r in args.rates.split(",") if r]
     for rate in args.rates:
         try:
@@ -552,6 +567,9 @@ def main(argv=None) -> int:
         return 2
     if args.from_json and args.calibrate:
         write_calibration(json.loads(args.from_json.read_text()), args.write)
+        return 0
+    if args.from_json and args.calibrate_swaps:
+        print("\n".join(swap_report(json.loads(args.from_json.read_text()))))
         return 0
     if args.from_json:
         runs = json.loads(args.from_json.read_text())
@@ -580,6 +598,8 @@ def main(argv=None) -> int:
         return calibrate(args, argv, started)
     if args.calibrate_intra:
         return calibrate_intra(args, argv, started)
+    if args.calibrate_swaps:
+        return calibrate_swaps(args, argv, started)
     runs = []
     for model in args.models.split(","):
         for rate in args.rates:
@@ -603,22 +623,31 @@ def main(argv=None) -> int:
 
 
 def calibrate(args, argv, started: datetime.datetime) -> int:
+    runs = _calibration_runs(args, argv, started, "--calibrate", "calibration",
+                             "Each shape timed")
+    write_calibration(runs, args.write)
+    return 0
+
+
+def _calibration_runs(args, argv, started: datetime.datetime, option: str, label: str,
+                      timed: str) -> list[dict]:
+    """The workers' ``option`` on every (rate, world size), each run labelled with how it
+    was measured, and written to ``--json``."""
     runs = []
     for rate in args.rates:
         for world_size in args.world_sizes:
-            print(f"[{time.strftime('%H:%M:%S')}] calibration, {rate or 'loopback'}, "
+            print(f"[{time.strftime('%H:%M:%S')}] {label}, {rate or 'loopback'}, "
                   f"p={world_size}", flush=True)
-            run = run_on(rate, world_size, ["--calibrate", str(args.replay)], args)
+            run = run_on(rate, world_size, [option, str(args.replay)], args)
             runs.append(dict(run, rate=rate, ranks_per_node=args.ranks_per_node))
-    header = (f"{ran(argv if argv is not None else sys.argv[1:], started)} Each shape timed "
+    header = (f"{ran(argv if argv is not None else sys.argv[1:], started)} {timed} "
               f"{args.replay} times in turn with the others, after an idle spell and a barrier, "
               f"as the replays of the link benchmark are.")
     for run in runs:
         run["measured_by"] = header
     if args.json:
         args.json.write_text(json.dumps(runs))
-    write_calibration(runs, args.write)
-    return 0
+    return runs
 
 
 # The large-message regime of the intra-node fit: the wide MLP's buckets inside a node.
@@ -675,6 +704,55 @@ def calibrate_intra(args, argv, started: datetime.datetime) -> int:
                      f"{_error(r['fitted'], r['measured'])} |")
     print("\n".join(lines))
     return 0
+
+
+def calibrate_swaps(args, argv, started: datetime.datetime) -> int:
+    """Time gtopk's rounds on each testbed in the link benchmark's own workers, as its
+    replays are timed, and fit each rate's swap constants (``swapprobe.fit_rounds``)."""
+    runs = _calibration_runs(args, argv, started, "--calibrate-swaps", "swap calibration",
+                             "Each size's rounds timed")
+    print("\n".join(swap_report(runs)))
+    return 0
+
+
+def swap_rows(runs: list[dict]) -> list[dict]:
+    """Per (rate, p, size) of ``--calibrate-swaps`` runs: how many swaps the two buckets'
+    rounds make, the bytes of each, and the rounds' measured mean, median and count."""
+    rows = []
+    for run in runs:
+        p = run["world_size"]
+        for shape, times in run["calibration"].items():
+            rows.append({"rate": run["rate"], "p": p, "bytes": int(shape.split()[-1]),
+                         "swaps": len(partners(0, p)), "mean": statistics.fmean(times),
+                         "median": statistics.median(times), "count": len(times)})
+    return rows
+
+
+def swap_report(runs: list[dict]) -> list[str]:
+    """Each rate's fitted swap constants, and every size's rounds against the model with
+    them and with the constants its preset has now."""
+    lines, every = [], swap_rows(runs)
+    for rate in dict.fromkeys(run["rate"] for run in runs):
+        link = preset_of(rate, 1).inter
+        rows = [r for r in every if r["rate"] == rate]
+        fixed, slowdown = fit_rounds(link, [(r["bytes"], r["swaps"], r["mean"]) for r in rows])
+        alpha, overhead, slower = link.swap  # what the model prices a swap by today
+        lines += [f"**{rate or 'loopback'}: swap_us {fixed * 1e6:.0f}, swap_slowdown "
+                  f"{slowdown:.2f}** (the preset `{PRESETS[rate]}` now: swap_us "
+                  f"{link.swap_us:.0f}, swap_slowdown {link.swap_slowdown:.2f})", "",
+                  "| p | bytes a swap | swaps | measured (ms, mean) | median | fitted (ms) "
+                  "| error | with the preset's constants (ms) | error |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            fitted = rounds_time(link, r["bytes"], r["swaps"], fixed, slowdown)
+            preset = token_bucket_time([(1, r["bytes"])] * r["swaps"], alpha, link.bandwidth,
+                                       link.burst, overhead, slower)
+            lines.append(f"| {r['p']} | {r['bytes']} | {r['swaps']} | {_ms(r['mean'])} "
+                         f"({r['count']}) | {_ms(r['median'])} | {_ms(fitted)} | "
+                         f"{_error(fitted, r['mean'])} | {_ms(preset)} | "
+                         f"{_error(preset, r['mean'])} |")
+        lines.append("")
+    return lines
 
 
 def write_calibration(runs: list[dict], write: bool) -> None:

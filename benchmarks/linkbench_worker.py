@@ -14,7 +14,8 @@ allreduce and a 1 KiB allgather (all latency: they fit in the shaper's burst and
 of Gloo's rings carries data), timed the same way just before it, so that the alpha of the
 cost model is measured under the same load as the row it predicts. Rank 0 writes
 everything as JSON to ``--out``. With ``--calibrate ROUNDS`` it times only the small
-collectives of ``CALIBRATION``, for ``linkbench.py --calibrate``.
+collectives of ``CALIBRATION``, for ``linkbench.py --calibrate`` (``--calibrate-intra`` and
+``--calibrate-swaps`` likewise, for the options of the same names).
 """
 # No ``from __future__ import annotations``: DDP checks local_hook's annotations.
 import argparse
@@ -84,6 +85,24 @@ INTRA_CALIBRATION = {f"{kind} {kib} KiB": [(kind, kib * 256, "torch.float32", "i
 # Idle time before each replay so that the shaper's bucket is full, as after a backward
 # pass: at least burst / rate (1.25 ms on the testbed, benchmarks/netns.py).
 IDLE_S = 0.005
+# gtopk's rounds (``linkbench.py --calibrate-swaps``, ``swapprobe.py``): the recursive
+# doubling of this many buckets, one after another, of each of these message sizes.
+SWAP_BYTES = (1024, 65536, 131072, 262144, 524288)
+SWAP_BUCKETS = 2
+
+
+def partners(rank: int, world_size: int) -> list[int]:
+    """The peers of ``rank`` in gtopk's recursive doubling, round by round, for
+    ``SWAP_BUCKETS`` buckets one after another."""
+    rounds = world_size.bit_length() - 1
+    return [rank ^ (1 << i) for i in range(rounds)] * SWAP_BUCKETS
+
+
+def swap_calibration(rank: int, world_size: int) -> dict[str, list[tuple]]:
+    """"rounds N": gtopk's swaps of N bytes as this rank's collectives, one shape per size of
+    ``SWAP_BYTES``, recorded as the link benchmark records gtopk's (``sendrecv`` to a peer)."""
+    return {f"rounds {n}": [("sendrecv", n, "torch.uint8", "world", peer)
+                            for peer in partners(rank, world_size)] for n in SWAP_BYTES}
 
 
 class _LocalOnly:
@@ -369,6 +388,8 @@ def main(argv=None) -> int:
                    help="time the small collectives of CALIBRATION, no model")
     p.add_argument("--calibrate-intra", type=int, metavar="ROUNDS",
                    help="time the node groups' collectives of INTRA_CALIBRATION, no model")
+    p.add_argument("--calibrate-swaps", type=int, metavar="ROUNDS",
+                   help="time gtopk's rounds of swap_calibration, no model")
     p.add_argument("--schemes", default=",".join(SCHEMES))
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=2)
@@ -379,8 +400,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
-    if args.model is None and not (args.calibrate or args.calibrate_intra):
-        p.error("--model is required unless --calibrate or --calibrate-intra")
+    if args.model is None and not (args.calibrate or args.calibrate_intra
+                                   or args.calibrate_swaps):
+        p.error("--model is required unless --calibrate, --calibrate-intra or "
+                "--calibrate-swaps")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=1800))
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -389,6 +412,9 @@ def main(argv=None) -> int:
     elif args.calibrate_intra:
         out = {"world_size": world,
                "calibration": calibrate(args.calibrate_intra, INTRA_CALIBRATION)}
+    elif args.calibrate_swaps:
+        out = {"world_size": world,
+               "calibration": calibrate(args.calibrate_swaps, swap_calibration(rank, world))}
     else:
         results = []
         for scheme in args.schemes.split(","):

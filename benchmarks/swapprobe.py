@@ -20,7 +20,10 @@ other, and fits per rate the two constants a link preset gives its swaps
 (``configs/hardware/links.yaml``): ``swap_us``, the fixed cost of a swap, and
 ``swap_slowdown``, the factor on the time of its bytes past the shaper's bucket, by least
 squares on the relative error of the rounds' mean times. The link benchmark's rows are not
-part of the fit. Needs root (``--from-json`` does not).
+part of the fit. Needs root (``--from-json`` does not). The presets' constants now come
+from ``linkbench.py --calibrate-swaps``, which times the same rounds in the link
+benchmark's own workers, where they ran faster than in this probe's processes
+(BENCHMARKS.md, "Swaps timed in the link benchmark's own workers").
 """
 from __future__ import annotations
 
@@ -38,19 +41,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks import netns  # noqa: E402
-from benchmarks.linkbench_worker import IDLE_S  # noqa: E402
+from benchmarks.linkbench_worker import (IDLE_S, SWAP_BUCKETS as BUCKETS,  # noqa: E402
+                                         SWAP_BYTES as SIZES, partners)
 from launch.cli import OneLineParser  # noqa: E402
 
 PORT = 29533
-SIZES = (1024, 65536, 131072, 262144, 524288)
-BUCKETS = 2  # "rounds": the rounds of this many buckets, one after another
 PRESETS = {"100mbit": "netns-100mbit", "1gbit": "netns-1gbit"}
-
-
-def partners(rank: int, world_size: int) -> list[int]:
-    """The peers of ``rank`` in gtopk's recursive doubling, round by round, for ``BUCKETS``
-    buckets one after another."""
-    return [rank ^ d for d in (1 << i for i in range(world_size.bit_length() - 1))] * BUCKETS
 
 
 def worker(rank: int, world_size: int, master: str, sizes: list[int], repeats: int) -> None:
@@ -115,27 +111,38 @@ def _link(rate: str):
     return load_cluster(PRESETS[rate]).inter
 
 
-def model_time(rate: str, nbytes: int, swaps: int, fixed: float, slowdown: float) -> float:
+def rounds_time(link, nbytes: int, swaps: int, fixed: float, slowdown: float) -> float:
     """The cost model's seconds for ``swaps`` swaps of ``nbytes`` back to back after an idle
-    spell, on the preset of ``rate`` with these swap constants."""
+    spell, on ``link`` (a ``Link``) with these swap constants."""
     from launch.costmodel.collectives import token_bucket_time
-    link = _link(rate)
     return token_bucket_time([(1, nbytes)] * swaps, fixed, link.bandwidth, link.burst, 0.0,
                              slowdown)
 
 
-def fit(times: dict, rate: str, swaps: int) -> tuple[float, float]:
-    """(swap_us in seconds, swap_slowdown) of one rate's ``times``: least squares on the
-    relative error of every size's rounds (see the module doc)."""
-    rows = [(int(key.split()[-1]), statistics.fmean(values)) for key, values in times.items()
-            if key.startswith("rounds ")]
+def model_time(rate: str, nbytes: int, swaps: int, fixed: float, slowdown: float) -> float:
+    """``rounds_time`` on the preset of ``rate``."""
+    return rounds_time(_link(rate), nbytes, swaps, fixed, slowdown)
+
+
+def fit_rounds(link, rows: list[tuple[int, int, float]]) -> tuple[float, float]:
+    """(swap_us in seconds, swap_slowdown) for ``link`` from ``rows`` of (bytes per swap,
+    swaps, mean seconds of the rounds): least squares on the relative error, on a grid of
+    50 us to 3 ms and 1 to 3."""
 
     def loss(fixed: float, slowdown: float) -> float:
-        return sum((model_time(rate, n, swaps, fixed, slowdown) / measured - 1) ** 2
-                   for n, measured in rows)
+        return sum((rounds_time(link, n, swaps, fixed, slowdown) / measured - 1) ** 2
+                   for n, swaps, measured in rows)
 
     grid = [(us * 1e-6, 1 + i / 50) for us in range(50, 3001, 25) for i in range(101)]
     return min(grid, key=lambda point: loss(*point))
+
+
+def fit(times: dict, rate: str, swaps: int) -> tuple[float, float]:
+    """(swap_us in seconds, swap_slowdown) of one rate's ``times``: ``fit_rounds`` on the
+    mean of every size's rounds (see the module doc)."""
+    return fit_rounds(_link(rate), [(int(key.split()[-1]), swaps, statistics.fmean(values))
+                                    for key, values in times.items()
+                                    if key.startswith("rounds ")])
 
 
 def report(run: dict) -> list[str]:

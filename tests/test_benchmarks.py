@@ -90,11 +90,13 @@ def test_swapprobe_rejects_bad_input_in_one_line(args, starts):
     assert proc.stderr.startswith(starts), proc.stderr
 
 
-@pytest.mark.parametrize("exchange", ["sparse_allreduce", "gtopk"])
-def test_exchange_step_quick_times_an_exchange(exchange):
+@pytest.mark.parametrize("exchange, view", [("sparse_allreduce", False), ("gtopk", True)])
+def test_exchange_step_quick_times_an_exchange(exchange, view):
     out = _quick("-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                 "benchmarks/exchange_step.py", "--quick", "--exchange", exchange)
-    assert f"{exchange}: median step " in out, out
+                 "benchmarks/exchange_step.py", "--quick", "--exchange", exchange,
+                 *(["--bucket-view"] if view else []))
+    grads = "bucket views" if view else "copied"
+    assert f"{exchange}, gradients {grads}: median step " in out, out
 
 
 def test_swapprobe_fits_back_the_swap_constants_its_rounds_were_made_with(tmp_path):
@@ -151,6 +153,32 @@ def test_linkbench_calibration_quick_fits_overhead_and_latency_on_loopback():
     assert "Fit over all rows: **overhead " in out, out
     shapes = [line.split(" | ")[2] for line in out.splitlines() if line.startswith("| loopback")]
     assert shapes == ["allreduce", "allgather", "allreduce + allgather", "3 allreduces"], out
+
+
+def test_linkbench_swap_calibration_quick_times_gtopks_rounds_and_fits_them(tmp_path):
+    """``--calibrate-swaps`` times every size's rounds in the benchmark's own workers and
+    renders the same report again from its JSON."""
+    out = _quick("benchmarks/linkbench.py", "--calibrate-swaps", "--quick", "--no-net",
+                 "--json", str(tmp_path / "swaps.json"))
+    assert "**loopback: swap_us " in out, out
+    sizes = [line.split(" | ")[1] for line in out.splitlines() if line.startswith("| 2 |")]
+    assert sizes == ["1024", "65536", "131072", "262144", "524288"], out
+    again = subprocess.run([sys.executable, "benchmarks/linkbench.py", "--calibrate-swaps",
+                            "--from-json", str(tmp_path / "swaps.json")], cwd=REPO,
+                           env=launch_env(), capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == out[out.index("**loopback"):].strip()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ranks-per-node", "2"], "one rank per namespace"),
+    (["--world-sizes", "3"], "need powers of two")])
+def test_linkbench_swap_calibration_rejects_what_it_cannot_time(args, message):
+    proc = subprocess.run([sys.executable, "benchmarks/linkbench.py", "--calibrate-swaps",
+                           *args], cwd=REPO, env=launch_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 def test_the_calibration_fit_recovers_the_overhead_and_latency_it_was_made_with():

@@ -98,9 +98,10 @@ def exchange(group: Group, plan: Plan, flat: Tensor, sent: allgather.Pairs,
         all_idx, all_val = codec.unpack(gathered, published, p)
         all_idx = all_idx.reshape(1, -1).long()  # the owners' regions do not overlap
         codec.scatter_sum_(flat.zero_(), all_idx, all_val.reshape(1, -1), empty=n)
-        for s, (i, v), fit in zip(slots, sent, fits):
-            applied = fit & torch.isin(i + s.offset, all_idx)
-            state.give_back(s.name, i, v, applied.logical_not())
+        mine = torch.cat([i + s.offset for s, (i, _) in zip(slots, sent)])
+        published_mine = torch.isin(mine, all_idx).split([i.numel() for i, _ in sent])
+        for s, (i, v), fit, won in zip(slots, sent, fits, published_mine):
+            state.give_back(s.name, i, v, (fit & won).logical_not())
         if dense_slots:
             allgather.put_back_(flat, dense_slots, positions, dense)
         return flat
@@ -152,9 +153,8 @@ def _owner_sums(local: Tensor, val: Tensor, bounds: list[int], mine: int, c2: in
     flat_place = place.reshape(-1)
     sums = scratch[flat_place]
     slot = torch.arange(flat_rel.numel(), device=val.device)
-    first = torch.full_like(slot, flat_rel.numel())
-    first.scatter_reduce_(0, flat_place, slot, reduce="amin")
-    real = (first[flat_place] == slot) & (flat_rel != width)
+    # the stable sort keeps equal positions in slot order: a place's first slot is order[place]
+    real = (order[flat_place] == slot) & (flat_rel != width)
     score = torch.where(real, sums.abs(), torch.full_like(sums, -1.0))
     order = order[torch.argsort(score[order], descending=True, stable=True)][:c2]
     chosen = real[order]

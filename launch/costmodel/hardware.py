@@ -43,10 +43,10 @@ class Link:
     """Microseconds a pairwise swap of a small message costs, start to finish (both ranks
     send at once, as gtopk's rounds do). 0: a swap costs what one hop of a collective does,
     ``overhead_us`` plus ``latency_us``. Fitted on the emulated links by
-    ``benchmarks/swapprobe.py --calibrate``."""
+    ``benchmarks/linkbench.py --calibrate-swaps``."""
     swap_slowdown: float = 1.0
     """How many times longer a swap's bytes past the bucket take than their time at the
-    rate: 1 on a full-duplex wire, 1.4 to 1.9 on the emulated links (where both directions
+    rate: 1 on a full-duplex wire, 1.6 and 2.0 on the emulated links (where both directions
     share each rank's shaper with its acknowledgements). Fitted with ``swap_us``, used
     only with it."""
 
