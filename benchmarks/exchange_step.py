@@ -5,11 +5,14 @@ own work costs beside the allgather's when the link is not the bottleneck.
     torchrun --standalone --nproc-per-node=2 benchmarks/exchange_step.py --quick   # CI
     torchrun ... benchmarks/exchange_step.py --exchange gtopk --repo /path/to/older/checkout
     torchrun ... benchmarks/exchange_step.py --bucket-view   # the gradients as DDP bucket views
+    torchrun --standalone --nproc-per-node=4 benchmarks/exchange_step.py --intra-node sparse
 
 Each rank runs the same batch of 64 through DDP with DGC attached (density 0.001, fp16
 values, int32 indices, no warm-up, no dense fallback); rank 0 prints the median of the
 timed steps (a barrier before each) and its peak resident memory. ``--repo`` imports
 ``dgc`` from another checkout, to time two versions side by side with the same script.
+``--intra-node dense|sparse`` runs the hierarchical topology with two ranks per node (the
+nodes are only names here: every rank is on loopback).
 """
 from __future__ import annotations
 
@@ -30,6 +33,8 @@ def main() -> int:
     p.add_argument("--repo", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     p.add_argument("--bucket-view", action="store_true",
                    help="DDP(gradient_as_bucket_view=True), as launch.train builds it")
+    p.add_argument("--intra-node", choices=("dense", "sparse"),
+                   help="the hierarchical topology, 2 ranks per node, with this intra-node stage")
     args = p.parse_args()
     sys.path.insert(0, args.repo)
     import torch
@@ -47,8 +52,10 @@ def main() -> int:
     steps = 2 if args.quick else args.steps
     ddp = DDP(model, gradient_as_bucket_view=args.bucket_view)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    topology = {} if args.intra_node is None else dict(
+        topology="hierarchical", ranks_per_node=2, intra_node=args.intra_node)
     dgc.attach(ddp, opt, density=0.001, value_dtype="fp16", index_dtype="int32",
-               warmup_epochs=0, exchange=args.exchange, dense_fallback=False)
+               warmup_epochs=0, exchange=args.exchange, dense_fallback=False, **topology)
     x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
     times = []
     for step in range(steps + 3):  # three untimed: DDP rebuilds its buckets
@@ -62,7 +69,8 @@ def main() -> int:
     if dist.get_rank() == 0:
         grads = "bucket views" if args.bucket_view else "copied"
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-        print(f"{args.exchange}, gradients {grads}: median step "
+        where = "" if args.intra_node is None else f", hierarchical ({args.intra_node} in a node)"
+        print(f"{args.exchange}{where}, gradients {grads}: median step "
               f"{statistics.median(times) * 1e3:.1f} ms over {steps}, peak RSS {peak:.0f} MiB "
               f"({os.path.dirname(dgc.__file__)})")
     dist.destroy_process_group()

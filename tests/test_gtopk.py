@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import dgc
-from dgc.transport.gtopk import merge
+from dgc.transport.gtopk import merge, merge_rows, merge_rows_held
 from sparse_comm.schema import ConfigError
 from tests.dgc_helpers import one_tensor_dgc
 from tests.distributed import run_ranks
@@ -54,6 +54,27 @@ def test_merge_is_the_same_bits_from_either_side_in_fp16_sums():
     one = merge(a_idx, a_val, b_idx, b_val, 50, 1000)
     two = merge(a_idx.clone(), a_val.clone(), b_idx.clone(), b_val.clone(), 50, 1000)
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+
+
+@pytest.mark.parametrize("rows,k", [(2, 50), (3, 50), (2, 7), (4, 120)])
+def test_merge_rows_held_keeps_merge_rows_sums_in_index_order_and_says_who_is_held(rows, k):
+    g = torch.Generator().manual_seed(rows * 1000 + k)
+    n = 400
+    idx = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(rows)])
+    idx[1, :5] = n  # a few empty slots
+    # coarse values: equal magnitudes tie at the k-th place, which goes to the lower index
+    val = torch.randint(-4, 5, (rows, k), generator=g).half()
+    val[1, :5] = 0
+    ref_idx, ref_val = merge_rows(idx, val, k, n)
+    new_idx, new_val, held = merge_rows_held(idx, val, k, n)
+    live = ref_idx != n
+    order = torch.argsort(ref_idx[live])
+    count = int(live.sum())
+    assert torch.equal(new_idx[:count], ref_idx[live][order])  # ascending, same choice
+    assert torch.equal(new_val[:count], ref_val[live][order])  # the same bits
+    assert (new_idx[count:] == n).all() and (new_val[count:] == 0).all()
+    expected = torch.isin(idx, ref_idx[live])
+    assert torch.equal(held, expected)
 
 
 @pytest.mark.parametrize("world_size,latency_us", [(2, 0.0), (4, 0.0), (4, LATENCY),

@@ -74,6 +74,43 @@ def merge(idx_lo: Tensor, val_lo: Tensor, idx_hi: Tensor, val_hi: Tensor, k: int
 def merge_rows(idx: Tensor, val: Tensor, k: int, empty: int) -> tuple[Tensor, Tensor]:
     """``merge`` of the sets in the rows of ``idx`` and ``val`` (``[sets, count]``, indices
     distinct within a row): an index in several rows is summed in row order, in float32."""
+    sidx, sums, live, _, _ = _summed(idx, val, empty)
+    score = torch.where(live, sums.abs(), torch.full_like(sums, -1.0))
+    keep = torch.argsort(score, descending=True, stable=True)[:k]  # idx is sorted: ties by index
+    kept = live[keep]
+    return (torch.where(kept, sidx[keep], torch.full_like(sidx[keep], empty)),
+            torch.where(kept, sums[keep], torch.zeros_like(sums[keep])))
+
+
+def merge_rows_held(idx: Tensor, val: Tensor, k: int, empty: int
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    """The same k sums as ``merge_rows`` (the same choice, the same bits), in ascending index
+    order and then the empty slots, and for every entry of the rows whether its index is
+    among them (``[sets, count]``, False for empty slots). No sort by magnitude: the k-th
+    largest magnitude is found by selection, and ties at it go to the lower index."""
+    sidx, sums, live, order, first = _summed(idx, val, empty)
+    score = torch.where(live, sums.abs(), torch.full_like(sums, -1.0))
+    chosen = _k_largest(score, k) & live
+    count = chosen.numel()
+    if chosen.is_cuda:
+        at = torch.nonzero_static(chosen, size=k, fill_value=count).view(-1)
+    else:  # a sync costs nothing on the host; nonzero_static is the slower kernel there
+        at = chosen.nonzero().view(-1)
+        at = torch.cat([at, at.new_full((k - at.numel(),), count)])
+    merged_idx = torch.cat([sidx, sidx.new_full((1,), empty)])[at]
+    merged_val = torch.cat([sums, sums.new_zeros(1)])[at]
+    # an entry is held where the first entry of its index's run was chosen
+    head = torch.where(first, torch.arange(count, device=sidx.device), 0).cummax(0).values
+    held = torch.empty_like(chosen)
+    held[order] = chosen[head]
+    return merged_idx, merged_val, held.view(idx.shape)
+
+
+def _summed(idx: Tensor, val: Tensor, empty: int
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The rows' entries sorted by index (stable, so an index's run is in row order); each
+    run's sum in its first entry; which entries are live run heads (not empty); the sort's
+    order; which entries head a run."""
     rows = idx.shape[0]
     idx, val = idx.reshape(-1), val.reshape(-1).float()
     order = torch.argsort(idx, stable=True)
@@ -89,12 +126,18 @@ def merge_rows(idx: Tensor, val: Tensor, k: int, empty: int) -> tuple[Tensor, Te
         shifted = torch.zeros_like(val)
         shifted[:-d] = val[d:]
         sums = sums + torch.where(same, shifted, torch.zeros_like(val))
-    live = first & (idx != empty)
-    score = torch.where(live, sums.abs(), torch.full_like(sums, -1.0))
-    keep = torch.argsort(score, descending=True, stable=True)[:k]  # idx is sorted: ties by index
-    kept = live[keep]
-    return (torch.where(kept, idx[keep], torch.full_like(idx[keep], empty)),
-            torch.where(kept, sums[keep], torch.zeros_like(sums[keep])))
+    return idx, sums, first & (idx != empty), order, first
+
+
+def _k_largest(score: Tensor, k: int) -> Tensor:
+    """Where the k largest entries of ``score`` are, ties to the lower position: what the
+    first k of a stable descending sort hold, found by selection (no host sync)."""
+    if k >= score.numel():
+        return torch.ones_like(score, dtype=torch.bool)
+    kth = torch.kthvalue(score, score.numel() - k + 1).values
+    above = score > kth
+    ties = score == kth
+    return above | (ties & (torch.cumsum(ties, 0) <= k - above.sum()))
 
 
 def exchange(group: Group, plan: Plan, flat: Tensor, sent: allgather.Pairs,
@@ -207,6 +250,21 @@ def merge_slots(idx: Tensor, val: Tensor, ks: list[int], empty: int) -> tuple[Te
         new_val.append(v)
         column += k
     return torch.cat(new_idx), torch.cat(new_val)
+
+
+def merge_slots_held(idx: Tensor, val: Tensor, ks: list[int], empty: int
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+    """``merge_rows_held`` slot by slot, laid out as ``merge_slots``; the third result says,
+    for every entry of ``idx``, whether its slot's merged set holds its index."""
+    new_idx, new_val, held, column = [], [], [], 0
+    for k in ks:
+        i, v, h = merge_rows_held(idx[:, column:column + k], val[:, column:column + k], k,
+                                  empty)
+        new_idx.append(i)
+        new_val.append(v)
+        held.append(h)
+        column += k
+    return torch.cat(new_idx), torch.cat(new_val), torch.cat(held, dim=1)
 
 
 def give_back_lost(state, slots, sent, kept: Tensor) -> None:
