@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import dgc
-from dgc.transport.gtopk import merge, merge_rows, merge_rows_held
+from dgc.transport.gtopk import merge, merge_rows
 from sparse_comm.schema import ConfigError
 from tests.dgc_helpers import one_tensor_dgc
 from tests.distributed import run_ranks
@@ -56,25 +56,46 @@ def test_merge_is_the_same_bits_from_either_side_in_fp16_sums():
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
 
 
-@pytest.mark.parametrize("rows,k", [(2, 50), (3, 50), (2, 7), (4, 120)])
-def test_merge_rows_held_keeps_merge_rows_sums_in_index_order_and_says_who_is_held(rows, k):
+def _merge_by_sorting(idx, val, k, empty):
+    """The merge written plainly: sum each index's values in row order, sort every sum by
+    magnitude (stable, so ties go to the lower index), keep the first k."""
+    flat_idx, flat_val = idx.reshape(-1), val.reshape(-1).float()
+    sums: dict[int, torch.Tensor] = {}
+    for i, v in zip(flat_idx.tolist(), flat_val):
+        if i != empty:
+            sums[i] = sums[i] + v if i in sums else v.clone()
+    keys = sorted(sums)
+    order = sorted(range(len(keys)), key=lambda j: -float(sums[keys[j]].abs()))[:k]
+    chosen = [keys[j] for j in order]
+    values = [sums[i] for i in chosen]
+    pad = k - len(chosen)
+    return (torch.tensor(chosen + [empty] * pad),
+            torch.stack(values + [torch.tensor(0.0)] * pad) if k else torch.zeros(0))
+
+
+@pytest.mark.parametrize("rows,k", [(2, 50), (3, 50), (2, 7), (4, 120), (2, 200)])
+def test_merge_rows_selects_what_a_full_sort_keeps_and_places_every_entry(rows, k):
     g = torch.Generator().manual_seed(rows * 1000 + k)
     n = 400
     idx = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(rows)])
     idx[1, :5] = n  # a few empty slots
-    # coarse values: equal magnitudes tie at the k-th place, which goes to the lower index
+    # coarse values: equal magnitudes tie at the k-th place, where the lower index wins
     val = torch.randint(-4, 5, (rows, k), generator=g).half()
     val[1, :5] = 0
-    ref_idx, ref_val = merge_rows(idx, val, k, n)
-    new_idx, new_val, held = merge_rows_held(idx, val, k, n)
+    ref_idx, ref_val = _merge_by_sorting(idx, val, k, n)
+    got_idx, got_val, place = merge_rows(idx, val, k, n)
+    assert torch.equal(got_idx, ref_idx) and torch.equal(got_val, ref_val)  # the same bits
+    by_index, by_index_val, index_place = merge_rows(idx, val, k, n, by_magnitude=False)
     live = ref_idx != n
-    order = torch.argsort(ref_idx[live])
     count = int(live.sum())
-    assert torch.equal(new_idx[:count], ref_idx[live][order])  # ascending, same choice
-    assert torch.equal(new_val[:count], ref_val[live][order])  # the same bits
-    assert (new_idx[count:] == n).all() and (new_val[count:] == 0).all()
-    expected = torch.isin(idx, ref_idx[live])
-    assert torch.equal(held, expected)
+    order = torch.argsort(ref_idx[live])
+    assert torch.equal(by_index[:count], ref_idx[live][order])
+    assert torch.equal(by_index_val[:count], ref_val[live][order])
+    assert (by_index[count:] == n).all() and (by_index_val[count:] == 0).all()
+    for merged, at in ((got_idx, place), (by_index, index_place)):
+        held = at >= 0
+        assert torch.equal(held, torch.isin(idx, ref_idx[live]))  # who is in the result
+        assert torch.equal(merged[at[held]], idx[held])  # and where
 
 
 @pytest.mark.parametrize("world_size,latency_us", [(2, 0.0), (4, 0.0), (4, LATENCY),

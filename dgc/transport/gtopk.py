@@ -68,26 +68,22 @@ def merge(idx_lo: Tensor, val_lo: Tensor, idx_hi: Tensor, val_hi: Tensor, k: int
     """The k largest sums of two sets of distinct indices (``empty`` marks an empty slot):
     an index in both is summed, the lower rank's value first; ties go to the lower index;
     slots beyond the live sums are empty. The same inputs give the same bits anywhere."""
-    return merge_rows(torch.stack([idx_lo, idx_hi]), torch.stack([val_lo, val_hi]), k, empty)
+    idx, val, _ = merge_rows(torch.stack([idx_lo, idx_hi]), torch.stack([val_lo, val_hi]), k,
+                             empty)
+    return idx, val
 
 
-def merge_rows(idx: Tensor, val: Tensor, k: int, empty: int) -> tuple[Tensor, Tensor]:
+def merge_rows(idx: Tensor, val: Tensor, k: int, empty: int, by_magnitude: bool = True
+               ) -> tuple[Tensor, Tensor, Tensor]:
     """``merge`` of the sets in the rows of ``idx`` and ``val`` (``[sets, count]``, indices
-    distinct within a row): an index in several rows is summed in row order, in float32."""
-    sidx, sums, live, _, _ = _summed(idx, val, empty)
-    score = torch.where(live, sums.abs(), torch.full_like(sums, -1.0))
-    keep = torch.argsort(score, descending=True, stable=True)[:k]  # idx is sorted: ties by index
-    kept = live[keep]
-    return (torch.where(kept, sidx[keep], torch.full_like(sidx[keep], empty)),
-            torch.where(kept, sums[keep], torch.zeros_like(sums[keep])))
+    distinct within a row): an index in several rows is summed in row order, in float32.
+    The k sums come by descending magnitude (ties by index), or, with ``by_magnitude``
+    False, by ascending index; either way the empty slots last. The third result gives, for
+    every entry of the rows, the place of its index among the k, or -1 where it is not
+    there (an empty slot is never there).
 
-
-def merge_rows_held(idx: Tensor, val: Tensor, k: int, empty: int
-                    ) -> tuple[Tensor, Tensor, Tensor]:
-    """The same k sums as ``merge_rows`` (the same choice, the same bits), in ascending index
-    order and then the empty slots, and for every entry of the rows whether its index is
-    among them (``[sets, count]``, False for empty slots). No sort by magnitude: the k-th
-    largest magnitude is found by selection, and ties at it go to the lower index."""
+    The k are found by selection (the k-th largest magnitude, ties at it to the lower
+    index), not by a sort of all the sums; only the k are sorted, and only by magnitude."""
     sidx, sums, live, order, first = _summed(idx, val, empty)
     score = torch.where(live, sums.abs(), torch.full_like(sums, -1.0))
     chosen = _k_largest(score, k) & live
@@ -97,13 +93,20 @@ def merge_rows_held(idx: Tensor, val: Tensor, k: int, empty: int
     else:  # a sync costs nothing on the host; nonzero_static is the slower kernel there
         at = chosen.nonzero().view(-1)
         at = torch.cat([at, at.new_full((k - at.numel(),), count)])
+    # the chosen, in index order, are places 0.. of ``at``; an entry's run starts at ``head``
+    rank = torch.cumsum(chosen, 0) - 1
+    if by_magnitude:  # a padded place scores -1 and stays last
+        by = torch.argsort(torch.cat([score, score.new_full((1,), -1.0)])[at], descending=True,
+                           stable=True)
+        at = at[by]
+        rank = torch.empty_like(by).index_copy_(0, by, torch.arange(k, device=by.device))[
+            rank.clamp(min=0)]
     merged_idx = torch.cat([sidx, sidx.new_full((1,), empty)])[at]
     merged_val = torch.cat([sums, sums.new_zeros(1)])[at]
-    # an entry is held where the first entry of its index's run was chosen
     head = torch.where(first, torch.arange(count, device=sidx.device), 0).cummax(0).values
-    held = torch.empty_like(chosen)
-    held[order] = chosen[head]
-    return merged_idx, merged_val, held.view(idx.shape)
+    place = torch.empty_like(head)
+    place[order] = torch.where(chosen[head], rank[head], -1)
+    return merged_idx, merged_val, place.view(idx.shape)
 
 
 def _summed(idx: Tensor, val: Tensor, empty: int
@@ -158,7 +161,7 @@ def exchange(group: Group, plan: Plan, flat: Tensor, sent: allgather.Pairs,
     ks = [i.numel() for i, _ in sent]
     cur_idx = torch.cat([i + s.offset for s, (i, _) in zip(slots, sent)])
     cur_val = torch.cat([v for _, v in sent])
-    alive = torch.ones_like(cur_idx, dtype=torch.bool)  # my own pairs, slot after slot
+    where = torch.arange(cur_idx.numel(), device=cur_idx.device)  # my pairs in the set
     mine_idx = cur_idx.clone()
     intra = group.intra
     r = intra.size if intra is not None else 1
@@ -171,9 +174,11 @@ def exchange(group: Group, plan: Plan, flat: Tensor, sent: allgather.Pairs,
             break
         got_idx, got_val, got_dense = _swap(group, cur_idx, cur_val, dense, peer,
                                             plan.layout.index_dtype, n)
-        cur_idx, cur_val = _merge_pair(cur_idx, cur_val, got_idx, got_val, ks, mine < peer, n)
+        cur_idx, cur_val, place = _merge_pair(cur_idx, cur_val, got_idx, got_val, ks,
+                                              mine < peer, n)
         dense = dense.float() + got_dense.float()  # the same bits either way round
-        alive &= torch.isin(mine_idx, cur_idx)
+        where = _follow(where, place)
+    alive = where >= 0  # my own pairs, slot after slot
     rows = None
     if across < rounds(p):  # each of the node's ranks follows its slice of the set
         rows, published, dense = _across_nodes(group, cur_idx, cur_val, dense, ks, across,
@@ -239,32 +244,20 @@ def _count_dense(group: Group, nbytes: float) -> None:
     group.owner.stats.bytes_dense_tensors += nbytes
 
 
-def merge_slots(idx: Tensor, val: Tensor, ks: list[int], empty: int) -> tuple[Tensor, Tensor]:
+def merge_slots(idx: Tensor, val: Tensor, ks: list[int], empty: int, by_magnitude: bool = True
+                ) -> tuple[Tensor, Tensor, Tensor]:
     """``merge_rows`` slot by slot: the rows of ``idx`` and ``val`` (``[sets, sum(ks)]``)
     hold each slot's ``ks`` entries one slot after another; each slot keeps its k, and the
-    merged slots follow one another in the result."""
-    new_idx, new_val, column = [], [], 0
+    merged slots follow one another in the result. The places are in the whole result."""
+    new_idx, new_val, places, column = [], [], [], 0
     for k in ks:
-        i, v = merge_rows(idx[:, column:column + k], val[:, column:column + k], k, empty)
+        i, v, place = merge_rows(idx[:, column:column + k], val[:, column:column + k], k,
+                                 empty, by_magnitude)
         new_idx.append(i)
         new_val.append(v)
+        places.append(torch.where(place >= 0, place + column, place))
         column += k
-    return torch.cat(new_idx), torch.cat(new_val)
-
-
-def merge_slots_held(idx: Tensor, val: Tensor, ks: list[int], empty: int
-                     ) -> tuple[Tensor, Tensor, Tensor]:
-    """``merge_rows_held`` slot by slot, laid out as ``merge_slots``; the third result says,
-    for every entry of ``idx``, whether its slot's merged set holds its index."""
-    new_idx, new_val, held, column = [], [], [], 0
-    for k in ks:
-        i, v, h = merge_rows_held(idx[:, column:column + k], val[:, column:column + k], k,
-                                  empty)
-        new_idx.append(i)
-        new_val.append(v)
-        held.append(h)
-        column += k
-    return torch.cat(new_idx), torch.cat(new_val), torch.cat(held, dim=1)
+    return torch.cat(new_idx), torch.cat(new_val), torch.cat(places, dim=1)
 
 
 def give_back_lost(state, slots, sent, kept: Tensor) -> None:
@@ -278,11 +271,19 @@ def give_back_lost(state, slots, sent, kept: Tensor) -> None:
 
 
 def _merge_pair(idx: Tensor, val: Tensor, got_idx: Tensor, got_val: Tensor, ks: list[int],
-                lower: bool, empty: int) -> tuple[Tensor, Tensor]:
-    """Merge this rank's set with its partner's slot by slot, the lower rank's first."""
+                lower: bool, empty: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Merge this rank's set with its partner's slot by slot, the lower rank's first; and
+    where each entry of this rank's set went in the merged one (-1: dropped)."""
     rows = ((idx, val), (got_idx, got_val)) if lower else ((got_idx, got_val), (idx, val))
-    return merge_slots(torch.stack([rows[0][0], rows[1][0]]),
-                       torch.stack([rows[0][1], rows[1][1]]), ks, empty)
+    new_idx, new_val, places = merge_slots(torch.stack([rows[0][0], rows[1][0]]),
+                                           torch.stack([rows[0][1], rows[1][1]]), ks, empty)
+    return new_idx, new_val, places[0 if lower else 1]
+
+
+def _follow(where: Tensor, place: Tensor) -> Tensor:
+    """Where entries that were at ``where`` in a set (-1: gone) are after a merge that moved
+    that set's entry i to ``place[i]``."""
+    return torch.where(where >= 0, place[where.clamp(min=0)], where)
 
 
 def _swap(group: Group, idx: Tensor, val: Tensor, dense: Tensor, peer: int,
@@ -340,16 +341,17 @@ def _across_nodes(group: Group, idx: Tensor, val: Tensor, dense: Tensor, ks: lis
         column += k
     cur_idx, cur_val = torch.cat([i for i, _ in held]), torch.cat([v for _, v in held])
     cur_dense = _part(dense.float(), r, q)
-    own = cur_idx.clone()  # this slice of the node's set, and whether it is still in
-    alive = torch.ones_like(own, dtype=torch.bool)
+    own = cur_idx.clone()  # this slice of the node's set, and where it is now
+    where = torch.arange(own.numel(), device=own.device)
     for j in range(first, rounds(group.size)):
         peer = mine ^ (1 << j)
         got_idx, got_val, got_dense = _swap(group, cur_idx, cur_val, cur_dense, peer,
                                             plan.layout.index_dtype, empty, whole=True)
-        cur_idx, cur_val = _merge_pair(cur_idx, cur_val, got_idx, got_val, parts,
-                                       mine < peer, empty)
+        cur_idx, cur_val, place = _merge_pair(cur_idx, cur_val, got_idx, got_val, parts,
+                                              mine < peer, empty)
         cur_dense = cur_dense + got_dense
-        alive &= torch.isin(own, cur_idx)
+        where = _follow(where, place)
+    alive = where >= 0
     # one allgather in the node: the final slice's pairs, the surviving own entries, the
     # dense slice
     count = cur_idx.numel()

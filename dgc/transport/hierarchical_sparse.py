@@ -9,7 +9,7 @@ link; on N nodes of r ranks each, per bucket:
 1. every rank runs DGC on its own whole gradient, exactly as the flat topology does (its
    momentum, residual and selection of k entries per tensor);
 2. the node allgathers its ranks' pairs ((r - 1) k per rank, inside the node) and each of
-   its ranks merges the r sets the same way (``gtopk.merge_rows_held``): the k entries of
+   its ranks merges the r sets the same way (``gtopk.merge_rows``): the k entries of
    largest summed magnitude, an index picked by several ranks summed, in index order. A
    rank's pairs that did not make the node's set go back into its own residual, momentum
    restored (``Compressor.give_back``), as gtopk's losers do;
@@ -41,7 +41,7 @@ from torch import Tensor
 
 from dgc import codec
 from dgc.transport import allgather, flat as flat_topology
-from dgc.transport.gtopk import give_back_lost, merge_slots_held, slice_of
+from dgc.transport.gtopk import give_back_lost, merge_slots, slice_of
 
 
 def run(state, bucket: dist.GradBucket, flat: Tensor, masks: Mapping[str, Tensor],
@@ -65,8 +65,9 @@ def run(state, bucket: dist.GradBucket, flat: Tensor, masks: Mapping[str, Tensor
     intra.allgather(node, packed).wait()
     rows_idx, rows_val = codec.unpack(node, plan.layout, r)
     ks = [s.k for s in slots]
-    merged_idx, merged_val, held = merge_slots_held(rows_idx.long(), rows_val, ks, n)
-    give_back_lost(state, slots, sent, held[intra.rank])
+    merged_idx, merged_val, place = merge_slots(rows_idx.long(), rows_val, ks, n,
+                                                by_magnitude=False)
+    give_back_lost(state, slots, sent, place[intra.rank] >= 0)
     merged = zip(merged_idx.split(ks), merged_val.split(ks))
 
     # 3. this rank's slice of the node's set, to every rank: all N nodes' sets everywhere
