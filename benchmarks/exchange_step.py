@@ -9,7 +9,8 @@ own work costs beside the allgather's when the link is not the bottleneck.
 
 Each rank runs the same batch of 64 through DDP with DGC attached (density 0.001, fp16
 values, int32 indices, no warm-up, no dense fallback); rank 0 prints the median of the
-timed steps (a barrier before each) and its peak resident memory. ``--repo`` imports
+timed steps (a barrier before each), the CPU time of all ranks per step (every thread, the
+barriers included) and its peak resident memory. ``--repo`` imports
 ``dgc`` from another checkout, to time two versions side by side with the same script.
 ``--intra-node dense|sparse`` runs the hierarchical topology with two ranks per node (the
 nodes are only names here: every rank is on loopback).
@@ -60,18 +61,25 @@ def main() -> int:
     times = []
     for step in range(steps + 3):  # three untimed: DDP rebuilds its buckets
         dist.barrier()
+        if step == 3:
+            cpu_start = time.process_time()
         start = time.perf_counter()
         opt.zero_grad()
         F.cross_entropy(ddp(x), y).backward()
         opt.step()
         if step >= 3:
             times.append(time.perf_counter() - start)
+    # CPU seconds of every rank (all its threads) per step: what the ranks' own work costs,
+    # less swayed than the wall clock when they share fewer cores than they are
+    cpu = torch.tensor([time.process_time() - cpu_start])
+    dist.all_reduce(cpu)
     if dist.get_rank() == 0:
         grads = "bucket views" if args.bucket_view else "copied"
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         where = "" if args.intra_node is None else f", hierarchical ({args.intra_node} in a node)"
         print(f"{args.exchange}{where}, gradients {grads}: median step "
-              f"{statistics.median(times) * 1e3:.1f} ms over {steps}, peak RSS {peak:.0f} MiB "
+              f"{statistics.median(times) * 1e3:.1f} ms over {steps}, CPU of all ranks "
+              f"{cpu.item() / steps * 1e3:.0f} ms per step, peak RSS {peak:.0f} MiB "
               f"({os.path.dirname(dgc.__file__)})")
     dist.destroy_process_group()
     return 0

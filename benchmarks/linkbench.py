@@ -115,7 +115,7 @@ def _free_port() -> int:
 def scheme_args(model: str, args) -> list[str]:
     return ["--model", model, "--schemes", args.schemes, "--steps", str(args.steps),
             "--warmup", str(args.warmup), "--replay", str(args.replay),
-            "--replay-budget", str(args.replay_budget)]
+            "--replay-budget", str(args.replay_budget), "--interleave", str(args.interleave)]
 
 
 def run_workers(worker: list[str], p: int, args, testbed: netns.Testbed | None) -> dict:
@@ -487,6 +487,10 @@ def parse(argv) -> argparse.Namespace:
     p.add_argument("--models", default="lenet300,wide_mlp")
     p.add_argument("--schemes", default=",".join(SCHEMES))
     p.add_argument("--steps", type=int, default=20, help="timed steps per scheme")
+    p.add_argument("--interleave", type=int, default=1, metavar="BLOCKS",
+                   help="build all schemes of a (model, rate, p) at once and time their steps "
+                        "in this many blocks taken in turn, so that the machine's drift falls "
+                        "on every scheme alike (memory: every scheme's model at once)")
     p.add_argument("--warmup", type=int, default=2,
                    help="untimed steps first (PowerSGD: at least until it compresses)")
     p.add_argument("--replay", type=int, default=201,
@@ -534,6 +538,9 @@ def parse(argv) -> argparse.Namespace:
         raise UsageError(f"--world-sizes: expected integers, got {args.world_sizes!r}") from None
     if min(args.world_sizes) < 2 or args.steps < 1 or args.replay < 1:
         raise UsageError("--world-sizes must be >= 2, --steps and --replay >= 1")
+    if not 1 <= args.interleave <= args.steps:
+        raise UsageError(f"--interleave must be between 1 and --steps ({args.steps}), "
+                         f"got {args.interleave}")
     if args.ranks_per_node < 1 or any(p % args.ranks_per_node for p in args.world_sizes):
         raise UsageError(f"--ranks-per-node {args.ranks_per_node} must divide every world "
                          f"size")
@@ -780,8 +787,10 @@ def ran(argv: list[str], started: datetime.datetime) -> str:
 
 
 def measured_by(argv: list[str], args, started: datetime.datetime) -> str:
+    blocks = (f", taken in {args.interleave} blocks in turn with the other schemes'"
+              if args.interleave > 1 else "")
     return (f"{ran(argv, started)} Medians of {args.steps} timed "
-            f"steps after {args.warmup} warm-up steps (PowerSGD: until it compresses, "
+            f"steps{blocks} after {args.warmup} warm-up steps (PowerSGD: until it compresses, "
             f"{POWERSGD_START + 1} at least). All ranks share this "
             f"machine's cores; the load average before and after each block is in its title. "
             f"Inputs are synthetic (random tensors of the datasets' shapes, batch 64 per rank).")

@@ -6,7 +6,9 @@ benchmarks.linkbench_worker`` with torchrun's variables (RANK, WORLD_SIZE, MASTE
 For each scheme it builds the model afresh on the same
 seed, wraps it in DDP with the scheme's hook, runs ``--warmup`` untimed steps and
 ``--steps`` timed ones (a barrier before each, so all ranks start a step together; rank 0's
-wall time per step), and notes the collectives the hook issued in its last step (kind,
+wall time per step; with ``--interleave BLOCKS`` every scheme is built first and their
+timed steps come in blocks taken in turn, so a drift of the machine falls on all of them
+alike), and notes the collectives the hook issued in its last step (kind,
 size, dtype, caught at the ``torch.distributed`` call). It then replays exactly those
 collectives back to back, after an idle spell and a barrier each time, as the measured
 communication time of one step. Each replay is paired with a latency probe, a 1 KiB
@@ -333,42 +335,85 @@ def calibrate(rounds: int, calibration: dict = CALIBRATION) -> dict[str, list[fl
     return times
 
 
-def run_scheme(scheme: str, args) -> dict:
-    ddp, opt, state = build(scheme, args.model, args.seed)
-    _, shape = MODELS[args.model]
-    gen = torch.Generator().manual_seed(args.seed + dist.get_rank())
-    x = torch.randn(args.batch_size, *shape, generator=gen)
-    y = torch.randint(0, 10, (args.batch_size,), generator=gen)
-    loss_fn = nn.CrossEntropyLoss()
-    warmup = max(args.warmup, POWERSGD_START + 1) if scheme.startswith("powersgd") \
-        else args.warmup
-    times, sent, inter, whole, calls = [], [], [], [], []
-    for step in range(warmup + args.steps):
-        last = step == warmup + args.steps - 1
-        before = _counted(state)
+class _Scheme:
+    """One scheme's model, hook and inputs, and what its steps measured so far."""
+
+    def __init__(self, scheme: str, args):
+        self.scheme = scheme
+        self.ddp, self.opt, self.state = build(scheme, args.model, args.seed)
+        _, shape = MODELS[args.model]
+        gen = torch.Generator().manual_seed(args.seed + dist.get_rank())
+        self.x = torch.randn(args.batch_size, *shape, generator=gen)
+        self.y = torch.randint(0, 10, (args.batch_size,), generator=gen)
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.warmup = max(args.warmup, POWERSGD_START + 1) if scheme.startswith("powersgd") \
+            else args.warmup
+        self.times, self.sent, self.inter, self.whole, self.calls = [], [], [], [], []
+
+    def step(self, timed: bool, record: bool) -> None:
+        before = _counted(self.state)
         dist.barrier()
         start = time.perf_counter()
-        with recording(calls) if last else contextlib.nullcontext():
-            opt.zero_grad(set_to_none=True)
-            loss_fn(ddp(x), y).backward()
-            opt.step()
+        with recording(self.calls) if record else contextlib.nullcontext():
+            self.opt.zero_grad(set_to_none=True)
+            self.loss_fn(self.ddp(self.x), self.y).backward()
+            self.opt.step()
         elapsed = time.perf_counter() - start
-        if step >= warmup:
-            times.append(elapsed)
-            after = _counted(state)
-            sent.append(after[0] - before[0])
-            inter.append(after[1] - before[1])
-            whole.append(after[2] - before[2])
-    del ddp, opt, state
-    replayed, probes = replay(calls, args.replay, args.replay_budget) if calls else ([], [])
-    return {"scheme": scheme, "warmup": warmup, "step_s": times,
-            "step_median_s": statistics.median(times),
-            "bytes_per_step": statistics.median(sent), "bytes_min": min(sent),
-            "bytes_max": max(sent), "bytes_inter_per_step": statistics.median(inter),
-            "bytes_whole_per_step": statistics.median(whole),
-            "collectives": calls, "replay_s": replayed,
-            "replay_median_s": statistics.median(replayed) if replayed else 0.0,
-            "probe_s": probes, "probe_median_s": statistics.median(probes) if probes else None}
+        if timed:
+            self.times.append(elapsed)
+            after = _counted(self.state)
+            self.sent.append(after[0] - before[0])
+            self.inter.append(after[1] - before[1])
+            self.whole.append(after[2] - before[2])
+
+    def result(self, args) -> dict:
+        del self.ddp, self.opt, self.state
+        calls = self.calls
+        replayed, probes = replay(calls, args.replay, args.replay_budget) if calls else ([], [])
+        times, sent = self.times, self.sent
+        return {"scheme": self.scheme, "warmup": self.warmup, "step_s": times,
+                "step_median_s": statistics.median(times),
+                "bytes_per_step": statistics.median(sent), "bytes_min": min(sent),
+                "bytes_max": max(sent), "bytes_inter_per_step": statistics.median(self.inter),
+                "bytes_whole_per_step": statistics.median(self.whole),
+                "collectives": calls, "replay_s": replayed,
+                "replay_median_s": statistics.median(replayed) if replayed else 0.0,
+                "probe_s": probes, "probe_median_s": statistics.median(probes) if probes else None}
+
+
+def run_scheme(scheme: str, args) -> dict:
+    """``scheme``'s warm-up and timed steps one after another, then its replays."""
+    run = _Scheme(scheme, args)
+    total = run.warmup + args.steps
+    for step in range(total):
+        run.step(timed=step >= run.warmup, record=step == total - 1)
+    return run.result(args)
+
+
+def run_interleaved(schemes: list[str], args) -> list[dict]:
+    """All ``schemes`` built at once, each warmed up, then their timed steps in
+    ``args.interleave`` blocks taken in turn (scheme after scheme, block after block): a
+    drift of the machine's speed over the run falls on every scheme alike. Each scheme's
+    last step is recorded; the replays follow, scheme by scheme."""
+    runs = [_Scheme(scheme, args) for scheme in schemes]
+    for run in runs:
+        for _ in range(run.warmup):
+            run.step(timed=False, record=False)
+    bounds = [args.steps * b // args.interleave for b in range(args.interleave + 1)]
+    for block in range(args.interleave):
+        for run in runs:
+            for step in range(bounds[block], bounds[block + 1]):
+                run.step(timed=True, record=step == args.steps - 1)
+    return [run.result(args) for run in runs]
+
+
+def _report(model: str, r: dict) -> None:
+    if dist.get_rank() == 0:
+        print(f"  [{time.strftime('%H:%M:%S')}] {model} p={dist.get_world_size()} "
+              f"{r['scheme']}: step {r['step_median_s'] * 1e3:.1f} ms, "
+              f"{r['bytes_per_step'] / 1e6:.4g} MB/step, replayed comm "
+              f"{r['replay_median_s'] * 1e3:.1f} ms ({len(r['replay_s'])} replays, probe "
+              f"{(r['probe_median_s'] or 0) * 1e3:.2f} ms)", flush=True)
 
 
 def _counted(state) -> tuple[float, float, float]:
@@ -393,6 +438,9 @@ def main(argv=None) -> int:
     p.add_argument("--schemes", default=",".join(SCHEMES))
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--interleave", type=int, default=1, metavar="BLOCKS",
+                   help="build every scheme at once and take their timed steps in this "
+                        "many blocks in turn (1: scheme after scheme)")
     p.add_argument("--replay", type=int, default=21, help="most replays of a step's collectives")
     p.add_argument("--replay-budget", type=float, default=30.0,
                    help="seconds of replays per scheme (at least 3 replays)")
@@ -416,17 +464,18 @@ def main(argv=None) -> int:
         out = {"world_size": world,
                "calibration": calibrate(args.calibrate_swaps, swap_calibration(rank, world))}
     else:
-        results = []
-        for scheme in args.schemes.split(","):
-            results.append(run_scheme(scheme, args))
-            if rank == 0:
-                r = results[-1]
-                print(f"  [{time.strftime('%H:%M:%S')}] {args.model} p={world} {scheme}: step "
-                      f"{r['step_median_s'] * 1e3:.1f} ms, {r['bytes_per_step'] / 1e6:.4g} "
-                      f"MB/step, replayed comm {r['replay_median_s'] * 1e3:.1f} ms "
-                      f"({len(r['replay_s'])} replays, probe "
-                      f"{(r['probe_median_s'] or 0) * 1e3:.2f} ms)", flush=True)
-        out = {"world_size": world, "model": args.model, "results": results}
+        schemes = args.schemes.split(",")
+        if args.interleave > 1:
+            results = run_interleaved(schemes, args)
+            for r in results:
+                _report(args.model, r)
+        else:
+            results = []
+            for scheme in schemes:
+                results.append(run_scheme(scheme, args))
+                _report(args.model, results[-1])
+        out = {"world_size": world, "model": args.model, "results": results,
+               "interleave": args.interleave}
     if rank == 0:
         args.out.write_text(json.dumps(out))
     dist.barrier()

@@ -99,6 +99,14 @@ def test_exchange_step_quick_times_an_exchange(exchange, view):
     assert f"{exchange}, gradients {grads}: median step " in out, out
 
 
+def test_merge_cost_quick_times_both_merges_and_checks_its_own_bits(tmp_path):
+    saved = tmp_path / "merged.pt"
+    first = _quick("benchmarks/merge_cost.py", "--quick", "--check", str(saved))
+    assert "gtopk round: median" in first and "node merge" in first, first
+    again = _quick("benchmarks/merge_cost.py", "--quick", "--check", str(saved))
+    assert "the same bits as" in again, again
+
+
 def test_swapprobe_fits_back_the_swap_constants_its_rounds_were_made_with(tmp_path):
     from benchmarks import swapprobe
     swaps = len(swapprobe.partners(0, 4))
@@ -134,11 +142,16 @@ def test_linkbench_quick_on_a_shaped_link_leaves_no_namespace_or_link_behind():
                 and not netns._alive(int(netns._NAME.match(n).group(1)))], mine
 
 
-def test_linkbench_two_node_testbed_runs_the_hierarchical_and_sparse_schemes():
+def test_linkbench_two_node_testbed_runs_the_hierarchical_and_sparse_schemes(tmp_path):
     """Two namespaces of two ranks each (shaped between them) when root allows, loopback
-    otherwise: every scheme's collectives are recorded by group and replayed on it."""
+    otherwise: every scheme's collectives are recorded by group and replayed on it. The
+    schemes' steps are interleaved (every scheme built at once, blocks taken in turn)."""
     out = _quick("benchmarks/linkbench.py", "--quick", "--ranks-per-node", "2", "--schemes",
-                 "dense,hierdense,dgc,dgc-hier,dgc-hier-sparse,dgc-sar,nocomm")
+                 "dense,hierdense,dgc,dgc-hier,dgc-hier-sparse,dgc-sar,nocomm",
+                 "--interleave", "2", "--json", str(tmp_path / "run.json"))
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert {cell["interleave"] for cell in run} == {2}
+    assert all(len(r["step_s"]) == 2 for cell in run for r in cell["results"])
     assert "(2 per node)" in out, out
     for label in ("hierarchical dense allreduce", "hierarchical DGC 0.1%",
                   "hierarchical DGC 0.1%, sparse intra-node stage",
