@@ -74,19 +74,23 @@ def main() -> int:
         else:  # before 2026-12-01: by magnitude, membership by isin
             idx, val = gtopk.merge_slots(rows_idx, rows_val, ks, n)
             held = torch.isin(mine, idx)
-        order = torch.argsort(idx, stable=True)  # one order to compare the two versions in
+        return idx, val, held
+
+    def in_index_order(idx, val, held):  # one order to compare the two versions in
+        order = torch.argsort(idx, stable=True)
         return idx[order], val[order], held
 
     results = {}
-    for name, fn in (("gtopk round", gtopk_round), ("node merge (sparse intra-node stage)",
-                                                     node_merge)):
+    for name, fn, compared in (
+            ("gtopk round", gtopk_round, lambda *out: out),
+            ("node merge (sparse intra-node stage)", node_merge, in_index_order)):
         fn()
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
             fn()
             times.append(time.perf_counter() - start)
-        results[name] = fn()
+        results[name] = compared(*fn())
         print(f"{name}: median {statistics.median(times) * 1e3:.2f} ms over {repeats} "
               f"({os.path.dirname(gtopk.__file__)})")
     if args.check:
