@@ -70,7 +70,7 @@ def main() -> int:
         if step >= 3:
             times.append(time.perf_counter() - start)
     # CPU seconds of every rank (all its threads) per step: what the ranks' own work costs,
-    # less swayed than the wall clock when they share fewer cores than they are
+    # less swayed than the wall clock when there are more ranks than cores
     cpu = torch.tensor([time.process_time() - cpu_start])
     dist.all_reduce(cpu)
     if dist.get_rank() == 0:

@@ -94,18 +94,18 @@ def merge_rows(idx: Tensor, val: Tensor, k: int, empty: int, by_magnitude: bool 
         at = chosen.nonzero().view(-1)
         at = torch.cat([at, at.new_full((k - at.numel(),), count)])
     # the chosen, in index order, are places 0.. of ``at``; an entry's run starts at ``head``
-    rank = torch.cumsum(chosen, 0) - 1
+    slot = torch.cumsum(chosen, 0) - 1  # each sorted entry's place among the chosen
     if by_magnitude:  # a padded place scores -1 and stays last
         by = torch.argsort(torch.cat([score, score.new_full((1,), -1.0)])[at], descending=True,
                            stable=True)
         at = at[by]
-        rank = torch.empty_like(by).index_copy_(0, by, torch.arange(k, device=by.device))[
-            rank.clamp(min=0)]
+        slot = torch.empty_like(by).index_copy_(0, by, torch.arange(k, device=by.device))[
+            slot.clamp(min=0)]
     merged_idx = torch.cat([sidx, sidx.new_full((1,), empty)])[at]
     merged_val = torch.cat([sums, sums.new_zeros(1)])[at]
     head = torch.where(first, torch.arange(count, device=sidx.device), 0).cummax(0).values
     place = torch.empty_like(head)
-    place[order] = torch.where(chosen[head], rank[head], -1)
+    place[order] = torch.where(chosen[head], slot[head], -1)
     return merged_idx, merged_val, place.view(idx.shape)
 
 
