@@ -41,7 +41,7 @@ the collectives carry whole tensors: no live-entries compaction.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -66,6 +66,16 @@ class Shards:
     pieces: tuple[MyPiece, ...]
     dest: Tensor        # for each bucket entry, its position in the shard-major buffer
     shard_numel: int    # entries per shard (the largest shard; shorter ones padded)
+    _buffers: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def buffer(self, like: Tensor, ranks: int) -> Tensor:
+        """The shard-major buffer, kept from step to step: no bucket-sized allocation and
+        zero fill per step. Its padding stays 0: the reduce-scatter sums zeros there and
+        the allgather writes them back."""
+        key = (like.dtype, like.device)
+        if key not in self._buffers:
+            self._buffers[key] = like.new_zeros(ranks * self.shard_numel)
+        return self._buffers[key]
 
 
 def piece_bounds(numel: int, ranks: int) -> list[int]:
@@ -94,7 +104,7 @@ def run(state, bucket: dist.GradBucket, flat: Tensor, masks: Mapping[str, Tensor
         fixed: bool) -> torch.futures.Future:
     shards = state.shards_of(bucket, flat.device)
     ranks = state.ranks_per_node
-    order = flat.new_zeros(ranks * shards.shard_numel)
+    order = shards.buffer(flat, ranks)
     order.index_copy_(0, shards.dest, flat)
     shard = flat.new_empty(shards.shard_numel)
     state.intra.reduce_scatter(shard, order).wait()
@@ -106,4 +116,4 @@ def run(state, bucket: dist.GradBucket, flat: Tensor, masks: Mapping[str, Tensor
     exchange(state.inter, plan, shard, sent, {}, state, key).wait()
     average_(state, plan, shard, state.world_size)
     gathered = state.intra.allgather(order, shard)
-    return gathered.then(lambda _: flat.copy_(order.index_select(0, shards.dest)))
+    return gathered.then(lambda _: torch.index_select(order, 0, shards.dest, out=flat))
