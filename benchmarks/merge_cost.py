@@ -58,17 +58,19 @@ def main() -> int:
     mine_val = torch.randn(mine.numel(), generator=g).half()
     theirs_val = torch.randn(theirs.numel(), generator=g).half()
 
-    def gtopk_round():
-        out = gtopk._merge_pair(mine, mine_val, theirs, theirs_val, ks, True, n)
-        if len(out) == 2:  # before 2026-12-01: membership by isin
-            return out[0], out[1], torch.isin(mine, out[0])
-        return out[0], out[1], out[2] >= 0
+    # the merges that return places (2026-12-01 on); before, membership came from isin
+    placed = "by_magnitude" in inspect.signature(gtopk.merge_slots).parameters
 
-    by_index = "by_magnitude" in inspect.signature(gtopk.merge_slots).parameters
+    def gtopk_round():
+        if placed:
+            idx, val, place = gtopk._merge_pair(mine, mine_val, theirs, theirs_val, ks, True, n)
+            return idx, val, place >= 0
+        idx, val = gtopk._merge_pair(mine, mine_val, theirs, theirs_val, ks, True, n)
+        return idx, val, torch.isin(mine, idx)
 
     def node_merge():
         rows_idx, rows_val = torch.stack([mine, theirs]), torch.stack([mine_val, theirs_val])
-        if by_index:
+        if placed:
             idx, val, place = gtopk.merge_slots(rows_idx, rows_val, ks, n, by_magnitude=False)
             held = place[0] >= 0
         else:  # before 2026-12-01: by magnitude, membership by isin

@@ -162,7 +162,7 @@ def exchange(group: Group, plan: Plan, flat: Tensor, sent: allgather.Pairs,
     cur_idx = torch.cat([i + s.offset for s, (i, _) in zip(slots, sent)])
     cur_val = torch.cat([v for _, v in sent])
     where = torch.arange(cur_idx.numel(), device=cur_idx.device)  # my pairs in the set
-    mine_idx = cur_idx.clone()
+    mine_idx = cur_idx  # the merges make new tensors: this stays my own pairs
     intra = group.intra
     r = intra.size if intra is not None else 1
     sliced = r > 1 and state.options.gtopk_slices
