@@ -20,7 +20,8 @@ prints two tables.
   ``launch.costmodel``'s prediction for the same scheme: its own traffic model of the
   scheme (``costmodel.traffic``) on the link preset of the rate (``configs/hardware/
   netns-100mbit.yaml``, ``netns-1gbit.yaml``), once with the preset's latency and once with
-  the latency probed on this testbed by 1 KiB collectives timed alongside the replays.
+  the latency probed on this testbed by 1 KiB collectives timed alongside the replays (and,
+  for gtopk's swaps, a swap's fixed cost probed by the row's own swaps at 1 KiB).
 
 ``--calibrate`` measures no model: it times 1 KiB allreduces and allgathers, alone and back to
 back, and fits the two constants of the testbed's preset that are not the wire's, a latency
@@ -59,8 +60,8 @@ from benchmarks import netns  # noqa: E402
 from benchmarks.linkbench_worker import (CALIBRATION, DGC_OPTIONS,  # noqa: E402
                                          GTOPK_BESIDE_OPTIONS, GTOPK_OPTIONS,
                                          INTRA_CALIBRATION, MODELS, ONE_BUCKET_MB,
-                                         POWERSGD_START, PROBE, SCHEMES, parse_scheme,
-                                         partners)
+                                         POWERSGD_START, PROBE, SCHEMES, SWAP_BYTES,
+                                         parse_scheme, partners)
 from benchmarks.swapprobe import fit_rounds, rounds_time  # noqa: E402
 from dgc.options import DGCOptions  # noqa: E402
 from launch.costmodel import traffic as tr  # noqa: E402
@@ -224,6 +225,15 @@ def probed_alpha(probe_s: float, cluster: Cluster, p: int) -> float:
     return max(0.0, probe_s - len(hops) * link.overhead - wire) / sum(h for h, _ in hops)
 
 
+def probed_swap(r: dict, cluster: Cluster) -> float:
+    """A swap's fixed cost from the swap probe (the row's swaps at 1 KiB each, timed beside
+    its replays): the probe's time less its bytes' (none past the bucket), over its swaps."""
+    link = cluster.inter
+    swaps = sum(call[0] == "sendrecv" for call in r["collectives"])
+    wire = rounds_time(link, SWAP_BYTES[0], swaps, 0.0, link.swap_slowdown)
+    return max(0.0, statistics.fmean(r["swap_probe_s"]) - wire) / swaps
+
+
 def preset_of(rate: str | None, per_node: int):
     """The testbed's cluster preset: one rank per namespace, or two-node namespaces."""
     return load_cluster(PRESETS[rate] if per_node == 1 or rate is None
@@ -246,8 +256,11 @@ def predictions(run: dict, rate: str | None) -> None:
         r["predicted_preset_s"] = sequence_time(calls, preset, p, "ring")
         if per_node == 1:  # a probe of the one link class there is
             r["alpha_probed_s"] = probed_alpha(probe_measured(r), preset, p)
-            r["predicted_probed_s"] = sequence_time(
-                calls, with_link(preset, latency_us=r["alpha_probed_s"] * 1e6), p, "ring")
+            probed = {"latency_us": r["alpha_probed_s"] * 1e6}
+            if r.get("swap_probe_s") and preset.inter.swap_us:
+                r["swap_probed_s"] = probed_swap(r, preset)
+                probed["swap_us"] = r["swap_probed_s"] * 1e6
+            r["predicted_probed_s"] = sequence_time(calls, with_link(preset, **probed), p, "ring")
 
 
 # --- calibration: the testbed's latency and overhead -----------------------------------------
@@ -389,7 +402,7 @@ def goals(run: dict) -> list[str]:
 
 MODEL_HEADER = ["| model | link | p | scheme | collectives | MB / rank / step: counted "
                 "| modelled | comm measured (ms, mean) | predicted, preset alpha (ms) | error "
-                "| probed alpha (us) | predicted, probed alpha (ms) | error | step - floor (ms) |",
+                "| probed alpha (us) | predicted, probed (ms) | error | step - floor (ms) |",
                 "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
 
@@ -410,11 +423,17 @@ def model_rows(run: dict) -> list[str]:
             f"{LABELS.get(scheme, scheme)} | {calls} | {r['bytes_per_step'] / 1e6:.4g} | "
             f"{r['model_bytes'] / 1e6:.4g} | {_ms(measured)} ({len(r['replay_s'])}) | "
             f"{_ms(r['predicted_preset_s'])} | {_error(r['predicted_preset_s'], measured)} | "
-            + (f"{r['alpha_probed_s'] * 1e6:.0f} | {_ms(r['predicted_probed_s'])} | "
+            + (f"{_probed(r)} | {_ms(r['predicted_probed_s'])} | "
                f"{_error(r['predicted_probed_s'], measured)} | " if "alpha_probed_s" in r
                else " |  |  | ") +
             f"{_ms(r['step_median_s'] - floor) if floor else ''} |")
     return lines
+
+
+def _probed(r: dict) -> str:
+    """The probed alpha in us, and a swap's probed fixed cost after it where there is one."""
+    alpha = f"{r['alpha_probed_s'] * 1e6:.0f}"
+    return alpha + (f" / swap {r['swap_probed_s'] * 1e6:.0f}" if "swap_probed_s" in r else "")
 
 
 def model_note(run: dict) -> str:

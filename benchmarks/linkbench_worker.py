@@ -14,7 +14,8 @@ collectives back to back, after an idle spell and a barrier each time, as the me
 communication time of one step. Each replay is paired with a latency probe, a 1 KiB
 allreduce and a 1 KiB allgather (all latency: they fit in the shaper's burst and every hop
 of Gloo's rings carries data), timed the same way just before it, so that the alpha of the
-cost model is measured under the same load as the row it predicts. Rank 0 writes
+cost model is measured under the same load as the row it predicts; a scheme that swaps
+(gtopk) gets a swap probe too, its own swaps at 1 KiB, timed between the two. Rank 0 writes
 everything as JSON to ``--out``. With ``--calibrate ROUNDS`` it times only the small
 collectives of ``CALIBRATION``, for ``linkbench.py --calibrate`` (``--calibrate-intra`` and
 ``--calibrate-swaps`` likewise, for the options of the same names).
@@ -305,21 +306,32 @@ def _timed(buffers: list) -> float:
     return time.perf_counter() - start
 
 
+def swap_probe(calls: list) -> list:
+    """The swaps of ``calls`` (gtopk's rounds), same peers and order, at 1 KiB each: their
+    fixed cost alone, since 1 KiB fits in the shaper's burst. Empty if ``calls`` swap none."""
+    return [("sendrecv", SWAP_BYTES[0], "torch.uint8", "world", group[1])
+            for kind, _, _, *group in calls if kind == "sendrecv"]
+
+
 def replay(calls: list, max_repeats: int, budget_s: float, min_repeats: int = 3
-           ) -> tuple[list[float], list[float]]:
-    """Seconds of each replay of ``calls`` and of the latency probe timed before it; as many
-    pairs as fit in ``budget_s`` (the same count on every rank)."""
+           ) -> tuple[list[float], list[float], list[float]]:
+    """Seconds of each replay of ``calls``, of the latency probe timed before it and, where
+    ``calls`` hold swaps, of their ``swap_probe`` timed between the two; as many as fit in
+    ``budget_s`` (the same count on every rank)."""
     buffers = _buffers(calls)
-    probe = _buffers(PROBE)
+    probe, swaps = _buffers(PROBE), _buffers(swap_probe(calls))
     _run(probe)
+    _run(swaps)
     first = torch.tensor([_timed(buffers)], dtype=torch.float64)  # pays for set-up, untimed
     dist.all_reduce(first, op=dist.ReduceOp.MAX)
     repeats = int(min(max_repeats, max(min_repeats, budget_s // max(first.item(), 1e-6))))
-    probes, times = [], []
+    probes, swap_probes, times = [], [], []
     for _ in range(repeats):
         probes.append(_timed(probe))
+        if swaps:
+            swap_probes.append(_timed(swaps))
         times.append(_timed(buffers))
-    return times, probes
+    return times, probes, swap_probes
 
 
 def calibrate(rounds: int, calibration: dict = CALIBRATION) -> dict[str, list[float]]:
@@ -369,7 +381,8 @@ class _Scheme:
     def result(self, args) -> dict:
         del self.ddp, self.opt, self.state
         calls = self.calls
-        replayed, probes = replay(calls, args.replay, args.replay_budget) if calls else ([], [])
+        replayed, probes, swap_probes = (replay(calls, args.replay, args.replay_budget)
+                                         if calls else ([], [], []))
         times, sent = self.times, self.sent
         return {"scheme": self.scheme, "warmup": self.warmup, "step_s": times,
                 "step_median_s": statistics.median(times),
@@ -378,7 +391,8 @@ class _Scheme:
                 "bytes_whole_per_step": statistics.median(self.whole),
                 "collectives": calls, "replay_s": replayed,
                 "replay_median_s": statistics.median(replayed) if replayed else 0.0,
-                "probe_s": probes, "probe_median_s": statistics.median(probes) if probes else None}
+                "probe_s": probes, "probe_median_s": statistics.median(probes) if probes else None,
+                "swap_probe_s": swap_probes}
 
 
 def run_scheme(scheme: str, args) -> dict:

@@ -133,10 +133,18 @@ def _can_make_namespaces() -> bool:
 
 
 @pytest.mark.skipif(not _can_make_namespaces(), reason="needs root and network namespaces")
-def test_linkbench_quick_on_a_shaped_link_leaves_no_namespace_or_link_behind():
+def test_linkbench_quick_on_a_shaped_link_probes_swaps_and_leaves_no_namespace_behind(tmp_path):
+    """gtopk's row gets a swap probe beside each replay (its swaps at 1 KiB), and its probed
+    prediction uses the swap's fixed cost from it; the other rows get none."""
     from benchmarks import netns
-    out = _quick("benchmarks/linkbench.py", "--quick")
+    out = _quick("benchmarks/linkbench.py", "--quick", "--schemes", "dense,dgc-gtopk,nocomm",
+                 "--json", str(tmp_path / "run.json"))
     assert "**tiny, 100mbit, p = 2**" in out, out
+    rows = {r["scheme"]: r for r in json.loads((tmp_path / "run.json").read_text())[0]["results"]}
+    gtopk = rows["dgc-gtopk"]
+    assert len(gtopk["swap_probe_s"]) == len(gtopk["probe_s"]) == len(gtopk["replay_s"]) >= 2
+    assert gtopk["swap_probed_s"] > 0 and rows["dense"]["swap_probe_s"] == []
+    assert f"/ swap {gtopk['swap_probed_s'] * 1e6:.0f} |" in out, out
     mine = [n for n in netns.namespaces() + netns.links() if n.startswith(netns.PREFIX)]
     assert not [n for n in mine if netns._NAME.match(n)
                 and not netns._alive(int(netns._NAME.match(n).group(1)))], mine
