@@ -323,16 +323,20 @@ VARIANTS = {
     "netns preset: TCP payload rate, tbf's bucket, calibrated latency and overhead":
         lambda run, r: load_cluster(PRESETS[run["rate"]]),
     "netns preset, probed latency, but no bucket":
-        lambda run, r: with_link(load_cluster(PRESETS[run["rate"]]),
-                                 latency_us=r["alpha_probed_s"] * 1e6, burst_kbytes=0.0),
+        lambda run, r: _probed_link(run, r, burst_kbytes=0.0),
     "netns preset, probed latency, but line rate":
-        lambda run, r: with_link(load_cluster(PRESETS[run["rate"]]),
-                                 latency_us=r["alpha_probed_s"] * 1e6,
-                                 bandwidth_gbytes=netns.parse_rate(run["rate"]) / 8e9),
-    "netns preset, probed latency (the last column above)":
-        lambda run, r: with_link(load_cluster(PRESETS[run["rate"]]),
-                                 latency_us=r["alpha_probed_s"] * 1e6),
+        lambda run, r: _probed_link(run, r, bandwidth_gbytes=netns.parse_rate(run["rate"]) / 8e9),
+    "netns preset, probed latency (the last column above)": lambda run, r: _probed_link(run, r),
 }
+
+
+def _probed_link(run: dict, r: dict, **fields) -> Cluster:
+    """The rate's preset with the latency probed beside row ``r``'s replays (and a swap's
+    fixed cost, where its swaps were probed), and ``fields``."""
+    if "swap_probed_s" in r:
+        fields["swap_us"] = r["swap_probed_s"] * 1e6
+    return with_link(load_cluster(PRESETS[run["rate"]]), latency_us=r["alpha_probed_s"] * 1e6,
+                     **fields)
 
 
 def variant_table(runs: list[dict]) -> list[str]:
