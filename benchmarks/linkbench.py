@@ -444,6 +444,12 @@ def model_note(run: dict) -> str:
     alphas = [r["alpha_probed_s"] * 1e6 for r in run["results"] if "alpha_probed_s" in r]
     probed = (f"; probed alpha {min(alphas):.0f} to {max(alphas):.0f} us per hop" if alphas
               else "")
+    swaps = [r["swap_probed_s"] * 1e6 for r in run["results"] if "swap_probed_s" in r]
+    if swaps:
+        spread = (f"{min(swaps):.0f}" if len(swaps) == 1
+                  else f"{min(swaps):.0f} to {max(swaps):.0f}")
+        probed += (f", a swap {spread} us (preset "
+                   f"{preset_of(run['rate'], 1).inter.swap_us:.0f} us)")
     return (f"{run['model']}, {run['rate'] or 'loopback'}, p = {run['world_size']} "
             f"({run.get('ranks_per_node', 1)} per node): preset {run['preset']} (alpha "
             f"{run['alpha_preset_s'] * 1e6:.0f} us, overhead {run['overhead_preset_s'] * 1e6:.0f}"

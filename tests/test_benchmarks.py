@@ -145,6 +145,7 @@ def test_linkbench_quick_on_a_shaped_link_probes_swaps_and_leaves_no_namespace_b
     assert len(gtopk["swap_probe_s"]) == len(gtopk["probe_s"]) == len(gtopk["replay_s"]) >= 2
     assert gtopk["swap_probed_s"] > 0 and rows["dense"]["swap_probe_s"] == []
     assert f"/ swap {gtopk['swap_probed_s'] * 1e6:.0f} |" in out, out
+    assert f", a swap {gtopk['swap_probed_s'] * 1e6:.0f} us (preset " in out, out
     mine = [n for n in netns.namespaces() + netns.links() if n.startswith(netns.PREFIX)]
     assert not [n for n in mine if netns._NAME.match(n)
                 and not netns._alive(int(netns._NAME.match(n).group(1)))], mine
