@@ -395,26 +395,19 @@ class _Scheme:
                 "swap_probe_s": swap_probes}
 
 
-def run_scheme(scheme: str, args) -> dict:
-    """``scheme``'s warm-up and timed steps one after another, then its replays."""
-    run = _Scheme(scheme, args)
-    total = run.warmup + args.steps
-    for step in range(total):
-        run.step(timed=step >= run.warmup, record=step == total - 1)
-    return run.result(args)
-
-
-def run_interleaved(schemes: list[str], args) -> list[dict]:
-    """All ``schemes`` built at once, each warmed up, then their timed steps in
+def run_schemes(schemes: list[str], args) -> list[dict]:
+    """``schemes`` built at once, each warmed up, then their timed steps in
     ``args.interleave`` blocks taken in turn (scheme after scheme, block after block): a
     drift of the machine's speed over the run falls on every scheme alike. Each scheme's
-    last step is recorded; the replays follow, scheme by scheme."""
+    last step is recorded; the replays follow, scheme by scheme. One scheme: its steps,
+    then its replays."""
     runs = [_Scheme(scheme, args) for scheme in schemes]
     for run in runs:
         for _ in range(run.warmup):
             run.step(timed=False, record=False)
-    bounds = [args.steps * b // args.interleave for b in range(args.interleave + 1)]
-    for block in range(args.interleave):
+    blocks = args.interleave
+    bounds = [args.steps * b // blocks for b in range(blocks + 1)]
+    for block in range(blocks):
         for run in runs:
             for step in range(bounds[block], bounds[block + 1]):
                 run.step(timed=True, record=step == args.steps - 1)
@@ -479,15 +472,12 @@ def main(argv=None) -> int:
                "calibration": calibrate(args.calibrate_swaps, swap_calibration(rank, world))}
     else:
         schemes = args.schemes.split(",")
-        if args.interleave > 1:
-            results = run_interleaved(schemes, args)
-            for r in results:
+        together = [schemes] if args.interleave > 1 else [[scheme] for scheme in schemes]
+        results = []
+        for group in together:
+            results += run_schemes(group, args)
+            for r in results[-len(group):]:
                 _report(args.model, r)
-        else:
-            results = []
-            for scheme in schemes:
-                results.append(run_scheme(scheme, args))
-                _report(args.model, results[-1])
         out = {"world_size": world, "model": args.model, "results": results,
                "interleave": args.interleave}
     if rank == 0:

@@ -172,12 +172,8 @@ def exchange(group: Group, plan: Plan, flat: Tensor, sent: allgather.Pairs,
         if sliced and mine_node(group, mine) != mine_node(group, peer):
             across = j  # the rounds inside the node are done: the node holds one set
             break
-        got_idx, got_val, got_dense = _swap(group, cur_idx, cur_val, dense, peer,
-                                            plan.layout.index_dtype, n)
-        cur_idx, cur_val, place = _merge_pair(cur_idx, cur_val, got_idx, got_val, ks,
-                                              mine < peer, n)
-        dense = dense.float() + got_dense.float()  # the same bits either way round
-        where = _follow(where, place)
+        cur_idx, cur_val, dense, where = _round(group, peer, cur_idx, cur_val, dense, where,
+                                                ks, plan.layout.index_dtype, n)
     alive = where >= 0  # my own pairs, slot after slot
     rows = None
     if across < rounds(p):  # each of the node's ranks follows its slice of the set
@@ -270,6 +266,18 @@ def give_back_lost(state, slots, sent, kept: Tensor) -> None:
         column += i.numel()
 
 
+def _round(group: Group, peer: int, idx: Tensor, val: Tensor, dense: Tensor, where: Tensor,
+           ks: list[int], index_dtype: torch.dtype, empty: int, whole: bool = False
+           ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One round of recursive doubling with ``peer``: swap the sets (and dense entries),
+    merge them slot by slot, sum the dense entries in float32, and follow this rank's own
+    entries (``where``, -1: gone) into the merged set. The same bits on both ranks."""
+    got_idx, got_val, got_dense = _swap(group, idx, val, dense, peer, index_dtype, empty,
+                                        whole=whole)
+    idx, val, place = _merge_pair(idx, val, got_idx, got_val, ks, group.rank < peer, empty)
+    return idx, val, dense.float() + got_dense.float(), _follow(where, place)
+
+
 def _merge_pair(idx: Tensor, val: Tensor, got_idx: Tensor, got_val: Tensor, ks: list[int],
                 lower: bool, empty: int) -> tuple[Tensor, Tensor, Tensor]:
     """Merge this rank's set with its partner's slot by slot, the lower rank's first; and
@@ -341,16 +349,12 @@ def _across_nodes(group: Group, idx: Tensor, val: Tensor, dense: Tensor, ks: lis
         column += k
     cur_idx, cur_val = torch.cat([i for i, _ in held]), torch.cat([v for _, v in held])
     cur_dense = _part(dense.float(), r, q)
-    own = cur_idx.clone()  # this slice of the node's set, and where it is now
-    where = torch.arange(own.numel(), device=own.device)
+    own = cur_idx  # this slice of the node's set (the merges make new tensors), and where
+    where = torch.arange(own.numel(), device=own.device)  # it is now
     for j in range(first, rounds(group.size)):
-        peer = mine ^ (1 << j)
-        got_idx, got_val, got_dense = _swap(group, cur_idx, cur_val, cur_dense, peer,
-                                            plan.layout.index_dtype, empty, whole=True)
-        cur_idx, cur_val, place = _merge_pair(cur_idx, cur_val, got_idx, got_val, parts,
-                                              mine < peer, empty)
-        cur_dense = cur_dense + got_dense
-        where = _follow(where, place)
+        cur_idx, cur_val, cur_dense, where = _round(
+            group, mine ^ (1 << j), cur_idx, cur_val, cur_dense, where, parts,
+            plan.layout.index_dtype, empty, whole=True)
     alive = where >= 0
     # one allgather in the node: the final slice's pairs, the surviving own entries, the
     # dense slice
