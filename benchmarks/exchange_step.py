@@ -44,6 +44,7 @@ def main() -> int:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     import dgc
+    from launch.distenv import quiesce
     from launch.models import ModelConfig, build_model
 
     dist.init_process_group("gloo")
@@ -81,9 +82,12 @@ def main() -> int:
               f"{statistics.median(times) * 1e3:.1f} ms over {steps}, CPU of all ranks "
               f"{cpu.item() / steps * 1e3:.0f} ms per step, peak RSS {peak:.0f} MiB "
               f"({os.path.dirname(dgc.__file__)})")
+    quiesce()  # a hook's callback may still hold a Gloo thread (launch/distenv.py)
     dist.destroy_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    from launch.distenv import exit_process  # main put --repo on the path
+    exit_process(code)  # no teardown: Gloo's threads can abort there (launch/distenv.py)
