@@ -183,6 +183,11 @@ def attach_plugins(cfg: Config, model: DDP, optimizer,
         with _config_section("dgc"):
             plugins["comm"] = dgc.attach(model, optimizer, sparsifier=plugins.get("sparsity"),
                                          **options)
+        if dist.get_rank() == 0:
+            from launch.costmodel.run import topology_advice
+            advice = topology_advice(cfg, dist.get_world_size(), options["ranks_per_node"])
+            if advice:
+                log.warning(advice)
     elif cfg.ddp.comm_hook == "hierarchical":
         if ranks_per_node is None:
             raise ConfigError("ddp.comm_hook", "'hierarchical' needs the same number of "

@@ -57,3 +57,22 @@ def test_a_bad_world_size_is_one_line_and_status_2(sizes, capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--world-sizes" in err
+
+
+def test_a_run_is_told_when_the_model_prices_another_topology_faster():
+    from launch.costmodel.run import topology_advice, topology_steps
+    wide = ["model.name=wide_mlp", "data.name=synthetic", "hardware.preset=dgx-h100-ndr"]
+    hier = load_config(DGC_CONFIG, wide + ["dgc.topology=hierarchical"])
+    steps = topology_steps(hier, 64, 8)
+    assert set(steps) == {"flat", "hierarchical", "hierarchical with intra_node sparse"}
+    advice = topology_advice(hier, 64, 8)
+    assert advice.startswith("dgc.topology: on preset 'dgx-h100-ndr' at 64 ranks as 8 nodes x 8")
+    assert f"{steps['hierarchical'] / steps['flat']:.1f}x" in advice, advice
+    assert advice.endswith("set dgc.topology=flat") and "\n" not in advice
+    # the fastest topology, one node (every topology is flat there), or a node layout
+    # that is not known: nothing to say
+    assert topology_advice(load_config(DGC_CONFIG, wide), 64, 8) is None
+    assert topology_advice(hier, 8, 8) is None and topology_advice(hier, 64, None) is None
+    # the sparse intra-node stage cannot run beside gtopk: not offered
+    gtopk = load_config(DGC_CONFIG, wide + ["dgc.exchange=gtopk"])
+    assert "hierarchical with intra_node sparse" not in topology_steps(gtopk, 64, 8)

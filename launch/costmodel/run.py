@@ -136,6 +136,60 @@ def resolve_exchange(work: Workload, scheme: str, cluster: Cluster, p: int,
     return best
 
 
+TOPOLOGIES = (("flat", "dgc"), ("hierarchical", "hierarchical-dgc"),
+              ("hierarchical with intra_node sparse", "hierarchical-sparse-dgc"))
+_TOPOLOGY_KEYS = {"flat": "dgc.topology=flat", "hierarchical": "dgc.topology=hierarchical "
+                  "dgc.intra_node=dense", "hierarchical with intra_node sparse":
+                  "dgc.topology=hierarchical dgc.intra_node=sparse"}
+
+
+def topology_steps(cfg: Config, p: int, per_node: int) -> dict[str, float]:
+    """The modelled step (s) of the run's DGC under each topology (``TOPOLOGIES``' labels)
+    on its ``hardware.preset``, at ``p`` ranks of ``per_node`` each; a topology the run's
+    options cannot take (the sparse stage beside gtopk or the sparse allreduce, gtopk over
+    a group that is not a power of two) is left out."""
+    hw = cfg.hardware
+    cluster = dataclasses.replace(load_cluster(hw.preset), per_node=per_node)
+    work = workload(cfg)
+    times = cluster_times(work, cluster, hw)
+    steps = {}
+    for label, scheme in TOPOLOGIES:
+        if scheme == "hierarchical-sparse-dgc":
+            if work.dgc.exchange not in ("allgather", "auto"):
+                continue
+            traffic = tr.hierarchical_sparse_dgc(
+                work.buckets, with_exchange_link(work.dgc, cluster, p), p, per_node,
+                hw.selection_passes, live=work.live)
+        else:
+            traffic = dgc_traffic(work, scheme, cluster, p, hw, per_node)
+        step = step_estimate(traffic, times, cluster, p, hw).step_s
+        if math.isfinite(step):
+            steps[label] = step
+    return steps
+
+
+def topology_advice(cfg: Config, p: int, per_node: int | None, margin: float = 1.1
+                    ) -> str | None:
+    """One line for the run's log when the cost model prices another DGC topology's step
+    at least ``margin`` times faster than the configured one on the run's preset; None on
+    one node (every topology is flat there), or where the configured one is within it."""
+    if per_node is None or p // per_node < 2:
+        return None
+    o = cfg.dgc
+    mine = "flat" if o.topology == "flat" else \
+        "hierarchical with intra_node sparse" if o.intra_node == "sparse" else "hierarchical"
+    steps = topology_steps(cfg, p, per_node)
+    best = min(steps, key=steps.get)
+    if mine not in steps or steps[mine] < margin * steps[best]:
+        return None
+    return (f"dgc.topology: on preset {cfg.hardware.preset!r} at {p} ranks as "
+            f"{p // per_node} nodes x {per_node}, the cost model prices {best} DGC's step at "
+            f"{steps[best] * 1e3:.3g} ms against {steps[mine] * 1e3:.3g} ms for this run's "
+            f"{mine} ({steps[mine] / steps[best]:.1f}x); name your cluster in hardware.preset "
+            f"(python -m launch.estimate compares the topologies), or set "
+            f"{_TOPOLOGY_KEYS[best]}")
+
+
 def with_exchange_link(options: DGCOptions, cluster: Cluster, p: int,
                        inter_only: bool = False) -> DGCOptions:
     """DGC's options with the link its exchanges cross on ``cluster`` (its latency and a
