@@ -138,9 +138,11 @@ def resolve_exchange(work: Workload, scheme: str, cluster: Cluster, p: int,
 
 TOPOLOGIES = (("flat", "dgc"), ("hierarchical", "hierarchical-dgc"),
               ("hierarchical with intra_node sparse", "hierarchical-sparse-dgc"))
-_TOPOLOGY_KEYS = {"flat": "dgc.topology=flat", "hierarchical": "dgc.topology=hierarchical "
-                  "dgc.intra_node=dense", "hierarchical with intra_node sparse":
-                  "dgc.topology=hierarchical dgc.intra_node=sparse"}
+_TOPOLOGY_KEYS = {  # what selects each, as --set arguments
+    "flat": "dgc.topology=flat",
+    "hierarchical": "dgc.topology=hierarchical dgc.intra_node=dense",
+    "hierarchical with intra_node sparse": "dgc.topology=hierarchical dgc.intra_node=sparse",
+}
 
 
 def topology_steps(cfg: Config, p: int, per_node: int) -> dict[str, float]:
