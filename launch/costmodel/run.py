@@ -177,9 +177,7 @@ def topology_advice(cfg: Config, p: int, per_node: int | None, margin: float = 1
     one node (every topology is flat there), or where the configured one is within it."""
     if per_node is None or p // per_node < 2:
         return None
-    o = cfg.dgc
-    mine = "flat" if o.topology == "flat" else \
-        "hierarchical with intra_node sparse" if o.intra_node == "sparse" else "hierarchical"
+    mine = {scheme: label for label, scheme in TOPOLOGIES}[run_scheme(cfg)]
     steps = topology_steps(cfg, p, per_node)
     best = min(steps, key=steps.get)
     if mine not in steps or steps[mine] < margin * steps[best]:
