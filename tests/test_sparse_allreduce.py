@@ -54,6 +54,20 @@ def test_nothing_is_lost_ranks_agree_sgd_at_density_one_and_resume_is_bitwise(wo
         assert same and resumed_sparse > 0
 
 
+def test_an_owner_publishes_at_most_what_it_can_receive():
+    # [2, 8] at p = 2: C2 = 4k would exceed the 2 C1 = 2k pairs an owner receives
+    assert capacities(1000, 2, (2.0, 8.0)) == (1000, 2000)
+    assert capacities(1000, 4, (2.0, 8.0)) == (500, 2000)
+    assert capacities(1000, 8, (2.0, 1.0)) == (250, 125)
+
+
+def test_a_publish_capacity_above_what_an_owner_receives_runs_and_loses_nothing():
+    for errors, agree, sparse in run_ranks(_conservation_rank, 2, [2.0, 8.0], "fp32",
+                                           timeout=300):
+        assert agree and sparse > 0
+        assert max(errors.values()) < 1e-6, errors
+
+
 def _equivalence_and_resume_rank(rank, world_size, exchange="sparse_allreduce", per_node=None,
                                  slices=False, latency_us=0.0):
     ref = MLP()

@@ -6,8 +6,9 @@ into p regions, one per rank, balanced on where the selected entries fall; every
 sends each owner the pairs of its region, the owner sums them and keeps the largest sums,
 and the owners' survivors are allgathered. With capacities ``C1 = ceil(c1 k / p)`` pairs
 per destination and ``C2 = ceil(c2 k / p)`` survivors per owner (``sparse_capacity``, 2 and
-1 by default) a rank sends ``(p - 1) (C1 + C2) ≈ (c1 + c2) k (p - 1) / p`` pairs: 3k(p-1)/p,
-Ok-Topk's bound in pairs, against the allgather's (p - 1) k; it wins from p = 4 on.
+1 by default; C2 at most p C1, all an owner receives) a rank sends ``(p - 1) (C1 + C2) ≈
+(c1 + c2) k (p - 1) / p`` pairs: 3k(p-1)/p, Ok-Topk's bound in pairs, against the
+allgather's (p - 1) k; it wins from p = 4 on.
 
 Every size is fixed by (k, p, capacities), so no step waits on the device and no message
 shape depends on data (an empty slot carries the index ``n``, one past the buffer). What
@@ -49,8 +50,10 @@ BINS_PER_RANK = 32
 
 def capacities(k: int, p: int, factors: tuple[float, float]) -> tuple[int, int]:
     """(C1, C2) of a tensor sending k pairs: slots per destination region, and sums each
-    owner publishes."""
-    return math.ceil(factors[0] * k / p), math.ceil(factors[1] * k / p)
+    owner publishes. An owner receives p C1 pairs, so it has at most that many sums: C2 is
+    capped there."""
+    c1 = math.ceil(factors[0] * k / p)
+    return c1, min(math.ceil(factors[1] * k / p), p * c1)
 
 
 def exchange(group: Group, plan: Plan, flat: Tensor, sent: allgather.Pairs,
