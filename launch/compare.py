@@ -24,7 +24,7 @@ from launch import pareto, tracking
 from launch.cli import OneLineParser
 
 COLUMNS = ["model", "scheme", "setting", "seeds", "test acc (%)", "spread", "bytes sent",
-           "compression", "front"]
+           "compression", "weight density", "wall time (s)", "front"]
 
 
 def load_run(run_dir: Path) -> dict:
@@ -71,20 +71,28 @@ def table_rows(points: list[pareto.SettingPoint]) -> list[list]:
     on_front = {id(p) for members in pareto.fronts(points).values() for p in members}
     rows = []
     for p in points:
-        dense = sum(r["summary"]["comm_bytes_dense"] for r in p.runs) / len(p.runs)
+        def mean(key: str) -> float | None:
+            values = [r["summary"].get(key) for r in p.runs]
+            return None if None in values else sum(values) / len(values)
+
+        dense = mean("comm_bytes_dense")
         rows.append([p.model, p.scheme, p.label, len(p.runs), round(p.accuracy, 2),
                      round(p.spread, 2), p.bytes_sent,
                      round(dense / p.bytes_sent, 1) if p.bytes_sent else None,
+                     mean("weight_density"), mean("wall_time_s"),
                      "yes" if id(p) in on_front else ""])
     return rows
 
 
 def markdown(rows: list[list]) -> str:
+    def maybe(value, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for model, scheme, label, seeds, acc, spread, sent, ratio, on_front in rows:
+    for model, scheme, label, seeds, acc, spread, sent, ratio, density, wall, on_front in rows:
         lines.append(f"| {model} | {scheme} | {label} | {seeds} | {acc:.2f} | {spread:.2f} | "
-                     f"{human_bytes(sent)} | {'-' if ratio is None else f'{ratio:.1f}x'} | "
-                     f"{on_front} |")
+                     f"{human_bytes(sent)} | {maybe(ratio, '.1f')}{'x' * (ratio is not None)} | "
+                     f"{maybe(density, '.3f')} | {maybe(wall, '.0f')} | {on_front} |")
     return "\n".join(lines)
 
 

@@ -223,7 +223,10 @@ def fetch_mnist(cache_dir: str | os.PathLike, progress: bool = False) -> Path:
     and then find the file; it appears only complete (written elsewhere, then renamed).
     """
     folder = Path(cache_dir).expanduser() / "mnist"
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError("data.cache_dir", f"cannot create {folder}: {err.strerror}") from None
     target = folder / "mnist.pkl.gz"
     with _file_lock(folder / ".lock"):
         if not target.is_file():

@@ -13,6 +13,7 @@ takes a YAML file's path).
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from dgc.codec import INDEX_DTYPES, VALUE_DTYPES
 from launch.cli import OneLineParser
@@ -123,6 +124,7 @@ def plot(results: dict, out: str, title: str) -> None:
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     plt.close(fig)
 
@@ -148,7 +150,12 @@ def main(argv=None) -> int:
         print()
         print(table(p, rows, break_even_density(p, value_bytes, index_bytes)))
     if args.out:
-        plot(results, args.out, f"{cfg.model.name} on {load_cluster(hw.preset).name}")
+        try:
+            plot(results, args.out, f"{cfg.model.name} on {load_cluster(hw.preset).name}")
+        except OSError as err:
+            print(f"{PROG}: error: --out: cannot write {args.out}: {err.strerror}",
+                  file=sys.stderr)
+            return 2
         print(f"\nwrote {args.out}")
     return 0
 

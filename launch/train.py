@@ -514,7 +514,10 @@ def run(cfg: Config, env: distenv.DistEnv, resume_from: str | Path | None, devic
         if finished:
             progress.update(epoch=epoch + 1, epoch_samples=0, batches=0)
             loss_sum.zero_()
-        writer.record({tracking.STEP_AXIS: step, "epoch/index": epoch + 1,
+        # an epoch cut short by max_steps counts its fraction, so that a resumed run's own
+        # row for the whole epoch does not repeat the index
+        done = epoch + 1 if finished else epoch + progress["epoch_samples"] / epoch_samples
+        writer.record({tracking.STEP_AXIS: step, "epoch/index": done,
                        "epoch/train_loss": train_loss, "test/accuracy": test_acc,
                        "test/loss": test_loss, "epoch/weight_density": prunable_density(model),
                        "epoch/wall_time_s": time.perf_counter() - started, **comm_row(),
@@ -557,22 +560,30 @@ def run(cfg: Config, env: distenv.DistEnv, resume_from: str | Path | None, devic
 
 
 
+def _config_error(err: ConfigError, env: distenv.DistEnv | None) -> None:
+    """The one line, once per node: every rank reads the same config and world, so the
+    node's other ranks would repeat it (another node may differ, in its files)."""
+    if env is None or env.local_rank == 0:
+        print(f"launch.train: error: {err}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    env = None
     try:
         env = distenv.detect()
         logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
                             format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
         cfg, resume_from = resolve_config(args)
     except ConfigError as err:
-        print(f"launch.train: error: {err}", file=sys.stderr)
+        _config_error(err, env)
         return 2
     device = distenv.init(env)
     try:
         summary = run(cfg, env, resume_from, device)
         distenv.quiesce()
     except ConfigError as err:  # e.g. a sparsity layer pattern that matches no parameter
-        print(f"launch.train: error: {err}", file=sys.stderr)
+        _config_error(err, env)
         return 2
     except Diverged as err:
         if env.is_main:

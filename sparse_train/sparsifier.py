@@ -99,6 +99,9 @@ class Sparsifier:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  options: SparsityOptions):
+        if not isinstance(unwrap(model), nn.Module):
+            raise TypeError(f"sparse_train.attach: expected a torch.nn.Module, "
+                            f"got {type(model).__name__}")
         self.options = options
         self.method = build_method(options)
         # Accelerate's and Lightning's optimizer wrappers never run torch's step hooks

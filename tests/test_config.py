@@ -29,6 +29,13 @@ def test_int_is_accepted_where_float_is_expected_but_not_the_reverse():
         load_config(None, ["train.epochs=2.5"])
 
 
+@pytest.mark.parametrize("override", ["train.lr=.inf", "train.weight_decay=.nan",
+                                      "dgc.density=-.inf"])
+def test_a_float_key_must_be_finite(override):
+    with pytest.raises(ConfigError, match="must be a finite number"):
+        load_config(REPO / "configs/mnist_lenet300_dgc.yaml", [override])
+
+
 def test_a_value_cannot_be_treated_as_a_section():
     data = {"train": {"lr": 0.1}}
     with pytest.raises(ConfigError, match="'train.lr': is a value, not a section"):

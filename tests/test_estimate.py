@@ -12,7 +12,7 @@ DGC_CONFIG = str(REPO / "configs/mnist_lenet300_dgc.yaml")
 
 
 def test_prints_a_table_per_world_size_and_writes_the_chart(tmp_path, capsys):
-    out = tmp_path / "speedup.png"
+    out = tmp_path / "charts" / "speedup.png"  # the folder is made
     code = estimate.main(["--config", DGC_CONFIG, "--hardware", "dgx-h100-ndr",
                           "--world-sizes", "1,16", "--out", str(out)])
     printed = capsys.readouterr().out
@@ -22,7 +22,8 @@ def test_prints_a_table_per_world_size_and_writes_the_chart(tmp_path, capsys):
                    "dgc d=0.001 fp16/int32 allgather", "dgc d=0.001 fp16/int32 sparse_allreduce",
                    "dgc d=0.001 fp16/int32 gtopk",
                    "hierarchical dense", "hierarchical dgc d=0.001 fp16/int32 auto",
-                   "hierarchical sparse-intra dgc d=0.001 fp16/int32", "2:4 masked, realistic", "2:4 masked, theoretical"):
+                   "hierarchical sparse-intra dgc d=0.001 fp16/int32", "2:4 masked, realistic",
+                   "2:4 masked, theoretical"):
         assert printed.count(f"| {scheme} |") == 2, scheme
     assert "| dense fp32 | 0 B | 0 |" in printed  # one rank sends nothing
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -48,6 +49,14 @@ def test_a_non_positive_bandwidth_is_one_line_and_status_2(tmp_path, capsys):
     assert estimate.main(["--config", DGC_CONFIG, "--hardware", str(preset)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "bandwidth_gbytes': must be > 0" in err
+
+
+def test_an_unwritable_chart_is_one_line_and_status_2(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "speedup.png"  # a folder that is a file
+    assert estimate.main(["--config", DGC_CONFIG, "--world-sizes", "8", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--out: cannot write" in err
 
 
 @pytest.mark.parametrize("sizes", ["0,8", "8,x", ""])

@@ -199,6 +199,7 @@ def test_dgc_and_sparsity_runs_report_their_bytes_and_density(tmp_path):
                              "divide the world size 1"),
     ("sparsity.method=prune", "config key 'sparsity.method': must be one of"),
     ("sparsity.layers=[nothing.*]", "config key 'sparsity.layers[0]'"),
+    ("data.cache_dir=/proc/nope", "config key 'data.cache_dir': cannot create"),
 ])
 def test_plugin_option_errors_are_one_line_with_exit_2(tmp_path, override, message):
     proc = train(REPO / "configs/quickstart.yaml", override, f"out_dir={tmp_path / 'r'}",

@@ -39,6 +39,12 @@ def test_bad_options_raise_one_line_config_error_naming_the_key(options, key):
     assert f"'{key}'" in str(info.value)
 
 
+def test_something_other_than_a_module_is_a_one_line_type_error():
+    with pytest.raises(TypeError, match="^sparse_train.attach: expected a torch.nn.Module, "
+                                        "got NoneType$"):
+        sparse_train.attach(None, None, method="gmp")
+
+
 def test_a_method_no_selected_layer_can_take_is_an_error():
     model = nn.Sequential(nn.Linear(6, 3))
     with pytest.raises(ConfigError, match="0.weight: in_features = 6 is not a multiple"):
