@@ -503,7 +503,8 @@ def run(cfg: Config, env: distenv.DistEnv, resume_from: str | Path | None, devic
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
                 save_checkpoint()
             if step >= total_steps:
-                finished = False
+                # max_steps on the epoch's last step still finishes the epoch
+                finished = progress["batches"] >= steps_per_epoch
                 break
         bar.close()
         guard.check()

@@ -132,6 +132,17 @@ def test_a_two_rank_checkpoint_continues_on_another_world_size(tmp_path, nproc):
     assert common["progress"]["epoch"] == 3 and len(shards) == nproc
 
 
+def test_max_steps_on_an_epochs_last_step_finishes_that_epoch(tmp_path):
+    # one process, 512 samples in batches of 32: 16 steps an epoch
+    run = tmp_path / "run"
+    train(REPO / "configs/mnist_lenet300_dense.yaml", *SYNTHETIC, "train.epochs=2",
+          "train.max_steps=16", f"out_dir={run}")
+    assert checkpoint.read(run)[0]["progress"]["epoch"] == 1
+    train(None, "train.max_steps=null", extra_args=["--resume", str(run)])
+    _, metrics = read_run(run)
+    assert [m["epoch/index"] for m in metrics if "epoch/index" in m] == [1, 2]
+
+
 # -- divergence ------------------------------------------------------------------------------
 
 def _strict_json_lines(path):
