@@ -216,7 +216,11 @@ def load_weights(model: torch.nn.Module, path: str | Path, key: str) -> None:
         except FileNotFoundError:
             raise ConfigError(key, f"no checkpoint under {path}") from None
     elif path.is_file():
-        state = load(path)
+        try:
+            state = load(path)
+        except Exception as err:  # torch.load: pickle, zip or EOF errors, by file
+            raise ConfigError(key, f"{path} is not a checkpoint or weights file "
+                                   f"({type(err).__name__})") from None
     else:
         raise ConfigError(key, f"no checkpoint or weights file at {path}")
     state = state.get("model", state) if isinstance(state, dict) else state

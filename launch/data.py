@@ -149,7 +149,11 @@ def _mnist_splits(cfg: DataConfig, progress: bool) -> RawSplits:
     root = Path(cfg.root).expanduser()
     pickled = root if root.is_file() else root / "mnist.pkl.gz"
     if pickled.is_file():
-        return _read_mnist_pickle(pickled)
+        try:
+            return _read_mnist_pickle(pickled)
+        except (OSError, EOFError, pickle.UnpicklingError, ValueError) as err:
+            raise ConfigError("data.root", f"{pickled} is not MNIST's gzipped pickle "
+                                           f"({type(err).__name__}: {err})") from None
     for raw in (root / "MNIST" / "raw", root):
         if _idx_path(raw, "train-images-idx3-ubyte") is not None:
             return _read_mnist_idx(raw)
@@ -231,7 +235,10 @@ def fetch_mnist(cache_dir: str | os.PathLike, progress: bool = False) -> Path:
     with _file_lock(folder / ".lock"):
         if not target.is_file():
             _download_mnist_pickle(target, progress)
-    _verify_sha256(target, MNIST_PICKLE_SHA256, hint="delete it to fetch it again")
+    try:
+        _verify_sha256(target, MNIST_PICKLE_SHA256, hint="delete it to fetch it again")
+    except RuntimeError as err:  # a damaged or foreign file in the cache
+        raise ConfigError("data.cache_dir", str(err)) from None
     return target
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from launch import checkpoint, tracking
-from launch.cli import OneLineParser
+from launch.cli import OneLineParser, lock_file, output_dir
 from launch.config import config_to_dict, load_config
 from launch.data import data_info
 from launch.models import build_model
@@ -104,7 +104,12 @@ class Lottery:
         elif not rewind.is_file():
             # Stop at step S, keep the weights, then continue the same run to the end.
             self.train(where, sets + [f"train.max_steps={self.args.rewind_step}"])
-            checkpoint.save_atomic(checkpoint.run_state(where)["model"], rewind)
+            state = checkpoint.run_state(where)
+            if state["progress"]["step"] < self.args.rewind_step:  # the run ended before it
+                shutil.rmtree(where)  # its end is not the step asked for: not a rewind point
+                raise ConfigError("--rewind-step", f"{self.args.rewind_step} is past the run's "
+                                  f"last step, {state['progress']['step']}")
+            checkpoint.save_atomic(state["model"], rewind)
             (where / "summary.json").unlink()
         done, end = where / "summary.json", self.cfg.train.max_steps
         summary = json.loads(done.read_text()) if done.is_file() else \
@@ -271,12 +276,16 @@ def main(argv=None) -> int:
             raise ConfigError("", f"--rewind-step {args.rewind_step} is not before the run's "
                                   f"last step (train.max_steps = {cfg.train.max_steps})")
         lottery = Lottery(args, cfg)
+        lock_file(args.lock)
+        output_dir(args.out_dir, "--out-dir")
     except ConfigError as err:
         print(f"launch.lottery: error: {err}", file=sys.stderr)
         return 2
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     try:
         rows = lottery.run()
+    except ConfigError as err:
+        print(f"launch.lottery: error: {err}", file=sys.stderr)
+        return 2
     except RuntimeError as err:
         print(f"launch.lottery: {err}", file=sys.stderr)
         return 1

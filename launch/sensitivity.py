@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 import sparse_train
 from launch import checkpoint
-from launch.cli import OneLineParser
+from launch.cli import OneLineParser, output_dir
 from launch.config import load_config
 from launch.data import data_info, load_splits
 from launch.models import build_model
@@ -172,6 +172,7 @@ def _run(args, ratios: list[float]) -> int:
     info = data_info(cfg.data)
     model = build_model(cfg.model, info.input_shape, info.num_classes)
     checkpoint.load_weights(model, args.checkpoint, "--checkpoint")
+    out = output_dir(args.out or run_dir / "sensitivity", "--out")  # before the scan
     splits = load_splits(cfg.data, progress=True)
     split = "val" if "val" in splits else "test"
     loader = DataLoader(splits[split], batch_size=1000)
@@ -183,8 +184,6 @@ def _run(args, ratios: list[float]) -> int:
           f"pruned by {method}, evaluated on the {split} split", flush=True)
     base, table = scan(model, loader, torch.device("cpu"), method, options, layers, ratios)
     proposal = propose(base, table, args.max_drop)
-    out = args.out or run_dir / "sensitivity"
-    out.mkdir(parents=True, exist_ok=True)
     text = markdown(base, table, ratios, proposal, args.max_drop, split)
     section = {"sparsity": {"method": method, "layers": list(proposal),
                             "target": list(proposal.values())}}

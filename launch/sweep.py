@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from launch.cli import OneLineParser
+from launch.cli import OneLineParser, lock_file, output_dir
 from launch.config import load_config
 from launch.pareto import spread
 from sparse_comm.schema import ConfigError
@@ -90,9 +90,19 @@ def settings(grid: list[tuple[str, list[str]]]) -> list[Setting]:
             for combo in itertools.product(*(values for _, values in grid))]
 
 
+# keys the sweep sets for every run, and the flags that choose them
+OWN_KEYS = {"train.seed": "--seeds", "out_dir": "--out-dir", "run_name": "--name",
+            "wandb.group": "--name"}
+
+
 def check(config: Path, base_sets: list[str], points: list[Setting]) -> None:
     """Build every setting's config once, so a bad key or value stops the sweep before
     it trains anything."""
+    keys = [item.partition("=")[0].strip() for item in base_sets]
+    keys += [key for point in points[:1] for key, _ in point.overrides]
+    for key in keys:
+        if key in OWN_KEYS:
+            raise ConfigError(key, f"is set by the sweep for each run; use {OWN_KEYS[key]}")
     for point in points:
         load_config(config, base_sets + point.sets())
 
@@ -194,10 +204,11 @@ def main(argv=None) -> int:
     try:
         points = settings(parse_grid(args.grid))
         check(args.config, args.overrides, points)
+        lock_file(args.lock)
+        output_dir(out_dir, "--out-dir")
     except ConfigError as err:
         print(f"launch.sweep: error: {err}", file=sys.stderr)
         return 2
-    out_dir.mkdir(parents=True, exist_ok=True)
     jobs = [(point, seed) for point in points for seed in seeds]
     failed = []
     for i, (point, seed) in enumerate(jobs, 1):

@@ -18,7 +18,8 @@ class ConfigError(ValueError):
 
     def __init__(self, key: str, problem: str):
         self.key, self.problem = key, problem
-        super().__init__(f"config key '{key}': {problem}" if key else problem)
+        where = f"argument {key}" if key.startswith("-") else f"config key '{key}'"
+        super().__init__(f"{where}: {problem}" if key else problem)
 
 
 def _type_name(tp: Any) -> str:

@@ -61,6 +61,9 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer,
     ``sparsity:`` section) overridden by keyword ``fields``; mistakes raise
     ``sparse_comm.schema.ConfigError`` naming the key. The first masks are applied at once.
     """
+    if not (options is None or isinstance(options, (SparsityOptions, Mapping))):
+        raise TypeError(f"sparse_train.attach: options must be a SparsityOptions or a mapping, "
+                        f"got {type(options).__name__} (pass method=... as a keyword)")
     merged = dataclasses.asdict(options) if dataclasses.is_dataclass(options) \
         else dict(options or {})
     merged.update(fields)

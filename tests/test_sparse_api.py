@@ -39,10 +39,15 @@ def test_bad_options_raise_one_line_config_error_naming_the_key(options, key):
     assert f"'{key}'" in str(info.value)
 
 
-def test_something_other_than_a_module_is_a_one_line_type_error():
+def test_a_wrong_model_optimizer_or_options_is_a_one_line_type_error():
     with pytest.raises(TypeError, match="^sparse_train.attach: expected a torch.nn.Module, "
                                         "got NoneType$"):
         sparse_train.attach(None, None, method="gmp")
+    model = mlp()
+    with pytest.raises(TypeError, match="expected a torch optimizer, got NoneType"):
+        sparse_train.attach(model, None, method="gmp")
+    with pytest.raises(TypeError, match="options must be a SparsityOptions or a mapping, got str"):
+        sparse_train.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), "nm")
 
 
 def test_a_method_no_selected_layer_can_take_is_an_error():

@@ -91,6 +91,19 @@ def test_export_from_plain_model_reads_masks_off_the_nonzeros():
         sparse_train.export(torch.nn.Sequential(model[0], torch.nn.Linear(6, 2)), format="nm")
 
 
+@pytest.mark.parametrize("kwargs,error,message", [
+    (dict(format="nm", n=3, m=2), ValueError, "1 <= n <= m, got n=3, m=2"),
+    (dict(format="nm", n=0), ValueError, "1 <= n <= m, got n=0, m=4"),
+    (dict(format="bsr", blocksize=(0, 0)), ValueError, "blocksize must be two integers >= 1"),
+    (dict(format="bsr", blocksize=-1), ValueError, "blocksize must be two integers >= 1"),
+])
+def test_export_arguments_are_checked_in_one_line(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        sparse_train.export(mlp(), **kwargs)
+    with pytest.raises(TypeError, match="expected a model or a Sparsifier, got NoneType"):
+        sparse_train.export(None)
+
+
 def test_storage_bytes_per_format():
     w = torch.zeros(4, 8)
     w[0, :2] = 1.0

@@ -275,6 +275,18 @@ def test_shrink_without_a_sparsifier_removes_channels_whose_readers_are_zero():
         torch.testing.assert_close(small(x), model(x), rtol=0, atol=1e-5)
 
 
+def test_shrink_refuses_a_non_module_and_another_models_sparsifier():
+    model = conv_net()
+    with pytest.raises(TypeError, match="expected a torch.nn.Module, got NoneType"):
+        sparse_train.shrink(None)
+    with pytest.raises(TypeError, match="expected a Sparsifier or None, got str"):
+        sparse_train.shrink(model, "x")
+    other = mlp()
+    sp = sparse_train.attach(other, torch.optim.SGD(other.parameters(), lr=0.1), method="gmp")
+    with pytest.raises(ValueError, match="masks are not this model's"):
+        sparse_train.shrink(model, sp)
+
+
 # --- checkpoints and the nonzero method -----------------------------------------------
 
 @pytest.mark.parametrize("method", list(STRUCTURED))

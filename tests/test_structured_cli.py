@@ -43,6 +43,12 @@ def run_tool(module: str, *args: str) -> subprocess.CompletedProcess:
      "sparsity.method"),
     ("launch.lottery", ["--rounds", "2", "--set", "train.max_steps=5", "--rewind-step", "9"],
      "--rewind-step"),
+    ("launch.sensitivity", ["--checkpoint", str(REPO / "README.md")],
+     "is not a checkpoint or weights file"),
+    ("launch.lottery", ["--rounds", "1", "--out-dir", str(REPO / "README.md" / "lot")],
+     "argument --out-dir: cannot make the folder"),
+    ("launch.lottery", ["--rounds", "1", "--lock", str(REPO / "configs")],
+     "argument --lock: cannot open"),
 ])
 def test_config_mistakes_are_one_line_and_exit_status_2(module, args, needle, tmp_path):
     proc = run_tool(module, "--config", str(LENET300), *args)
@@ -70,6 +76,18 @@ def test_sensitivity_scans_every_layer_of_a_trained_run(tmp_path):
     assert result["proposal"] == {"fc1.weight": 0.9, "fc2.weight": 0.9, "fc3.weight": 0.9}
     assert (run / "sensitivity" / "sensitivity.png").stat().st_size > 0
     assert "target: [0.9, 0.9, 0.9]" in proc.stdout
+
+
+def test_a_rewind_step_past_the_runs_end_is_one_line_and_exit_2(tmp_path):
+    out = tmp_path / "lot"  # 16 steps in all
+    proc = run_tool("launch.lottery", "--config", str(LENET300), "--rounds", "1",
+                    "--rewind-step", "100", "--out-dir", str(out),
+                    *sum((["--set", s] for s in TINY + ["wandb.mode=disabled"]), []))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == ("launch.lottery: error: argument "
+                                                    "--rewind-step: 100 is past the run's "
+                                                    "last step, 16")
+    assert not (out / "rewind.pt").exists() and not (out / "round00").exists()
 
 
 def test_lottery_rewinds_prunes_and_runs_the_random_reinit_control(tmp_path):

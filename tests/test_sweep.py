@@ -61,6 +61,9 @@ def test_a_sweep_runs_each_setting_and_seed_once_and_resumes(tmp_path):
     (["--grid", "train.lr=-1"], "config key 'train.lr': must be > 0"),
     (["--grid", "train.lr"], "--grid expects KEY=V1,V2"),
     (["--seeds", "a,b"], "--seeds expects comma-separated integers"),
+    (["--grid", "train.seed=1,2"], "config key 'train.seed': is set by the sweep"),
+    (["--lock", str(REPO / "configs")], "argument --lock: cannot open"),
+    (["--out-dir", str(REPO / "README.md")], "argument --out-dir: cannot make the folder"),
 ])
 def test_a_bad_grid_is_one_line_and_exit_2_before_any_run(tmp_path, args, message):
     proc = sweep(tmp_path, *args, timeout=60)
