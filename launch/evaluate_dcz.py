@@ -65,7 +65,7 @@ def main(argv=None) -> int:
         except (OSError, ValueError) as err:
             raise ConfigError("", f"{args.file}: {err}") from None
         model, data_cfg = model_and_data(compressed, args)
-        _, test_set, _ = load_datasets(data_cfg)
+        _, test_set, _ = load_datasets(data_cfg, progress=True)
     except ConfigError as err:
         print(f"launch.evaluate_dcz: error: {err}", file=sys.stderr)
         return 2

@@ -588,8 +588,10 @@ def main(argv=None) -> int:
         return 2
     except Diverged as err:
         if env.is_main:
-            print(f"launch.train: error: {err}; stopped (train.on_nonfinite: stop), the last "
-                  f"checkpoint under {checkpoint.root(cfg.out_dir)} is from before it",
+            saved = checkpoint.root(cfg.out_dir)
+            before = (f"the last checkpoint under {saved} is from before it"
+                      if any(saved.glob("step-*")) else "no checkpoint was written before it")
+            print(f"launch.train: error: {err}; stopped (train.on_nonfinite: stop), {before}",
                   file=sys.stderr)
         return 3
     finally:

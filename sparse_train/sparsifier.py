@@ -115,9 +115,10 @@ class Sparsifier:
         for name, reason in self.skipped.items():
             log.info("sparse_train: %s stays dense: %s", name, reason)
         if not self.params:
+            why = "; ".join(f"{name}: {why}" for name, why in self.skipped.items())
             raise ConfigError("layers", f"no selected layer can take method "
-                              f"{options.method!r}: " + "; ".join(
-                                  f"{name}: {why}" for name, why in self.skipped.items()))
+                              f"{options.method!r}: " + (why or "the model has no weight "
+                                                         "matrix or filter to prune"))
         self.masks: dict[str, Tensor] = {
             name: torch.ones_like(p, dtype=torch.bool) for name, p in self.params.items()}
         self._dense: dict[str, Tensor] = {}

@@ -159,9 +159,17 @@ def test_a_diverging_run_stops_with_exit_3_and_keeps_its_last_good_checkpoint(tm
     assert proc.returncode == 3, proc.stderr[-2000:]
     lines = [ln for ln in proc.stderr.strip().splitlines() if "error" in ln]
     assert len(lines) == 1 and "non-finite loss or gradient at step" in lines[0], proc.stderr
+    assert "the last checkpoint under" in lines[0]
     common, _ = checkpoint.read(out)
     assert all(torch.isfinite(t).all() for t in common["model"].values())
     _strict_json_lines(out / "metrics.jsonl")
+
+
+def test_a_run_diverging_before_its_first_checkpoint_says_there_is_none(tmp_path):
+    proc = train(REPO / "configs/quickstart.yaml", *SYNTHETIC, "train.lr=1000",
+                 "train.log_every=1", f"out_dir={tmp_path / 'run'}", check=False, timeout=300)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "no checkpoint was written before it" in proc.stderr
 
 
 def test_skip_mode_skips_non_finite_steps_on_every_rank_and_counts_them(tmp_path):
