@@ -67,19 +67,21 @@ def human_bytes(n: float) -> str:
         n /= 1000
 
 
+def _mean(runs: list[dict], key: str) -> float | None:
+    """The runs' mean of a summary entry; None if a run lacks it."""
+    values = [r["summary"].get(key) for r in runs]
+    return None if None in values else sum(values) / len(values)
+
+
 def table_rows(points: list[pareto.SettingPoint]) -> list[list]:
     on_front = {id(p) for members in pareto.fronts(points).values() for p in members}
     rows = []
     for p in points:
-        def mean(key: str) -> float | None:
-            values = [r["summary"].get(key) for r in p.runs]
-            return None if None in values else sum(values) / len(values)
-
-        dense = mean("comm_bytes_dense")
+        dense = _mean(p.runs, "comm_bytes_dense")
         rows.append([p.model, p.scheme, p.label, len(p.runs), round(p.accuracy, 2),
                      round(p.spread, 2), p.bytes_sent,
                      round(dense / p.bytes_sent, 1) if p.bytes_sent else None,
-                     mean("weight_density"), mean("wall_time_s"),
+                     _mean(p.runs, "weight_density"), _mean(p.runs, "wall_time_s"),
                      "yes" if id(p) in on_front else ""])
     return rows
 

@@ -278,11 +278,7 @@ def main(argv=None) -> int:
         lottery = Lottery(args, cfg)
         lock_file(args.lock)
         output_dir(args.out_dir, "--out-dir")
-    except ConfigError as err:
-        print(f"launch.lottery: error: {err}", file=sys.stderr)
-        return 2
-    try:
-        rows = lottery.run()
+        rows = lottery.run()  # a --rewind-step past the run's end shows only here
     except ConfigError as err:
         print(f"launch.lottery: error: {err}", file=sys.stderr)
         return 2

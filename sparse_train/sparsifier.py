@@ -99,7 +99,8 @@ class Sparsifier:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  options: SparsityOptions):
-        if not isinstance(unwrap(model), nn.Module):
+        module = unwrap(model)
+        if not isinstance(module, nn.Module):
             raise TypeError(f"sparse_train.attach: expected a torch.nn.Module, "
                             f"got {type(model).__name__}")
         # Accelerate's and Lightning's optimizer wrappers never run torch's step hooks
@@ -110,8 +111,8 @@ class Sparsifier:
         self.options = options
         self.method = build_method(options)
         self.optimizer = optimizer
-        selected = select_weights(unwrap(model), options.layers)
-        self.params, self.skipped = self.method.bind(unwrap(model), selected)
+        selected = select_weights(module, options.layers)
+        self.params, self.skipped = self.method.bind(module, selected)
         for name, reason in self.skipped.items():
             log.info("sparse_train: %s stays dense: %s", name, reason)
         if not self.params:
