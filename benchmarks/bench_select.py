@@ -31,7 +31,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dgc.select import ThresholdState, select_topk  # noqa: E402
+from launch.cli import OneLineParser, integer, output_dir, real, reals  # noqa: E402
 from sparse_comm import draws  # noqa: E402
+from sparse_comm.schema import ConfigError  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SUFFIXES = {"K": 10**3, "M": 10**6, "G": 10**9}
@@ -44,6 +46,28 @@ def parse_size(text: str) -> int:
     scale = SUFFIXES.get(text[-1:], 1)
     number = text[:-1] if text[-1:] in SUFFIXES else text
     return int(float(number) * scale)
+
+
+def sizes(text: str) -> list[int]:
+    """``--sizes``: comma-separated element counts >= 1, K/M/G suffixes allowed."""
+    problem = argparse.ArgumentTypeError(
+        f"expected comma-separated element counts >= 1 (K/M/G allowed), got {text!r}")
+    try:
+        numels = [parse_size(s) for s in text.split(",")]
+    except (ValueError, OverflowError):
+        raise problem from None
+    if min(numels) < 1:
+        raise problem
+    return numels
+
+
+def device(text: str) -> str:
+    """``--device``: one this torch can allocate on."""
+    try:
+        torch.empty(0, device=text)
+    except (RuntimeError, AssertionError):
+        raise argparse.ArgumentTypeError(f"not a device this torch can use: {text!r}") from None
+    return text
 
 
 def naive_select(x: torch.Tensor, k: int, sample_ratio: float = 0.01) -> torch.Tensor:
@@ -127,46 +151,44 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="1M,4M,16M,25M,64M",
+    parser = OneLineParser(prog="bench_select", description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=sizes, default="1M,4M,16M,25M,64M",
                         help="comma-separated element counts, K/M/G suffixes allowed")
-    parser.add_argument("--densities", default="0.01,0.001", help="comma-separated k/numel")
+    parser.add_argument("--densities", type=reals(0, 1, low_open=True), default="0.01,0.001",
+                        help="comma-separated k/numel")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=11)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--sample-ratio", type=float, default=0.01)
+    parser.add_argument("--device", type=device, default="cpu")
+    parser.add_argument("--repeats", type=integer(1), default=11)
+    parser.add_argument("--warmup", type=integer(0), default=2)
+    parser.add_argument("--sample-ratio", type=real(0, 1, low_open=True), default=0.01)
     parser.add_argument("--methods", default=",".join(METHODS),
                         help=f"comma-separated subset of {','.join(METHODS)} "
                              "(the read pass always runs: it is the unit)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--threads", type=integer(0), default=0,
+                        help="torch threads (0: default)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes and few repeats: checks the script runs")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
     if args.quick:
-        args.sizes, args.repeats, args.warmup = "300K", 3, 1
-    try:
-        sizes = [parse_size(s) for s in args.sizes.split(",")]
-        densities = [float(d) for d in args.densities.split(",")]
-    except ValueError as e:
-        parser.error(f"--sizes/--densities: {e}")
-    if any(s < 1 for s in sizes) or any(not 0 < d <= 1 for d in densities):
-        parser.error("--sizes must be positive and --densities in (0, 1]")
+        args.sizes, args.repeats, args.warmup = [300_000], 3, 1
     chosen = args.methods.split(",")
     if not set(chosen) <= set(METHODS):
         parser.error(f"--methods: unknown {sorted(set(chosen) - set(METHODS))}; "
                      f"choose from {','.join(METHODS)}")
-    if args.repeats < 1:
-        parser.error("--repeats must be at least 1")
+    if args.json:
+        try:
+            output_dir(args.json.parent, "--json")
+        except ConfigError as err:
+            parser.error(str(err))
     if args.threads:
         torch.set_num_threads(args.threads)
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device "
           f"{args.device}, {args.dtype}, median of {args.repeats} (interleaved)", flush=True)
     rows = []
-    for numel in sizes:
-        for density in densities:
+    for numel in args.sizes:
+        for density in args.densities:
             rows += time_case(numel, density, DTYPES[args.dtype], args.device, args.repeats,
                               args.warmup, args.sample_ratio, chosen)
     print()

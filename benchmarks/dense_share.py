@@ -11,7 +11,6 @@ two records after that step; "ratio" is what plain DDP would send over what DGC 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -19,6 +18,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from benchmarks.accuracy import commit, run_one  # noqa: E402
+from launch.cli import OneLineParser, output_dir  # noqa: E402
+from sparse_comm.schema import ConfigError  # noqa: E402
 
 SHAPES_ONLY = ["data.name=synthetic", "data.synthetic_train_size=5120",
                "data.synthetic_test_size=64", "train.epochs=1", "train.log_every=5",
@@ -43,10 +44,14 @@ def per_step(run_dir: Path) -> dict[str, float]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="dense_share", description=__doc__.split("\n\n")[0])
     p.add_argument("--out-dir", type=Path, default=Path("runs/dense_share"))
     p.add_argument("--reuse", action="store_true", help="keep finished runs in --out-dir")
     args = p.parse_args(argv)
+    try:
+        output_dir(args.out_dir, "--out-dir")
+    except ConfigError as err:
+        p.error(str(err))
     lines = [f"Commit {commit()}. Per rank and step, after the dense Adam step.", "",
              "| run | sent (B) | tensors sent whole (B) | their share | plain DDP (B) | "
              "ratio | ratio without them |", "|---|---:|---:|---:|---:|---:|---:|"]
@@ -60,7 +65,6 @@ def main(argv=None) -> int:
                      f"{b['bytes_dense'] / pairs:.0f}x |")
     table = "\n".join(lines)
     print(table)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "results.md").write_text(table + "\n")
     return 0
 

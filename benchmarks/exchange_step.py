@@ -17,27 +17,35 @@ nodes are only names here: every rank is on loopback).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import resource
 import statistics
 import sys
 import time
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+from launch.cli import OneLineParser, existing_dir, integer  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = OneLineParser(prog="exchange_step", description=__doc__.split("\n\n")[0])
     p.add_argument("--exchange", default="allgather",
                    choices=("allgather", "sparse_allreduce", "gtopk"))
-    p.add_argument("--steps", type=int, default=15)
+    p.add_argument("--steps", type=integer(1), default=15)
     p.add_argument("--quick", action="store_true", help="LeNet-300-100, 2 steps (CI)")
-    p.add_argument("--repo", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    p.add_argument("--repo", type=existing_dir, default=REPO)
     p.add_argument("--bucket-view", action="store_true",
                    help="DDP(gradient_as_bucket_view=True), as launch.train builds it")
     p.add_argument("--intra-node", choices=("dense", "sparse"),
                    help="the hierarchical topology, 2 ranks per node, with this intra-node stage")
-    args = p.parse_args()
-    sys.path.insert(0, args.repo)
+    args = p.parse_args(argv)
+    if not (args.repo / "dgc").is_dir():
+        p.error(f"--repo: no dgc package in {args.repo}")
+    sys.path.insert(0, str(args.repo))
+    for name in [m for m in sys.modules if m.split(".")[0] in ("launch", "sparse_comm")]:
+        del sys.modules[name]  # the parser's: --repo's own are imported below
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F

@@ -12,7 +12,6 @@ removed channel, not a pruned position of a kept one.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -22,6 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from launch import checkpoint  # noqa: E402
+from launch.cli import OneLineParser, existing_dir, output_dir  # noqa: E402
+from sparse_comm.schema import ConfigError  # noqa: E402
 
 KINDS = ("filters", "channels", "shapes")
 
@@ -46,13 +47,21 @@ def count(state: dict[str, torch.Tensor]) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR")
+    p = OneLineParser(prog="group_counts", description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", type=existing_dir, nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
+    try:
+        states = [(run, checkpoint.run_state(run)) for run in args.runs]
+    except FileNotFoundError as err:
+        p.error(f"RUN_DIR: {err}")
+    if args.out:
+        try:
+            output_dir(args.out.parent, "--out")
+        except ConfigError as err:
+            p.error(str(err))
     out = {}
-    for run in args.runs:
-        ckpt = checkpoint.run_state(run)
+    for run, ckpt in states:
         out[str(run)] = {"test_accuracy": ckpt["progress"]["test_accuracy"], **count(ckpt["model"])}
         total = out[str(run)]["total"]
         print(f"{run}: {100 * out[str(run)]['test_accuracy']:.2f}%, "
@@ -62,7 +71,6 @@ def main(argv=None) -> int:
         for layer, row in out[str(run)]["layers"].items():
             print(f"    {layer}: " + ", ".join(f"{k} {v}" for k, v in row.items()))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=2) + "\n")
     return 0
 

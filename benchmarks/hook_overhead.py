@@ -9,7 +9,6 @@ backward pass of the same model is timed with a hook that returns the gradients 
 indices, warm-up over); the difference is the time DGC spends clipping, accumulating,
 selecting, packing, unpacking and applying momentum. Medians over the steps.
 """
-import argparse
 import statistics
 import time
 
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import dgc
+from launch.cli import OneLineParser, integer
 from launch.distenv import exit_process, quiesce
 from launch.models import ModelConfig, build_model
 
@@ -54,10 +54,10 @@ def backward_times(model_cfg, input_shape, batch, steps, use_dgc) -> list[float]
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="hook_overhead", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--steps", type=int, default=15)
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=integer(1), default=15)
+    p.add_argument("--batch", type=integer(1), default=64)
     args = p.parse_args(argv)
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     if args.quick:

@@ -64,12 +64,15 @@ from benchmarks.linkbench_worker import (CALIBRATION, DGC_OPTIONS,  # noqa: E402
                                          parse_scheme, partners)
 from benchmarks.swapprobe import fit_rounds, rounds_time  # noqa: E402
 from dgc.options import DGCOptions  # noqa: E402
+from launch.cli import (OneLineParser, existing_file, integer, integers,  # noqa: E402
+                        output_dir, positive)
 from launch.costmodel import traffic as tr  # noqa: E402
 from launch.costmodel.collectives import (ring_hops, sequence_time,  # noqa: E402
                                           token_bucket_time)
 from launch.costmodel.hardware import Cluster, load_cluster  # noqa: E402
 from launch.costmodel.storage import expected_masks  # noqa: E402
 from launch.models import build_model  # noqa: E402
+from sparse_comm.schema import ConfigError  # noqa: E402
 from sparse_train.options import SparsityOptions  # noqa: E402
 
 SECTION = "## Link benchmark"
@@ -504,10 +507,10 @@ def report(run: dict) -> list[str]:
 # --- main ---------------------------------------------------------------------------------
 
 def parse(argv) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="linkbench", description=__doc__.split("\n\n")[0])
     p.add_argument("--rates", default="100mbit,1gbit", help="tc rates, comma-separated")
-    p.add_argument("--world-sizes", default="2,4")
-    p.add_argument("--ranks-per-node", type=int, default=1,
+    p.add_argument("--world-sizes", type=integers(2), default="2,4")
+    p.add_argument("--ranks-per-node", type=integer(1), default=1,
                    help="ranks sharing each namespace (a node): 2 gives the two-node "
                         "testbed of the hierarchical schemes")
     p.add_argument("--no-idle-slow-start", action="store_true",
@@ -515,18 +518,18 @@ def parse(argv) -> argparse.Namespace:
                         "(net.ipv4.tcp_slow_start_after_idle=0 in every namespace)")
     p.add_argument("--models", default="lenet300,wide_mlp")
     p.add_argument("--schemes", default=",".join(SCHEMES))
-    p.add_argument("--steps", type=int, default=20, help="timed steps per scheme")
-    p.add_argument("--interleave", type=int, default=1, metavar="BLOCKS",
+    p.add_argument("--steps", type=integer(1), default=20, help="timed steps per scheme")
+    p.add_argument("--interleave", type=integer(1), default=1, metavar="BLOCKS",
                    help="build all schemes of a (model, rate, p) at once and time their steps "
                         "in this many blocks taken in turn, so that the machine's drift falls "
                         "on every scheme alike (memory: every scheme's model at once)")
-    p.add_argument("--warmup", type=int, default=2,
+    p.add_argument("--warmup", type=integer(0), default=2,
                    help="untimed steps first (PowerSGD: at least until it compresses)")
-    p.add_argument("--replay", type=int, default=201,
+    p.add_argument("--replay", type=integer(1), default=201,
                    help="most replays of a step's collectives")
-    p.add_argument("--replay-budget", type=float, default=30.0,
+    p.add_argument("--replay-budget", type=positive, default=30.0,
                    help="seconds of replays per scheme (at least 3 replays)")
-    p.add_argument("--timeout", type=float, default=5400, help="seconds per (model, rate, p)")
+    p.add_argument("--timeout", type=positive, default=5400, help="seconds per (model, rate, p)")
     p.add_argument("--calibrate", action="store_true",
                    help="measure no model: time 1 KiB collectives alone and back to back, "
                         "--replay rounds, and fit the links' overhead and latency")
@@ -545,13 +548,13 @@ def parse(argv) -> argparse.Namespace:
     p.add_argument("--write", action="store_true",
                    help="replace the Link benchmark section of BENCHMARKS.md with the tables")
     p.add_argument("--json", type=Path, help="also write every measurement here")
-    p.add_argument("--from-json", type=Path,
+    p.add_argument("--from-json", type=existing_file,
                    help="measure nothing: print the tables of an earlier --json file, with "
                         "the cost model as it is now")
     args = p.parse_args(argv)
     if args.quick:  # two nodes of the testbed
         args.models, args.steps, args.warmup = "tiny", 2, 1
-        args.world_sizes = str(2 * args.ranks_per_node)
+        args.world_sizes = [2 * args.ranks_per_node]
         args.replay, args.replay_budget, args.rates = 2, 1.0, "100mbit"
     for model in args.models.split(","):
         if model not in MODELS:
@@ -561,18 +564,17 @@ def parse(argv) -> argparse.Namespace:
             parse_scheme(scheme)
         except ValueError as err:
             raise UsageError(f"--schemes: {err}") from None
-    try:
-        args.world_sizes = [int(w) for w in args.world_sizes.split(",")]
-    except ValueError:
-        raise UsageError(f"--world-sizes: expected integers, got {args.world_sizes!r}") from None
-    if min(args.world_sizes) < 2 or args.steps < 1 or args.replay < 1:
-        raise UsageError("--world-sizes must be >= 2, --steps and --replay >= 1")
-    if not 1 <= args.interleave <= args.steps:
+    if args.calibrate + args.calibrate_intra + args.calibrate_swaps > 1:
+        raise UsageError("--calibrate, --calibrate-intra and --calibrate-swaps exclude each "
+                         "other")
+    if args.interleave > args.steps:
         raise UsageError(f"--interleave must be between 1 and --steps ({args.steps}), "
                          f"got {args.interleave}")
-    if args.ranks_per_node < 1 or any(p % args.ranks_per_node for p in args.world_sizes):
+    if any(p % args.ranks_per_node for p in args.world_sizes):
         raise UsageError(f"--ranks-per-node {args.ranks_per_node} must divide every world "
                          f"size")
+    if args.calibrate_intra and args.ranks_per_node < 2:
+        raise UsageError("--calibrate-intra needs --ranks-per-node 2 or more")
     if args.calibrate_swaps and args.ranks_per_node != 1:
         raise UsageError("--calibrate-swaps times one rank per namespace: drop "
                          "--ranks-per-node")
@@ -580,6 +582,8 @@ def parse(argv) -> argparse.Namespace:
         raise UsageError(f"--calibrate-swaps: gtopk's rounds need powers of two, got "
                          f"--world-sizes {','.join(map(str, args.world_sizes))}")
     args.rates = [r for r in args.rates.split(",") if r]
+    if not args.rates:
+        raise UsageError("--rates: no rate given")
     for rate in args.rates:
         try:
             netns.parse_rate(rate)
@@ -588,7 +592,28 @@ def parse(argv) -> argparse.Namespace:
         if rate not in PRESETS:
             raise UsageError(f"--rates: no link preset for {rate!r} in configs/hardware "
                              f"(have {', '.join(r for r in PRESETS if r)})")
+    if args.from_json:
+        args.measured = measured(args.from_json, "calibration" if args.calibrate
+                                 or args.calibrate_swaps else "results")
+    if args.json:
+        try:
+            output_dir(args.json.parent, "--json")
+        except ConfigError as err:
+            raise UsageError(str(err)) from None
     return args
+
+
+def measured(path: Path, key: str) -> list[dict]:
+    """The runs of an earlier ``--json`` file, each holding ``key``; UsageError if not."""
+    try:
+        runs = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--from-json: cannot read {path} as JSON ({err})") from None
+    if not (runs and isinstance(runs, list)
+            and all(isinstance(run, dict) and key in run for run in runs)):
+        raise UsageError(f"--from-json: {path} holds no runs with {key!r} (the --json of "
+                         f"this mode)")
+    return runs
 
 
 def _interrupt(signum, _frame):
@@ -602,13 +627,13 @@ def main(argv=None) -> int:
         print(f"linkbench: {err}", file=sys.stderr)
         return 2
     if args.from_json and args.calibrate:
-        write_calibration(json.loads(args.from_json.read_text()), args.write)
+        write_calibration(args.measured, args.write)
         return 0
     if args.from_json and args.calibrate_swaps:
-        print("\n".join(swap_report(json.loads(args.from_json.read_text()))))
+        print("\n".join(swap_report(args.measured)))
         return 0
     if args.from_json:
-        runs = json.loads(args.from_json.read_text())
+        runs = args.measured
         for run in runs:
             predictions(run, run["rate"])
             print("\n".join(report(run)) + "\n")
@@ -714,8 +739,6 @@ def fit_intra(rows: list[dict]) -> tuple[float, float]:
 
 def calibrate_intra(args, argv, started: datetime.datetime) -> int:
     """Time the node groups' collectives on the two-node testbed and fit their link."""
-    if args.ranks_per_node < 2:
-        raise UsageError("--calibrate-intra needs --ranks-per-node 2 or more")
     rate, p = args.rates[0], 2 * args.ranks_per_node
     print(f"[{time.strftime('%H:%M:%S')}] intra-node calibration, p={p} as 2 nodes x "
           f"{args.ranks_per_node}", flush=True)

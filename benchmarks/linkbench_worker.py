@@ -21,7 +21,6 @@ collectives of ``CALIBRATION``, for ``linkbench.py --calibrate`` (``--calibrate-
 ``--calibrate-swaps`` likewise, for the options of the same names).
 """
 # No ``from __future__ import annotations``: DDP checks local_hook's annotations.
-import argparse
 import contextlib
 import datetime
 import json
@@ -37,12 +36,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import dgc
 import sparse_train
+from launch.cli import OneLineParser, integer, output_dir, positive
 from launch.comm import (CountingAllreduceState, HierarchicalAllreduceState, TorchHookState,
                          counted_torch_hook, counting_allreduce_hook,
                          hierarchical_allreduce_hook)
 from launch.costmodel.hardware import load_cluster
 from launch.distenv import exit_process, quiesce
 from launch.models import ModelConfig, build_model
+from sparse_comm.schema import ConfigError
 
 MODELS = {  # name -> (ModelConfig, input shape); inputs are synthetic, 10 classes
     "wide_mlp": (ModelConfig(name="wide_mlp", width=4096, depth=2), (3, 32, 32)),
@@ -434,24 +435,25 @@ def _counted(state) -> tuple[float, float, float]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="linkbench_worker", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=sorted(MODELS))
-    p.add_argument("--calibrate", type=int, metavar="ROUNDS",
+    p.add_argument("--calibrate", type=integer(1), metavar="ROUNDS",
                    help="time the small collectives of CALIBRATION, no model")
-    p.add_argument("--calibrate-intra", type=int, metavar="ROUNDS",
+    p.add_argument("--calibrate-intra", type=integer(1), metavar="ROUNDS",
                    help="time the node groups' collectives of INTRA_CALIBRATION, no model")
-    p.add_argument("--calibrate-swaps", type=int, metavar="ROUNDS",
+    p.add_argument("--calibrate-swaps", type=integer(1), metavar="ROUNDS",
                    help="time gtopk's rounds of swap_calibration, no model")
     p.add_argument("--schemes", default=",".join(SCHEMES))
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--interleave", type=int, default=1, metavar="BLOCKS",
+    p.add_argument("--steps", type=integer(1), default=20)
+    p.add_argument("--warmup", type=integer(0), default=2)
+    p.add_argument("--interleave", type=integer(1), default=1, metavar="BLOCKS",
                    help="build every scheme at once and take their timed steps in this "
                         "many blocks in turn (1: scheme after scheme)")
-    p.add_argument("--replay", type=int, default=21, help="most replays of a step's collectives")
-    p.add_argument("--replay-budget", type=float, default=30.0,
+    p.add_argument("--replay", type=integer(1), default=21,
+                   help="most replays of a step's collectives")
+    p.add_argument("--replay-budget", type=positive, default=30.0,
                    help="seconds of replays per scheme (at least 3 replays)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=integer(1), default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
@@ -459,6 +461,21 @@ def main(argv=None) -> int:
                                    or args.calibrate_swaps):
         p.error("--model is required unless --calibrate, --calibrate-intra or "
                 "--calibrate-swaps")
+    if sum(rounds is not None for rounds in (args.calibrate, args.calibrate_intra,
+                                             args.calibrate_swaps)) > 1:
+        p.error("--calibrate, --calibrate-intra and --calibrate-swaps exclude each other")
+    for scheme in args.schemes.split(","):
+        try:
+            parse_scheme(scheme)
+        except ValueError as err:
+            p.error(f"--schemes: {err}")
+    if args.interleave > args.steps:
+        p.error(f"--interleave must be between 1 and --steps ({args.steps}), "
+                f"got {args.interleave}")
+    try:
+        output_dir(args.out.parent, "--out")
+    except ConfigError as err:
+        p.error(str(err))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=1800))
     rank, world = dist.get_rank(), dist.get_world_size()

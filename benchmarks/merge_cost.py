@@ -15,27 +15,51 @@ file saved by the other version), to show the two give the same bits.
 """
 from __future__ import annotations
 
-import argparse
 import inspect
 import os
+import pickle
 import statistics
 import sys
 import time
+from pathlib import Path
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from launch.cli import OneLineParser, existing_dir, integer, output_dir  # noqa: E402
+from sparse_comm.schema import ConfigError  # noqa: E402
 
 WIDE_MLP = ((4096 * 4096, 16777), (784 * 4096, 3212), (4096 * 10, 41))
 QUICK = ((20000, 200), (5000, 50), (100, 1))
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--repo", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    p.add_argument("--repeats", type=int, default=40)
+def main(argv=None) -> int:
+    p = OneLineParser(prog="merge_cost", description=__doc__.split("\n\n")[0])
+    p.add_argument("--repo", type=existing_dir, default=REPO)
+    p.add_argument("--repeats", type=integer(1), default=40)
     p.add_argument("--quick", action="store_true", help="small slots, 3 repeats")
     p.add_argument("--check", help="save the merged sets here, or compare with a saved file")
-    args = p.parse_args()
-    sys.path.insert(0, args.repo)
+    args = p.parse_args(argv)
+    if not (args.repo / "dgc").is_dir():
+        p.error(f"--repo: no dgc package in {args.repo}")
+    if args.check:
+        try:
+            output_dir(Path(args.check).parent, "--check")
+        except ConfigError as err:
+            p.error(str(err))
     import torch
 
+    saved = None
+    if args.check and os.path.exists(args.check):
+        try:
+            saved = torch.load(args.check)
+        except (OSError, EOFError, RuntimeError, pickle.UnpicklingError):
+            pass
+        if not isinstance(saved, dict):
+            p.error(f"--check: {args.check} is not a file this script saved")
+    sys.path.insert(0, str(args.repo))
+    for name in [m for m in sys.modules if m.split(".")[0] in ("launch", "sparse_comm")]:
+        del sys.modules[name]  # the parser's: --repo's own are imported below
     from dgc.transport import gtopk
 
     torch.set_num_threads(1)
@@ -96,8 +120,7 @@ def main() -> int:
         print(f"{name}: median {statistics.median(times) * 1e3:.2f} ms over {repeats} "
               f"({os.path.dirname(gtopk.__file__)})")
     if args.check:
-        if os.path.exists(args.check):
-            saved = torch.load(args.check)
+        if saved is not None:
             same = all(torch.equal(a, b) for name in saved
                        for a, b in zip(saved[name], results[name]))
             print("the same bits as " + args.check if same else "DIFFERENT from " + args.check)

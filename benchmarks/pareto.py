@@ -11,13 +11,16 @@ fewest bytes to ``--target`` (default: dense's mean accuracy less 0.1 points).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from launch.cli import OneLineParser, integer, integers, lock_file, output_dir, real  # noqa: E402
+from sparse_comm.schema import ConfigError  # noqa: E402
 
 # (sweep name, config, --set overrides, --grid arguments)
 def sweeps(model: str) -> list[tuple[str, str, list[str], list[str]]]:
@@ -39,20 +42,34 @@ def sweeps(model: str) -> list[tuple[str, str, list[str], list[str]]]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="pareto", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=["lenet300", "lenet5"], required=True)
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--seeds", type=integers(0), default="0,1,2")
+    p.add_argument("--nproc", type=integer(1), default=2)
     p.add_argument("--out-dir", type=Path, default=REPO / "results" / "pareto")
     p.add_argument("--only", nargs="*", help="run only these sweeps")
-    p.add_argument("--target", type=float, help="default: dense's mean accuracy - 0.1")
+    p.add_argument("--target", type=real(0, 100, low_open=True),
+                   help="default: dense's mean accuracy - 0.1")
     p.add_argument("--lock", type=Path, help="passed to launch.sweep")
     args = p.parse_args(argv)
     root = args.out_dir / args.model
+    names = [name for name, *_ in sweeps(args.model)]
+    unknown = sorted(set(args.only or ()) - set(names))
+    if unknown:
+        p.error(f"--only: no sweeps {', '.join(unknown)} (have {', '.join(names)})")
+    dense = root / "dense" / "sweep.json"
+    if args.target is None and args.only and "dense" not in args.only and not dense.is_file():
+        p.error(f"--only without dense needs --target, or a finished dense sweep ({dense})")
+    try:
+        lock_file(args.lock)
+        output_dir(root, "--out-dir")
+    except ConfigError as err:
+        p.error(str(err))
+    seeds = ",".join(map(str, args.seeds))
     for name, config, sets, grid in sweeps(args.model):
         if args.only and name not in args.only:
             continue
-        cmd = [sys.executable, "-m", "launch.sweep", "--config", config, "--seeds", args.seeds,
+        cmd = [sys.executable, "-m", "launch.sweep", "--config", config, "--seeds", seeds,
                "--nproc", str(args.nproc), "--out-dir", str(root / name),
                "--name", f"pareto-{args.model}", "--set", "wandb.mode=offline"]
         for s in sets:
@@ -63,8 +80,8 @@ def main(argv=None) -> int:
             cmd += ["--lock", str(args.lock)]
         print(" ".join(cmd[1:]), flush=True)
         subprocess.run(cmd, cwd=REPO, check=True)
-    dense = json.loads((root / "dense" / "sweep.json").read_text())["rows"][0]
-    target = args.target if args.target is not None else dense["accuracy_mean"] - 0.1
+    target = (args.target if args.target is not None
+              else json.loads(dense.read_text())["rows"][0]["accuracy_mean"] - 0.1)
     shown = subprocess.run([sys.executable, "-m", "launch.compare", str(root), "--target",
                             f"{target:.2f}", "--out", str(root / "front.png"), "--curves",
                             str(root / "curves.png"), "--wandb-mode", "offline"], cwd=REPO,

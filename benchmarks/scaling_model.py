@@ -13,30 +13,35 @@ size (issue 16). The numbers are ``launch.estimate``'s, one column per row of it
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from launch.cli import OneLineParser, existing_file, integers  # noqa: E402
 from launch.config import load_config  # noqa: E402
 from launch.costmodel.run import compare  # noqa: E402
-from sparse_comm.schema import build  # noqa: E402
+from sparse_comm.schema import ConfigError, build  # noqa: E402
 
 CLUSTERS = ["a100-pcie-25gbe", "h100-pcie-100gbe", "dgx-a100-hdr", "dgx-h100-ndr", "h200-ndr"]
 SIZES = [8, 16, 32, 64, 128, 256, 512, 1024]
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="configs/synthetic_wide_mlp_dgc.yaml")
-    p.add_argument("--world-sizes", default=",".join(map(str, SIZES)))
+    p = OneLineParser(prog="scaling_model", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", type=existing_file, default="configs/synthetic_wide_mlp_dgc.yaml")
+    p.add_argument("--world-sizes", type=integers(1), default=",".join(map(str, SIZES)))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override, e.g. dgc.gtopk_slices=true (repeatable)")
     args = p.parse_args(argv)
-    sizes = [int(s) for s in args.world_sizes.split(",")]
-    cfg = load_config(args.config, args.set)
+    sizes = args.world_sizes
+    try:
+        cfg = load_config(args.config, args.set)
+    except ConfigError as err:
+        p.error(str(err))
+    if cfg.dgc is None:
+        p.error(f"--config: {args.config} has no dgc section to scale")
     for preset in CLUSTERS:
         hw = build(type(cfg.hardware), {**vars(cfg.hardware), "preset": preset}, "hardware")
         table = compare(cfg, hw, sizes)

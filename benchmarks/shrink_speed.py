@@ -13,7 +13,6 @@ architecture, whose zeros dense kernels still multiply.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
@@ -29,14 +28,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sparse_train  # noqa: E402
 from launch import checkpoint  # noqa: E402
+from launch.cli import OneLineParser, existing_dir, integer, integers, output_dir  # noqa: E402
 from launch.config import config_to_dict, load_config  # noqa: E402
 from launch.data import load_datasets  # noqa: E402
 from launch.models import build_model  # noqa: E402
+from sparse_comm.schema import ConfigError  # noqa: E402
 
 
 def load_run(run: Path):
-    """The run's trained model (eval mode) and a sparsifier holding its final masks."""
+    """The run's trained model (eval mode) and a sparsifier holding its final masks;
+    ConfigError where the run has no sparsity, FileNotFoundError where no checkpoint."""
     cfg = load_config(None, base=yaml.safe_load((run / "config.yaml").read_text()))
+    if cfg.sparsity is None:
+        raise ConfigError("", f"{run} has no sparsity to shrink")
     train_set, test_set, info = load_datasets(cfg.data)
     model = build_model(cfg.model, info.input_shape, info.num_classes)
     state = checkpoint.run_state(run)
@@ -88,15 +92,29 @@ def layer_shapes(model) -> dict[str, list[int]]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", type=Path, required=True)
-    p.add_argument("--batch-sizes", default="1,64,1000")
-    p.add_argument("--repeats", type=int, default=200)
-    p.add_argument("--threads", type=int, default=1)
+    p = OneLineParser(prog="shrink_speed", description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", type=existing_dir, required=True)
+    p.add_argument("--batch-sizes", type=integers(1), default="1,64,1000")
+    p.add_argument("--repeats", type=integer(1), default=200)
+    p.add_argument("--threads", type=integer(1), default=1)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
+    if not (args.run / "config.yaml").is_file():
+        p.error(f"--run: no config.yaml in {args.run}")
+    if args.out:
+        try:
+            output_dir(args.out.parent, "--out")
+        except ConfigError as err:
+            p.error(str(err))
     torch.set_num_threads(args.threads)
-    cfg, dense, sparsifier, test_set = load_run(args.run)
+    try:
+        cfg, dense, sparsifier, test_set = load_run(args.run)
+    except (ConfigError, FileNotFoundError, yaml.YAMLError) as err:
+        p.error(f"--run: {err}")
+    images = len(test_set.tensors[0])
+    if max(args.batch_sizes) > images:
+        p.error(f"--batch-sizes: at most the test set's {images} images, "
+                f"got {max(args.batch_sizes)}")
     small = sparse_train.shrink(dense, sparsifier).eval()
     shape = tuple(test_set.tensors[0].shape[1:])
     result = {
@@ -110,7 +128,7 @@ def main(argv=None) -> int:
         "shrunk_shapes": layer_shapes(small), **compare_outputs(dense, small, test_set),
         "timing": []}
     result["flops_removed"] = 1 - result["shrunk_flops"] / result["dense_flops"]
-    for batch in (int(b) for b in args.batch_sizes.split(",")):
+    for batch in args.batch_sizes:
         x = test_set.tensors[0][:batch]
         t_dense, t_small = time_pair(dense, small, x, args.repeats)
         result["timing"].append({"batch": batch, "dense_ms": 1e3 * t_dense,
@@ -126,7 +144,6 @@ def main(argv=None) -> int:
         print(f"| {row['batch']} | {row['dense_ms']:.3f} | {row['shrunk_ms']:.3f} | "
               f"{row['speedup']:.2f}x |")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
     return 0
 

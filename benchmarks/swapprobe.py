@@ -43,7 +43,8 @@ sys.path.insert(0, str(REPO))
 from benchmarks import netns  # noqa: E402
 from benchmarks.linkbench_worker import (IDLE_S, SWAP_BUCKETS as BUCKETS,  # noqa: E402
                                          SWAP_BYTES as SIZES, partners)
-from launch.cli import OneLineParser  # noqa: E402
+from launch.cli import OneLineParser, integer, integers, output_dir  # noqa: E402
+from sparse_comm.schema import ConfigError  # noqa: E402
 
 PORT = 29533
 PRESETS = {"100mbit": "netns-100mbit", "1gbit": "netns-1gbit"}
@@ -170,22 +171,12 @@ def report(run: dict) -> list[str]:
     return lines
 
 
-def sizes_arg(text: str) -> list[int]:
-    try:
-        sizes = [int(s) for s in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated byte counts, got {text!r}")
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"sizes must be >= 1 byte, got {text!r}")
-    return sizes
-
-
 def main(argv=None) -> int:
     p = OneLineParser(prog="swapprobe", description=__doc__.split("\n\n")[0])
     p.add_argument("--rate", default="100mbit", help="tc rate of each rank's egress")
-    p.add_argument("--bytes", type=sizes_arg, default=[115_000],
+    p.add_argument("--bytes", type=integers(1), default=[115_000],
                    help="message size(s), comma-separated")
-    p.add_argument("--repeats", type=int, default=40)
+    p.add_argument("--repeats", type=integer(1), default=40)
     p.add_argument("--ranks", type=int, default=2, choices=(2, 4, 8),
                    help="namespaces, one rank each (a power of two)")
     p.add_argument("--calibrate", action="store_true",
@@ -196,8 +187,18 @@ def main(argv=None) -> int:
     p.add_argument("--worker", nargs=2, metavar=("RANK", "MASTER"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        worker(int(args.worker[0]), args.ranks, args.worker[1], args.bytes, args.repeats)
+        rank = args.worker[0]
+        if not (rank.isdigit() and int(rank) < args.ranks):
+            p.error(f"--worker: RANK must be 0 to {args.ranks - 1}, got {rank!r}")
+        worker(int(rank), args.ranks, args.worker[1], args.bytes, args.repeats)
         return 0
+    if args.json and not args.calibrate:
+        p.error("--json: writes the times of --calibrate only")
+    if args.json:
+        try:
+            output_dir(args.json.parent, "--json")
+        except ConfigError as err:
+            p.error(str(err))
     if args.from_json:
         try:
             lines = report(json.loads(args.from_json.read_text()))
@@ -223,7 +224,6 @@ def main(argv=None) -> int:
                   f"{len(SIZES)} sizes x {args.repeats}", flush=True)
             runs["rates"][rate] = measure(rate, list(SIZES), args.repeats, args.ranks)
         if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(runs))
         print("\n".join(report(runs)))
         return 0

@@ -16,7 +16,6 @@ accuracy less 0.1 points, per model.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -27,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from launch import compare, pareto  # noqa: E402
+from launch.cli import OneLineParser, existing_dir, existing_file, real  # noqa: E402
 
 # Which link-benchmark schemes price which sweep scheme. PowerSGD runs dense allreduce
 # before start_powerSGD_iter, so dense's point belongs to its curve too.
@@ -50,17 +50,32 @@ def measured_times(linkbench: list[dict]) -> dict[tuple[str, str, str], list[tup
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("sweeps", nargs="+", type=Path, help="a model's pareto.py output directory")
-    p.add_argument("--linkbench", type=Path, required=True, help="linkbench.py --json output")
-    p.add_argument("--target", type=float, help="default: dense's mean accuracy - 0.1, per model")
+    p = OneLineParser(prog="time_to_accuracy", description=__doc__.split("\n\n")[0])
+    p.add_argument("sweeps", nargs="+", type=existing_dir,
+                   help="a model's pareto.py output directory")
+    p.add_argument("--linkbench", type=existing_file, required=True,
+                   help="linkbench.py --json output")
+    p.add_argument("--target", type=real(0, 100, low_open=True),
+                   help="default: dense's mean accuracy - 0.1, per model")
     args = p.parse_args(argv)
-    if not args.linkbench.is_file():
-        p.error(f"--linkbench {args.linkbench}: no such file")
-    times = measured_times(json.loads(args.linkbench.read_text()))
+    try:
+        times = measured_times(json.loads(args.linkbench.read_text()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        p.error(f"--linkbench: {args.linkbench} is not linkbench.py --json output ({err!r})")
+    if not times:
+        p.error(f"--linkbench: {args.linkbench} has no step times at 2 processes")
     rates = sorted({rate for _, rate, _ in times}, key=lambda r: compare_rate(r))
+    sweeps = []
     for sweep in args.sweeps:
-        points = pareto.group_settings([compare.load_run(r) for r in compare.find_runs([sweep])])
+        try:
+            points = pareto.group_settings([compare.load_run(r)
+                                            for r in compare.find_runs([sweep])])
+        except (FileNotFoundError, ValueError, KeyError) as err:
+            p.error(f"sweeps: {err}")
+        if args.target is None and not any(pt.scheme == "dense" for pt in points):
+            p.error(f"sweeps: {sweep} has no dense run to take the target from; give --target")
+        sweeps.append(points)
+    for points in sweeps:
         model = points[0].model
         dense = [pt for pt in points if pt.scheme == "dense"]
         target = args.target if args.target is not None else dense[0].accuracy - 0.1

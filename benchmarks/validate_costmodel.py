@@ -22,7 +22,6 @@ fit as this machine's, not as a hardware constant.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -35,10 +34,12 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dgc.options import DGCOptions  # noqa: E402
+from launch.cli import OneLineParser, integer, integers, output_dir  # noqa: E402
 from launch.costmodel import traffic as tr  # noqa: E402
 from launch.costmodel.collectives import collective_time  # noqa: E402
 from launch.costmodel.hardware import Accelerator, Cluster, Link, Rates  # noqa: E402
 from launch.models import MLP  # noqa: E402
+from sparse_comm.schema import ConfigError  # noqa: E402
 from tests.distributed import run_ranks  # noqa: E402
 
 ALLREDUCE_BYTES = [2**k for k in (10, 12, 14, 16, 18, 20, 22)]
@@ -203,21 +204,22 @@ def markdown(rows: list[dict], fits: dict[int, tuple[float, float]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--world-sizes", default="2,4", help="comma-separated process counts")
-    parser.add_argument("--repeats", type=int, default=15)
+    parser = OneLineParser(prog="validate_costmodel", description=__doc__.splitlines()[0])
+    parser.add_argument("--world-sizes", type=integers(2), default="2,4",
+                        help="comma-separated process counts")
+    parser.add_argument("--repeats", type=integer(1), default=15)
     parser.add_argument("--statistic", choices=("min", "median"), default="min",
                         help="a collective's time over repeats: min (default) is the least "
                              "disturbed run on a shared host, median includes the disturbance")
     parser.add_argument("--quick", action="store_true", help="2 ranks, few sizes and repeats")
     parser.add_argument("--json", type=Path, help="also write the rows and fits here")
     args = parser.parse_args(argv)
-    try:
-        sizes = [int(s) for s in args.world_sizes.split(",")]
-    except ValueError:
-        parser.error(f"--world-sizes: expected comma-separated integers, got {args.world_sizes!r}")
-    if min(sizes) < 2 or args.repeats < 1:
-        parser.error("--world-sizes must be >= 2 and --repeats >= 1")
+    if args.json:
+        try:
+            output_dir(args.json.parent, "--json")
+        except ConfigError as err:
+            parser.error(str(err))
+    sizes = args.world_sizes
     allreduce, allgather = ALLREDUCE_BYTES, ALLGATHER_BYTES
     if args.quick:
         sizes, args.repeats, allreduce, allgather = [2], 5, QUICK_ALLREDUCE, QUICK_ALLGATHER

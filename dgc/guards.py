@@ -35,6 +35,9 @@ def unwrap_for_attach(model, optimizer):
     model = strip_compile(model)
     if getattr(model, "_use_python_reducer", False):  # set by DDP's constructor
         raise ValueError(f"dgc.attach: {PER_PARAMETER_HOOK}")
+    if getattr(model, "_comm_hooks", None):  # DDP registers one hook per model
+        raise RuntimeError("dgc.attach: this DDP model already has a communication hook "
+                           "(attach DGC once, to a model without one)")
     return model, unwrap_optimizer(optimizer)
 
 

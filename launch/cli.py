@@ -1,6 +1,8 @@
 """Command-line conventions shared by the launch tools: bad input is one line and exit 2."""
 import argparse
+import math
 from pathlib import Path
+from typing import Callable
 
 from sparse_comm.schema import ConfigError
 
@@ -10,6 +12,107 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+# Types for ``add_argument(type=...)``: each raises ArgumentTypeError with a short message,
+# which argparse reports as "argument --x: <message>".
+
+def integer(low: int) -> Callable[[str], int]:
+    """An integer >= ``low``: ``type=integer(1)`` for a count of steps."""
+    def parse(text: str) -> int:
+        problem = argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        try:
+            value = int(text)
+        except ValueError:
+            raise problem from None
+        if value < low:
+            raise problem
+        return value
+    return parse
+
+
+def integers(low: int) -> Callable[[str], list[int]]:
+    """Comma-separated integers, each >= ``low``: ``"8,64,512"`` as [8, 64, 512]."""
+    def parse(text: str) -> list[int]:
+        problem = argparse.ArgumentTypeError(
+            f"expected comma-separated integers >= {low}, got {text!r}")
+        try:
+            values = [int(s) for s in text.split(",")]
+        except ValueError:
+            raise problem from None
+        if min(values) < low:
+            raise problem
+        return values
+    return parse
+
+
+def _bounds(low: float, high: float, low_open: bool, high_open: bool
+            ) -> tuple[Callable[[float], bool], str]:
+    """A test that a number is finite and between ``low`` and ``high`` (each end included
+    unless open), and those bounds in words: "> 0", "in (0, 1]"."""
+    def within(value: float) -> bool:
+        return (math.isfinite(value) and (value > low if low_open else value >= low)
+                and (value < high if high_open else value <= high))
+    if high == math.inf:
+        return within, f"{'>' if low_open else '>='} {low:g}"
+    left, right = "(" if low_open else "[", ")" if high_open else "]"
+    return within, f"in {left}{low:g}, {high:g}{right}"
+
+
+def real(low: float, high: float = math.inf, *, low_open: bool = False,
+         high_open: bool = False) -> Callable[[str], float]:
+    """A finite number from ``low`` to ``high``, each end included unless marked open:
+    ``type=real(0, 100, low_open=True)`` for an accuracy in percent."""
+    within, words = _bounds(low, high, low_open, high_open)
+
+    def parse(text: str) -> float:
+        problem = argparse.ArgumentTypeError(f"expected a number {words}, got {text!r}")
+        try:
+            value = float(text)
+        except ValueError:
+            raise problem from None
+        if not within(value):
+            raise problem
+        return value
+    return parse
+
+
+def reals(low: float, high: float = math.inf, *, low_open: bool = False,
+          high_open: bool = False) -> Callable[[str], list[float]]:
+    """Comma-separated numbers, each as :func:`real` takes them: ``type=reals(0, 1,
+    low_open=True)`` for densities in (0, 1]."""
+    within, words = _bounds(low, high, low_open, high_open)
+
+    def parse(text: str) -> list[float]:
+        problem = argparse.ArgumentTypeError(
+            f"expected comma-separated numbers {words}, got {text!r}")
+        try:
+            values = [float(s) for s in text.split(",")]
+        except ValueError:
+            raise problem from None
+        if not all(map(within, values)):
+            raise problem
+        return values
+    return parse
+
+
+def positive(text: str) -> float:
+    """A finite number > 0: seconds, a budget."""
+    return real(0, low_open=True)(text)
+
+
+def existing_dir(text: str) -> Path:
+    """The path of a directory that exists."""
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"no such directory: {text!r}")
+    return Path(text)
+
+
+def existing_file(text: str) -> Path:
+    """The path of a file that exists."""
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text!r}")
+    return Path(text)
 
 
 def output_dir(path: Path, flag: str) -> Path:

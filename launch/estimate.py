@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from dgc.codec import INDEX_DTYPES, VALUE_DTYPES
-from launch.cli import OneLineParser
+from launch.cli import OneLineParser, integers
 from launch.config import load_config
 from launch.costmodel.collectives import break_even_density
 from launch.costmodel.hardware import HardwareConfig, load_cluster, preset_names
@@ -27,18 +27,6 @@ from sparse_comm.schema import ConfigError, build, to_dict
 PROG = "launch.estimate"
 
 
-def world_sizes(text: str) -> list[int]:
-    """``"8,64,512"`` as [8, 64, 512]; ValueError unless every entry is an integer >= 1."""
-    problem = f"--world-sizes: expected comma-separated integers >= 1, got {text!r}"
-    try:
-        sizes = [int(s) for s in text.split(",")]
-    except ValueError:
-        raise ValueError(problem) from None
-    if min(sizes) < 1:
-        raise ValueError(problem)
-    return sizes
-
-
 def parse_args(argv=None):
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="YAML experiment config")
@@ -47,15 +35,11 @@ def parse_args(argv=None):
     p.add_argument("--hardware", metavar="PRESET",
                    help=f"cluster preset or YAML path (default: the config's hardware.preset); "
                         f"known: {', '.join(preset_names())}")
-    p.add_argument("--world-sizes", default="8,64,512", metavar="N,N,...",
+    p.add_argument("--world-sizes", type=integers(1), default="8,64,512", metavar="N,N,...",
                    help="ranks to estimate for (default 8,64,512)")
     p.add_argument("--powersgd-rank", type=int, default=4, help="PowerSGD rank (default 4)")
     p.add_argument("--out", metavar="PNG", help="write speedup against world size here")
     args = p.parse_args(argv)
-    try:
-        args.world_sizes = world_sizes(args.world_sizes)
-    except ValueError as err:
-        p.error(str(err))
     if args.powersgd_rank < 1:
         p.error(f"--powersgd-rank: must be >= 1, got {args.powersgd_rank}")
     return args

@@ -80,6 +80,9 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             if not math.isfinite(value):
                 raise ConfigError(key, f"must be a finite number, got {value!r}")
             return float(value)
+        if isinstance(value, str) and value.strip().lower().lstrip("+-.") in ("nan", "inf",
+                                                                           "infinity"):
+            raise ConfigError(key, f"must be a finite number, got {value!r}")
     elif tp is str:
         if isinstance(value, str):
             return value

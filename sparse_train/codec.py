@@ -214,6 +214,9 @@ def encode(model: nn.Module, sharing: WeightSharing | None = None,
     Raises ValueError if a shared weight does not hold its centroids (train with the
     sharing attached, or call ``sharing.write_()``) or a pruned weight is nonzero.
     """
+    if sharing is not None and not isinstance(sharing, WeightSharing):
+        raise TypeError(f"encode: sharing must be a WeightSharing (sparse_train.quantize."
+                        f"share_weights) or None, got {type(sharing).__name__}")
     require(codebook_dtype in ("float32", "float16"), "codebook_dtype",
             f"must be float32 or float16, got {codebook_dtype!r}")
     require(dense_dtype in (None, "float32", "float16"), "dense_dtype",

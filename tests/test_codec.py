@@ -132,6 +132,8 @@ def test_encode_refuses_weights_that_left_their_codebook_or_mask():
     model, masks = pruned_model()
     with pytest.raises(ValueError, match="nonzero weights where its mask prunes"):
         codec.encode(model, masks={"0.weight": torch.zeros_like(masks["0.weight"])})
+    with pytest.raises(TypeError, match="sharing must be a WeightSharing .* got str"):
+        codec.encode(model, sharing="x")
 
 
 def test_from_bytes_rejects_what_is_not_a_dcz_file():

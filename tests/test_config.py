@@ -29,8 +29,8 @@ def test_int_is_accepted_where_float_is_expected_but_not_the_reverse():
         load_config(None, ["train.epochs=2.5"])
 
 
-@pytest.mark.parametrize("override", ["train.lr=.inf", "train.weight_decay=.nan",
-                                      "dgc.density=-.inf"])
+@pytest.mark.parametrize("override", ["train.lr=.inf", "train.weight_decay=.nan", "train.lr=nan",
+                                      "dgc.density=-.inf", "dgc.density=inf"])
 def test_a_float_key_must_be_finite(override):
     with pytest.raises(ConfigError, match="must be a finite number"):
         load_config(REPO / "configs/mnist_lenet300_dgc.yaml", [override])

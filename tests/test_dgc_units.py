@@ -269,3 +269,17 @@ def test_attach_needs_a_ddp_model():
     model = nn.Linear(2, 2)
     with pytest.raises(TypeError, match="DistributedDataParallel"):
         dgc.attach(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_attach_twice_is_one_line_naming_the_hook():
+    torch.distributed.init_process_group(
+        "gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        model = torch.nn.parallel.DistributedDataParallel(nn.Linear(2, 2))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        dgc.attach(model, opt)
+        with pytest.raises(RuntimeError, match="already has a communication hook") as err:
+            dgc.attach(model, opt)
+        assert "\n" not in str(err.value)
+    finally:
+        torch.distributed.destroy_process_group()
