@@ -1,6 +1,7 @@
 """Run a function on N real Gloo ranks on loopback, with a hard time limit.
 
-``run_ranks(fn, world_size, *args)`` starts ``world_size`` processes, each of which joins a
+``run_ranks(fn, world_size, *args)`` starts ``world_size`` processes (forked from a
+server that has imported torch and the packages once), each of which joins a
 Gloo process group and calls ``fn(rank, world_size, *args)``. It returns the list of the
 ranks' return values (which must pickle), re-raises the first rank failure with its
 traceback text, and kills everything and fails if the ranks do not finish within
@@ -17,6 +18,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from launch.distenv import quiesce
+
+
+# The ranks fork from one server process that imported these once (it runs no torch op, so
+# no thread pool is copied into a child); spawning would import torch again in every rank,
+# seconds each on a small CI machine.
+PRELOAD = ["torch", "torch.distributed", "torch.nn.parallel", "dgc", "sparse_train",
+           "launch.distenv", "tests.distributed"]
 
 
 def free_port() -> int:
@@ -45,7 +53,8 @@ def _worker(rank, world_size, port, fn, args, queue, collective_timeout):
 
 def run_ranks(fn, world_size: int, *args, timeout: float = 120.0,
               collective_timeout: float = 60.0):
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
     queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_worker, daemon=True,

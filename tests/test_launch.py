@@ -141,10 +141,9 @@ def test_missing_config_file_and_bad_cli_argument_exit_2(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+# Each case also stands for its dense or DGC-only part: quickstart.yaml is the dense run,
+# and DGC's residuals differ per rank, so each rank must get its own back.
 RESUME_CASES = {
-    "dense": ("quickstart.yaml", []),
-    # DGC's residuals differ per rank: each rank must get its own back
-    "dgc": ("mnist_lenet300_dgc.yaml", ["dgc.warmup_epochs=1"]),
     "sparsity": ("quickstart.yaml", ["sparsity.method=iht", "sparsity.iht_s1=4",
                                      "sparsity.iht_s2=6", "sparsity.iht_cycles=2"]),
     "dgc+sparsity": ("mnist_lenet300_dgc.yaml", ["dgc.warmup_epochs=1", "sparsity.method=gmp",
