@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,6 +36,18 @@ def assert_same_params(a, b):
         assert torch.equal(b[name], tensor), name
 
 
+COMMON = [*SYNTHETIC, "train.epochs=3", "dgc.warmup_epochs=1"]  # 8 steps an epoch at 2 ranks
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The final parameters and step of a 2-rank DGC run of ``COMMON``, never stopped: what
+    the interrupted runs below must end at."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    train(DGC, *COMMON, f"out_dir={out}", nproc=2)
+    return final_params(out)
+
+
 # -- torchrun --max-restarts -------------------------------------------------------------------
 
 def _workers(agent_pid: int) -> list[int]:
@@ -42,12 +55,11 @@ def _workers(agent_pid: int) -> list[int]:
     return [int(p) for p in out.split()]
 
 
-def test_a_killed_worker_is_restarted_by_torchrun_and_the_run_ends_as_if_uninterrupted(tmp_path):
-    common = [*SYNTHETIC, "train.epochs=8", "train.checkpoint_every=3", "dgc.warmup_epochs=1"]
-    train(DGC, *common, f"out_dir={tmp_path / 'full'}", nproc=2)
+def test_a_killed_worker_is_restarted_by_torchrun_and_the_run_ends_as_if_uninterrupted(
+        tmp_path, uninterrupted):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            "--max-restarts=1", "-m", "launch.train", "--config", str(DGC)]
-    for o in common + [f"out_dir={tmp_path / 'killed'}"]:
+    for o in COMMON + ["train.checkpoint_every=3", f"out_dir={tmp_path / 'killed'}"]:
         cmd += ["--set", o]
     agent = subprocess.Popen(cmd, cwd=REPO, env=launch_env(), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
@@ -62,14 +74,14 @@ def test_a_killed_worker_is_restarted_by_torchrun_and_the_run_ends_as_if_uninter
     assert agent.returncode == 0, err[-3000:]
     # the worker died by the signal, torchrun restarted the group, the new attempt resumed
     assert "exitcode: -9" in err and "resumed" in err, err[-3000:]
-    a, steps_a = final_params(tmp_path / "full")
+    a, steps_a = uninterrupted
     b, steps_b = final_params(tmp_path / "killed")
-    assert steps_a == steps_b == 64  # 8 epochs of 8 steps
+    assert steps_a == steps_b == 24
     assert_same_params(a, b)
     # the run directory and name stayed the same; metrics hold each step once
     _, metrics = read_run(tmp_path / "killed")
     logged = [m["train/step"] for m in metrics if "train/loss" in m]
-    assert logged == sorted(set(logged)) and logged[-1] == 64
+    assert logged == sorted(set(logged)) and logged[-1] == 24
 
 
 # -- a changed world size ---------------------------------------------------------------------
@@ -116,11 +128,19 @@ def test_resharding_keeps_the_pending_update(old, new):
     torch.testing.assert_close(after_totals["bias"][0] / units_new, torch.ones(7))
 
 
+@pytest.fixture(scope="module")
+def stopped_at_13(tmp_path_factory):
+    """A 2-rank run of ``COMMON`` stopped mid-epoch 2, after its checkpoint at step 13."""
+    out = tmp_path_factory.mktemp("stopped") / "run"
+    train(DGC, *COMMON, f"out_dir={out}", "train.max_steps=13", "train.checkpoint_every=13",
+          nproc=2)
+    return out
+
+
 @pytest.mark.parametrize("nproc", [3, 1])
-def test_a_two_rank_checkpoint_continues_on_another_world_size(tmp_path, nproc):
+def test_a_two_rank_checkpoint_continues_on_another_world_size(tmp_path, stopped_at_13, nproc):
     part = tmp_path / "part"
-    train(DGC, *SYNTHETIC, "train.epochs=3", "dgc.warmup_epochs=1", f"out_dir={part}",
-          "train.max_steps=13", "train.checkpoint_every=13", nproc=2)
+    shutil.copytree(stopped_at_13, part)
     train(None, "train.max_steps=null", nproc=nproc, extra_args=["--resume", str(part)])
     summary, metrics = read_run(part)
     assert summary["world_size"] == nproc
@@ -215,11 +235,9 @@ def test_credentials_without_a_network_record_the_run_offline_within_seconds(tmp
 
 # -- damaged checkpoints ------------------------------------------------------------------------
 
-def test_a_truncated_checkpoint_is_skipped_for_the_previous_one(tmp_path):
-    common = [*SYNTHETIC, "train.epochs=3", "dgc.warmup_epochs=1"]
-    train(DGC, *common, f"out_dir={tmp_path / 'full'}", nproc=2)
+def test_a_truncated_checkpoint_is_skipped_for_the_previous_one(tmp_path, uninterrupted):
     part = tmp_path / "part"
-    train(DGC, *common, f"out_dir={part}", "train.max_steps=15", "train.checkpoint_every=5",
+    train(DGC, *COMMON, f"out_dir={part}", "train.max_steps=15", "train.checkpoint_every=5",
           nproc=2)
     newest = checkpoint.latest(part)  # no process group: this process alone checks
     shard = newest / checkpoint.shard_name(1)
@@ -227,9 +245,8 @@ def test_a_truncated_checkpoint_is_skipped_for_the_previous_one(tmp_path):
     proc = train(None, "train.max_steps=null", nproc=2, extra_args=["--resume", str(part)])
     assert "incomplete or damaged" in proc.stderr
     assert "step-00000010" in proc.stderr  # resumed from the one before
-    a, _ = final_params(tmp_path / "full")
     b, _ = final_params(part)
-    assert_same_params(a, b)
+    assert_same_params(uninterrupted[0], b)
 
 
 # -- rank 0 gathers no other rank's state ------------------------------------------------------
