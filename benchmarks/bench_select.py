@@ -31,9 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dgc.select import ThresholdState, select_topk  # noqa: E402
-from launch.cli import OneLineParser, integer, output_dir, real, reals  # noqa: E402
+from launch.cli import OneLineParser, integer, output_file, real, reals  # noqa: E402
 from sparse_comm import draws  # noqa: E402
-from sparse_comm.schema import ConfigError  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SUFFIXES = {"K": 10**3, "M": 10**6, "G": 10**9}
@@ -168,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch threads (0: default)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes and few repeats: checks the script runs")
-    parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--json", type=output_file, help="also write the rows here")
     args = parser.parse_args(argv)
     if args.quick:
         args.sizes, args.repeats, args.warmup = [300_000], 3, 1
@@ -176,11 +175,6 @@ def main(argv: list[str] | None = None) -> int:
     if not set(chosen) <= set(METHODS):
         parser.error(f"--methods: unknown {sorted(set(chosen) - set(METHODS))}; "
                      f"choose from {','.join(METHODS)}")
-    if args.json:
-        try:
-            output_dir(args.json.parent, "--json")
-        except ConfigError as err:
-            parser.error(str(err))
     if args.threads:
         torch.set_num_threads(args.threads)
 

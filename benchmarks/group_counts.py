@@ -21,8 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from launch import checkpoint  # noqa: E402
-from launch.cli import OneLineParser, existing_dir, output_dir  # noqa: E402
-from sparse_comm.schema import ConfigError  # noqa: E402
+from launch.cli import OneLineParser, existing_dir, output_file  # noqa: E402
 
 KINDS = ("filters", "channels", "shapes")
 
@@ -49,17 +48,12 @@ def count(state: dict[str, torch.Tensor]) -> dict:
 def main(argv=None) -> int:
     p = OneLineParser(prog="group_counts", description=__doc__.split("\n\n")[0])
     p.add_argument("runs", type=existing_dir, nargs="+", metavar="RUN_DIR")
-    p.add_argument("--out", type=Path)
+    p.add_argument("--out", type=output_file)
     args = p.parse_args(argv)
     try:
         states = [(run, checkpoint.run_state(run)) for run in args.runs]
     except FileNotFoundError as err:
         p.error(f"RUN_DIR: {err}")
-    if args.out:
-        try:
-            output_dir(args.out.parent, "--out")
-        except ConfigError as err:
-            p.error(str(err))
     out = {}
     for run, ckpt in states:
         out[str(run)] = {"test_accuracy": ckpt["progress"]["test_accuracy"], **count(ckpt["model"])}

@@ -65,14 +65,13 @@ from benchmarks.linkbench_worker import (CALIBRATION, DGC_OPTIONS,  # noqa: E402
 from benchmarks.swapprobe import fit_rounds, rounds_time  # noqa: E402
 from dgc.options import DGCOptions  # noqa: E402
 from launch.cli import (OneLineParser, existing_file, integer, integers,  # noqa: E402
-                        output_dir, positive)
+                        output_file, positive)
 from launch.costmodel import traffic as tr  # noqa: E402
 from launch.costmodel.collectives import (ring_hops, sequence_time,  # noqa: E402
                                           token_bucket_time)
 from launch.costmodel.hardware import Cluster, load_cluster  # noqa: E402
 from launch.costmodel.storage import expected_masks  # noqa: E402
 from launch.models import build_model  # noqa: E402
-from sparse_comm.schema import ConfigError  # noqa: E402
 from sparse_train.options import SparsityOptions  # noqa: E402
 
 SECTION = "## Link benchmark"
@@ -547,7 +546,7 @@ def parse(argv) -> argparse.Namespace:
                    help="loopback without namespaces or shaping (the default without root)")
     p.add_argument("--write", action="store_true",
                    help="replace the Link benchmark section of BENCHMARKS.md with the tables")
-    p.add_argument("--json", type=Path, help="also write every measurement here")
+    p.add_argument("--json", type=output_file, help="also write every measurement here")
     p.add_argument("--from-json", type=existing_file,
                    help="measure nothing: print the tables of an earlier --json file, with "
                         "the cost model as it is now")
@@ -595,11 +594,6 @@ def parse(argv) -> argparse.Namespace:
     if args.from_json:
         args.measured = measured(args.from_json, "calibration" if args.calibrate
                                  or args.calibrate_swaps else "results")
-    if args.json:
-        try:
-            output_dir(args.json.parent, "--json")
-        except ConfigError as err:
-            raise UsageError(str(err)) from None
     return args
 
 

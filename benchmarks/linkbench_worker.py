@@ -27,7 +27,6 @@ import json
 import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -36,14 +35,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import dgc
 import sparse_train
-from launch.cli import OneLineParser, integer, output_dir, positive
+from launch.cli import OneLineParser, integer, output_file, positive
 from launch.comm import (CountingAllreduceState, HierarchicalAllreduceState, TorchHookState,
                          counted_torch_hook, counting_allreduce_hook,
                          hierarchical_allreduce_hook)
 from launch.costmodel.hardware import load_cluster
 from launch.distenv import exit_process, quiesce
 from launch.models import ModelConfig, build_model
-from sparse_comm.schema import ConfigError
 
 MODELS = {  # name -> (ModelConfig, input shape); inputs are synthetic, 10 classes
     "wide_mlp": (ModelConfig(name="wide_mlp", width=4096, depth=2), (3, 32, 32)),
@@ -455,7 +453,7 @@ def main(argv=None) -> int:
                    help="seconds of replays per scheme (at least 3 replays)")
     p.add_argument("--batch-size", type=integer(1), default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=output_file, required=True)
     args = p.parse_args(argv)
     if args.model is None and not (args.calibrate or args.calibrate_intra
                                    or args.calibrate_swaps):
@@ -472,10 +470,6 @@ def main(argv=None) -> int:
     if args.interleave > args.steps:
         p.error(f"--interleave must be between 1 and --steps ({args.steps}), "
                 f"got {args.interleave}")
-    try:
-        output_dir(args.out.parent, "--out")
-    except ConfigError as err:
-        p.error(str(err))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=1800))
     rank, world = dist.get_rank(), dist.get_world_size()

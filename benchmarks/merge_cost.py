@@ -21,13 +21,11 @@ import pickle
 import statistics
 import sys
 import time
-from pathlib import Path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from launch.cli import OneLineParser, existing_dir, integer, output_dir  # noqa: E402
-from sparse_comm.schema import ConfigError  # noqa: E402
+from launch.cli import OneLineParser, existing_dir, integer, output_file  # noqa: E402
 
 WIDE_MLP = ((4096 * 4096, 16777), (784 * 4096, 3212), (4096 * 10, 41))
 QUICK = ((20000, 200), (5000, 50), (100, 1))
@@ -38,15 +36,10 @@ def main(argv=None) -> int:
     p.add_argument("--repo", type=existing_dir, default=REPO)
     p.add_argument("--repeats", type=integer(1), default=40)
     p.add_argument("--quick", action="store_true", help="small slots, 3 repeats")
-    p.add_argument("--check", help="save the merged sets here, or compare with a saved file")
+    p.add_argument("--check", type=output_file, help="save the merged sets here, or compare with a saved file")
     args = p.parse_args(argv)
     if not (args.repo / "dgc").is_dir():
         p.error(f"--repo: no dgc package in {args.repo}")
-    if args.check:
-        try:
-            output_dir(Path(args.check).parent, "--check")
-        except ConfigError as err:
-            p.error(str(err))
     import torch
 
     saved = None
@@ -123,7 +116,7 @@ def main(argv=None) -> int:
         if saved is not None:
             same = all(torch.equal(a, b) for name in saved
                        for a, b in zip(saved[name], results[name]))
-            print("the same bits as " + args.check if same else "DIFFERENT from " + args.check)
+            print(f"the same bits as {args.check}" if same else f"DIFFERENT from {args.check}")
             return 0 if same else 1
         torch.save(results, args.check)
     return 0

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sparse_train  # noqa: E402
 from launch import checkpoint  # noqa: E402
-from launch.cli import OneLineParser, existing_dir, integer, integers, output_dir  # noqa: E402
+from launch.cli import OneLineParser, existing_dir, integer, integers, output_file  # noqa: E402
 from launch.config import config_to_dict, load_config  # noqa: E402
 from launch.data import load_datasets  # noqa: E402
 from launch.models import build_model  # noqa: E402
@@ -97,15 +97,10 @@ def main(argv=None) -> int:
     p.add_argument("--batch-sizes", type=integers(1), default="1,64,1000")
     p.add_argument("--repeats", type=integer(1), default=200)
     p.add_argument("--threads", type=integer(1), default=1)
-    p.add_argument("--out", type=Path)
+    p.add_argument("--out", type=output_file)
     args = p.parse_args(argv)
     if not (args.run / "config.yaml").is_file():
         p.error(f"--run: no config.yaml in {args.run}")
-    if args.out:
-        try:
-            output_dir(args.out.parent, "--out")
-        except ConfigError as err:
-            p.error(str(err))
     torch.set_num_threads(args.threads)
     try:
         cfg, dense, sparsifier, test_set = load_run(args.run)

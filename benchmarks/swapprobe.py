@@ -43,8 +43,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks import netns  # noqa: E402
 from benchmarks.linkbench_worker import (IDLE_S, SWAP_BUCKETS as BUCKETS,  # noqa: E402
                                          SWAP_BYTES as SIZES, partners)
-from launch.cli import OneLineParser, integer, integers, output_dir  # noqa: E402
-from sparse_comm.schema import ConfigError  # noqa: E402
+from launch.cli import OneLineParser, integer, integers, output_file  # noqa: E402
 
 PORT = 29533
 PRESETS = {"100mbit": "netns-100mbit", "1gbit": "netns-1gbit"}
@@ -182,7 +181,7 @@ def main(argv=None) -> int:
     p.add_argument("--calibrate", action="store_true",
                    help=f"time {','.join(map(str, SIZES))} bytes at 100mbit and 1gbit and fit "
                         "swap_us and swap_slowdown")
-    p.add_argument("--json", type=Path, help="with --calibrate: write the times here")
+    p.add_argument("--json", type=output_file, help="with --calibrate: write the times here")
     p.add_argument("--from-json", type=Path, help="report a calibration's times again")
     p.add_argument("--worker", nargs=2, metavar=("RANK", "MASTER"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -194,11 +193,6 @@ def main(argv=None) -> int:
         return 0
     if args.json and not args.calibrate:
         p.error("--json: writes the times of --calibrate only")
-    if args.json:
-        try:
-            output_dir(args.json.parent, "--json")
-        except ConfigError as err:
-            p.error(str(err))
     if args.from_json:
         try:
             lines = report(json.loads(args.from_json.read_text()))

@@ -34,12 +34,11 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dgc.options import DGCOptions  # noqa: E402
-from launch.cli import OneLineParser, integer, integers, output_dir  # noqa: E402
+from launch.cli import OneLineParser, integer, integers, output_file  # noqa: E402
 from launch.costmodel import traffic as tr  # noqa: E402
 from launch.costmodel.collectives import collective_time  # noqa: E402
 from launch.costmodel.hardware import Accelerator, Cluster, Link, Rates  # noqa: E402
 from launch.models import MLP  # noqa: E402
-from sparse_comm.schema import ConfigError  # noqa: E402
 from tests.distributed import run_ranks  # noqa: E402
 
 ALLREDUCE_BYTES = [2**k for k in (10, 12, 14, 16, 18, 20, 22)]
@@ -212,13 +211,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a collective's time over repeats: min (default) is the least "
                              "disturbed run on a shared host, median includes the disturbance")
     parser.add_argument("--quick", action="store_true", help="2 ranks, few sizes and repeats")
-    parser.add_argument("--json", type=Path, help="also write the rows and fits here")
+    parser.add_argument("--json", type=output_file, help="also write the rows and fits here")
     args = parser.parse_args(argv)
-    if args.json:
-        try:
-            output_dir(args.json.parent, "--json")
-        except ConfigError as err:
-            parser.error(str(err))
     sizes = args.world_sizes
     allreduce, allgather = ALLREDUCE_BYTES, ALLGATHER_BYTES
     if args.quick:

@@ -2,7 +2,7 @@
 import argparse
 import math
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from sparse_comm.schema import ConfigError
 
@@ -17,33 +17,30 @@ class OneLineParser(argparse.ArgumentParser):
 # Types for ``add_argument(type=...)``: each raises ArgumentTypeError with a short message,
 # which argparse reports as "argument --x: <message>".
 
-def integer(low: int) -> Callable[[str], int]:
-    """An integer >= ``low``: ``type=integer(1)`` for a count of steps."""
-    def parse(text: str) -> int:
-        problem = argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+def _argument(convert: Callable[[str], Any], ok: Callable[[Any], bool], expected: str,
+              many: bool) -> Callable[[str], Any]:
+    """A ``type=`` function: ``convert`` of the text (of each comma-separated part if
+    ``many``), every value passing ``ok``; else "expected <expected>, got '<text>'"."""
+    def parse(text: str):
+        problem = argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
         try:
-            value = int(text)
+            values = [convert(part) for part in (text.split(",") if many else [text])]
         except ValueError:
             raise problem from None
-        if value < low:
+        if not all(map(ok, values)):
             raise problem
-        return value
+        return values if many else values[0]
     return parse
+
+
+def integer(low: int) -> Callable[[str], int]:
+    """An integer >= ``low``: ``type=integer(1)`` for a count of steps."""
+    return _argument(int, lambda v: v >= low, f"an integer >= {low}", many=False)
 
 
 def integers(low: int) -> Callable[[str], list[int]]:
     """Comma-separated integers, each >= ``low``: ``"8,64,512"`` as [8, 64, 512]."""
-    def parse(text: str) -> list[int]:
-        problem = argparse.ArgumentTypeError(
-            f"expected comma-separated integers >= {low}, got {text!r}")
-        try:
-            values = [int(s) for s in text.split(",")]
-        except ValueError:
-            raise problem from None
-        if min(values) < low:
-            raise problem
-        return values
-    return parse
+    return _argument(int, lambda v: v >= low, f"comma-separated integers >= {low}", many=True)
 
 
 def _bounds(low: float, high: float, low_open: bool, high_open: bool
@@ -64,17 +61,7 @@ def real(low: float, high: float = math.inf, *, low_open: bool = False,
     """A finite number from ``low`` to ``high``, each end included unless marked open:
     ``type=real(0, 100, low_open=True)`` for an accuracy in percent."""
     within, words = _bounds(low, high, low_open, high_open)
-
-    def parse(text: str) -> float:
-        problem = argparse.ArgumentTypeError(f"expected a number {words}, got {text!r}")
-        try:
-            value = float(text)
-        except ValueError:
-            raise problem from None
-        if not within(value):
-            raise problem
-        return value
-    return parse
+    return _argument(float, within, f"a number {words}", many=False)
 
 
 def reals(low: float, high: float = math.inf, *, low_open: bool = False,
@@ -82,18 +69,7 @@ def reals(low: float, high: float = math.inf, *, low_open: bool = False,
     """Comma-separated numbers, each as :func:`real` takes them: ``type=reals(0, 1,
     low_open=True)`` for densities in (0, 1]."""
     within, words = _bounds(low, high, low_open, high_open)
-
-    def parse(text: str) -> list[float]:
-        problem = argparse.ArgumentTypeError(
-            f"expected comma-separated numbers {words}, got {text!r}")
-        try:
-            values = [float(s) for s in text.split(",")]
-        except ValueError:
-            raise problem from None
-        if not all(map(within, values)):
-            raise problem
-        return values
-    return parse
+    return _argument(float, within, f"comma-separated numbers {words}", many=True)
 
 
 def positive(text: str) -> float:
@@ -113,6 +89,18 @@ def existing_file(text: str) -> Path:
     if not Path(text).is_file():
         raise argparse.ArgumentTypeError(f"no such file: {text!r}")
     return Path(text)
+
+
+def output_file(text: str) -> Path:
+    """The path of a file to write, its folder made now, so that one that cannot be fails
+    before any work is done."""
+    path = Path(text)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise argparse.ArgumentTypeError(
+            f"cannot make the folder {path.parent}: {err.strerror}") from None
+    return path
 
 
 def output_dir(path: Path, flag: str) -> Path:
