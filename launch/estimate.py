@@ -13,10 +13,9 @@ takes a YAML file's path).
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from dgc.codec import INDEX_DTYPES, VALUE_DTYPES
-from launch.cli import OneLineParser, integers
+from launch.cli import OneLineParser, integers, output_file
 from launch.config import load_config
 from launch.costmodel.collectives import break_even_density
 from launch.costmodel.hardware import HardwareConfig, load_cluster, preset_names
@@ -38,7 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--world-sizes", type=integers(1), default="8,64,512", metavar="N,N,...",
                    help="ranks to estimate for (default 8,64,512)")
     p.add_argument("--powersgd-rank", type=int, default=4, help="PowerSGD rank (default 4)")
-    p.add_argument("--out", metavar="PNG", help="write speedup against world size here")
+    p.add_argument("--out", type=output_file, metavar="PNG", help="write speedup against world size here")
     args = p.parse_args(argv)
     if args.powersgd_rank < 1:
         p.error(f"--powersgd-rank: must be >= 1, got {args.powersgd_rank}")
@@ -108,7 +107,6 @@ def plot(results: dict, out: str, title: str) -> None:
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     plt.close(fig)
 

@@ -53,8 +53,16 @@ def test_a_non_positive_bandwidth_is_one_line_and_status_2(tmp_path, capsys):
 
 def test_an_unwritable_chart_is_one_line_and_status_2(tmp_path, capsys):
     (tmp_path / "file").write_text("")
-    out = tmp_path / "file" / "speedup.png"  # a folder that is a file
-    assert estimate.main(["--config", DGC_CONFIG, "--world-sizes", "8", "--out", str(out)]) == 2
+    out = tmp_path / "file" / "speedup.png"  # a folder that is a file: refused before work
+    with pytest.raises(SystemExit) as exit_:
+        estimate.main(["--config", DGC_CONFIG, "--world-sizes", "8", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert err.count("\n") == 1 and "argument --out: cannot make the folder" in err
+    # a folder where the chart should go: found when it is written
+    (tmp_path / "taken.png").mkdir()
+    assert estimate.main(["--config", DGC_CONFIG, "--world-sizes", "8",
+                          "--out", str(tmp_path / "taken.png")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--out: cannot write" in err
 
