@@ -1,6 +1,7 @@
 """Command-line conventions shared by the launch tools: bad input is one line and exit 2."""
 import argparse
 import math
+import signal
 from pathlib import Path
 from typing import Any, Callable
 
@@ -122,3 +123,9 @@ def lock_file(path: Path | None, flag: str = "--lock") -> None:
             pass
     except OSError as err:
         raise ConfigError(flag, f"cannot open {path} as a lock file: {err.strerror}") from None
+
+
+def default_sigpipe() -> None:
+    """End quietly, as Unix tools do, when the reader of stdout goes away (``| head``),
+    instead of with a BrokenPipeError traceback. For tools that only print."""
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)

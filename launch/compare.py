@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from launch import pareto, tracking
-from launch.cli import OneLineParser
+from launch.cli import OneLineParser, default_sigpipe
 
 COLUMNS = ["model", "scheme", "setting", "seeds", "test acc (%)", "spread", "bytes sent",
            "compression", "weight density", "wall time (s)", "front"]
@@ -242,4 +242,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    default_sigpipe()
     sys.exit(main())

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 
 from dgc.codec import INDEX_DTYPES, VALUE_DTYPES
-from launch.cli import OneLineParser, integers, output_file
+from launch.cli import OneLineParser, default_sigpipe, integers, output_file
 from launch.config import load_config
 from launch.costmodel.collectives import break_even_density
 from launch.costmodel.hardware import HardwareConfig, load_cluster, preset_names
@@ -143,4 +143,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    default_sigpipe()
     sys.exit(main())

@@ -1,6 +1,9 @@
 """``python -m launch.estimate``: a table per world size, a chart, and one-line errors."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from launch import estimate
@@ -93,3 +96,13 @@ def test_a_run_is_told_when_the_model_prices_another_topology_faster():
     # the sparse intra-node stage cannot run beside gtopk: not offered
     gtopk = load_config(DGC_CONFIG, wide + ["dgc.exchange=gtopk"])
     assert "hierarchical with intra_node sparse" not in topology_steps(gtopk, 64, 8)
+
+
+def test_a_reader_that_stops_early_gets_no_traceback():
+    # as `python -m launch.estimate ... | head -1`, where head is gone before the table comes
+    proc = subprocess.Popen([sys.executable, "-m", "launch.estimate", "--config", DGC_CONFIG,
+                             "--world-sizes", "8,64,512"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=120)
+    assert b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()
