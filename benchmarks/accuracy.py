@@ -21,8 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from launch.cli import OneLineParser, output_dir  # noqa: E402
-from sparse_comm.schema import ConfigError  # noqa: E402
+from launch.cli import OneLineParser, output_folder  # noqa: E402
 
 # The 4-epoch geometric warm-up (25%, 6.3%, 1.6%, 0.4%) that mnist_lenet300_dgc.yaml shipped
 # until the accuracy-per-byte sweep: the suites below were measured with it.
@@ -180,7 +179,7 @@ def steady_ratio(run_dir: Path) -> float | None:
 def main(argv=None) -> int:
     p = OneLineParser(prog="accuracy", description=__doc__.split("\n\n")[0])
     p.add_argument("--suite", choices=sorted(SUITES), default="dgc")
-    p.add_argument("--out-dir", type=Path, default=REPO / "results")
+    p.add_argument("--out-dir", type=output_folder, default=str(REPO / "results"))
     p.add_argument("--quick", action="store_true", help="a few steps per run (smoke test)")
     p.add_argument("--only", nargs="*", help="run only these entries of the suite")
     p.add_argument("--reuse", action="store_true",
@@ -191,10 +190,7 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"--only: {', '.join(unknown)} not in suite {args.suite} "
                 f"(it has {', '.join(names)})")
-    try:
-        out_dir = output_dir(args.out_dir.resolve(), "--out-dir")
-    except ConfigError as err:
-        p.error(str(err))
+    out_dir = args.out_dir.resolve()
     entries = [e for e in SUITES[args.suite] if not args.only or e[0] in args.only]
     runs = [run_one(name, cfg, nproc, list(ov), out_dir, args.quick, args.reuse)
             for name, cfg, nproc, ov in entries]

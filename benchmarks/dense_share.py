@@ -18,8 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from benchmarks.accuracy import commit, run_one  # noqa: E402
-from launch.cli import OneLineParser, output_dir  # noqa: E402
-from sparse_comm.schema import ConfigError  # noqa: E402
+from launch.cli import OneLineParser, output_folder  # noqa: E402
 
 SHAPES_ONLY = ["data.name=synthetic", "data.synthetic_train_size=5120",
                "data.synthetic_test_size=64", "train.epochs=1", "train.log_every=5",
@@ -45,13 +44,9 @@ def per_step(run_dir: Path) -> dict[str, float]:
 
 def main(argv=None) -> int:
     p = OneLineParser(prog="dense_share", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out-dir", type=Path, default=Path("runs/dense_share"))
+    p.add_argument("--out-dir", type=output_folder, default="runs/dense_share")
     p.add_argument("--reuse", action="store_true", help="keep finished runs in --out-dir")
     args = p.parse_args(argv)
-    try:
-        output_dir(args.out_dir, "--out-dir")
-    except ConfigError as err:
-        p.error(str(err))
     lines = [f"Commit {commit()}. Per rank and step, after the dense Adam step.", "",
              "| run | sent (B) | tensors sent whole (B) | their share | plain DDP (B) | "
              "ratio | ratio without them |", "|---|---:|---:|---:|---:|---:|---:|"]

@@ -26,7 +26,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from launch.cli import OneLineParser, existing_dir, integer  # noqa: E402
+from benchmarks.checkout import checkout, use_checkout  # noqa: E402
+from launch.cli import OneLineParser, integer  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -35,17 +36,13 @@ def main(argv=None) -> int:
                    choices=("allgather", "sparse_allreduce", "gtopk"))
     p.add_argument("--steps", type=integer(1), default=15)
     p.add_argument("--quick", action="store_true", help="LeNet-300-100, 2 steps (CI)")
-    p.add_argument("--repo", type=existing_dir, default=REPO)
+    p.add_argument("--repo", type=checkout, default=REPO)
     p.add_argument("--bucket-view", action="store_true",
                    help="DDP(gradient_as_bucket_view=True), as launch.train builds it")
     p.add_argument("--intra-node", choices=("dense", "sparse"),
                    help="the hierarchical topology, 2 ranks per node, with this intra-node stage")
     args = p.parse_args(argv)
-    if not (args.repo / "dgc").is_dir():
-        p.error(f"--repo: no dgc package in {args.repo}")
-    sys.path.insert(0, str(args.repo))
-    for name in [m for m in sys.modules if m.split(".")[0] in ("launch", "sparse_comm")]:
-        del sys.modules[name]  # the parser's: --repo's own are imported below
+    use_checkout(args.repo)
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F

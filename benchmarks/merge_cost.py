@@ -25,7 +25,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from launch.cli import OneLineParser, existing_dir, integer, output_file  # noqa: E402
+from benchmarks.checkout import checkout, use_checkout  # noqa: E402
+from launch.cli import OneLineParser, integer, output_file  # noqa: E402
 
 WIDE_MLP = ((4096 * 4096, 16777), (784 * 4096, 3212), (4096 * 10, 41))
 QUICK = ((20000, 200), (5000, 50), (100, 1))
@@ -33,13 +34,12 @@ QUICK = ((20000, 200), (5000, 50), (100, 1))
 
 def main(argv=None) -> int:
     p = OneLineParser(prog="merge_cost", description=__doc__.split("\n\n")[0])
-    p.add_argument("--repo", type=existing_dir, default=REPO)
+    p.add_argument("--repo", type=checkout, default=REPO)
     p.add_argument("--repeats", type=integer(1), default=40)
     p.add_argument("--quick", action="store_true", help="small slots, 3 repeats")
-    p.add_argument("--check", type=output_file, help="save the merged sets here, or compare with a saved file")
+    p.add_argument("--check", type=output_file,
+                   help="save the merged sets here, or compare with a saved file")
     args = p.parse_args(argv)
-    if not (args.repo / "dgc").is_dir():
-        p.error(f"--repo: no dgc package in {args.repo}")
     import torch
 
     saved = None
@@ -50,9 +50,7 @@ def main(argv=None) -> int:
             pass
         if not isinstance(saved, dict):
             p.error(f"--check: {args.check} is not a file this script saved")
-    sys.path.insert(0, str(args.repo))
-    for name in [m for m in sys.modules if m.split(".")[0] in ("launch", "sparse_comm")]:
-        del sys.modules[name]  # the parser's: --repo's own are imported below
+    use_checkout(args.repo)
     from dgc.transport import gtopk
 
     torch.set_num_threads(1)

@@ -30,7 +30,8 @@ SIZES = [8, 16, 32, 64, 128, 256, 512, 1024]
 
 def main(argv=None) -> int:
     p = OneLineParser(prog="scaling_model", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", type=existing_file, default="configs/synthetic_wide_mlp_dgc.yaml")
+    p.add_argument("--config", type=existing_file,
+                   default=str(REPO / "configs/synthetic_wide_mlp_dgc.yaml"))
     p.add_argument("--world-sizes", type=integers(1), default=",".join(map(str, SIZES)))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override, e.g. dgc.gtopk_slices=true (repeatable)")

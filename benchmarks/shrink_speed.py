@@ -104,8 +104,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     try:
         cfg, dense, sparsifier, test_set = load_run(args.run)
-    except (ConfigError, FileNotFoundError, yaml.YAMLError) as err:
+    except (ConfigError, FileNotFoundError) as err:
         p.error(f"--run: {err}")
+    except yaml.YAMLError:
+        p.error(f"--run: {args.run / 'config.yaml'} is not valid YAML")
     images = len(test_set.tensors[0])
     if max(args.batch_sizes) > images:
         p.error(f"--batch-sizes: at most the test set's {images} images, "

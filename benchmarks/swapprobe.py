@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks import netns  # noqa: E402
 from benchmarks.linkbench_worker import (IDLE_S, SWAP_BUCKETS as BUCKETS,  # noqa: E402
                                          SWAP_BYTES as SIZES, partners)
-from launch.cli import OneLineParser, integer, integers, output_file  # noqa: E402
+from launch.cli import OneLineParser, existing_file, integer, integers, output_file  # noqa: E402
 
 PORT = 29533
 PRESETS = {"100mbit": "netns-100mbit", "1gbit": "netns-1gbit"}
@@ -182,7 +182,7 @@ def main(argv=None) -> int:
                    help=f"time {','.join(map(str, SIZES))} bytes at 100mbit and 1gbit and fit "
                         "swap_us and swap_slowdown")
     p.add_argument("--json", type=output_file, help="with --calibrate: write the times here")
-    p.add_argument("--from-json", type=Path, help="report a calibration's times again")
+    p.add_argument("--from-json", type=existing_file, help="report a calibration's times again")
     p.add_argument("--worker", nargs=2, metavar=("RANK", "MASTER"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:

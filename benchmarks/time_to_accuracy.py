@@ -22,6 +22,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -61,7 +63,8 @@ def main(argv=None) -> int:
     try:
         times = measured_times(json.loads(args.linkbench.read_text()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        p.error(f"--linkbench: {args.linkbench} is not linkbench.py --json output ({err!r})")
+        p.error(f"--linkbench: {args.linkbench} is not linkbench.py --json output "
+                f"({type(err).__name__})")
     if not times:
         p.error(f"--linkbench: {args.linkbench} has no step times at 2 processes")
     rates = sorted({rate for _, rate, _ in times}, key=lambda r: compare_rate(r))
@@ -72,6 +75,8 @@ def main(argv=None) -> int:
                                             for r in compare.find_runs([sweep])])
         except (FileNotFoundError, ValueError, KeyError) as err:
             p.error(f"sweeps: {err}")
+        except yaml.YAMLError:
+            p.error(f"sweeps: a config.yaml under {sweep} is not valid YAML")
         if args.target is None and not any(pt.scheme == "dense" for pt in points):
             p.error(f"sweeps: {sweep} has no dense run to take the target from; give --target")
         sweeps.append(points)

@@ -37,7 +37,7 @@ def unwrap_for_attach(model, optimizer):
         raise ValueError(f"dgc.attach: {PER_PARAMETER_HOOK}")
     if getattr(model, "_comm_hooks", None):  # DDP registers one hook per model
         raise RuntimeError("dgc.attach: this DDP model already has a communication hook "
-                           "(attach DGC once, to a model without one)")
+                           "(DDP runs one per model: attach DGC to a model without one)")
     return model, unwrap_optimizer(optimizer)
 
 

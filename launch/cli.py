@@ -1,7 +1,8 @@
 """Command-line conventions shared by the launch tools: bad input is one line and exit 2."""
 import argparse
 import math
-import signal
+import os
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -92,26 +93,31 @@ def existing_file(text: str) -> Path:
     return Path(text)
 
 
-def output_file(text: str) -> Path:
-    """The path of a file to write, its folder made now, so that one that cannot be fails
-    before any work is done."""
+def output_folder(text: str) -> Path:
+    """The path of a folder to write into, made now with its parents, so that one that
+    cannot be fails before any work is done."""
     path = Path(text)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise argparse.ArgumentTypeError(
-            f"cannot make the folder {path.parent}: {err.strerror}") from None
-    return path
-
-
-def output_dir(path: Path, flag: str) -> Path:
-    """``path`` made, with its parents, for a tool's output; ConfigError under ``flag`` (one
-    line) where it cannot be, before any work is done."""
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise ConfigError(flag, f"cannot make the folder {path}: {err.strerror}") from None
+        raise argparse.ArgumentTypeError(
+            f"cannot make the folder {path}: {err.strerror}") from None
     return path
+
+
+def output_file(text: str) -> Path:
+    """The path of a file to write, its folder made now (as ``output_folder``)."""
+    output_folder(str(Path(text).parent))
+    return Path(text)
+
+
+def output_dir(path: Path, flag: str) -> Path:
+    """``output_folder`` for a folder known only after parsing: ConfigError under ``flag``
+    (one line) where it cannot be made."""
+    try:
+        return output_folder(str(path))
+    except argparse.ArgumentTypeError as err:
+        raise ConfigError(flag, str(err)) from None
 
 
 def lock_file(path: Path | None, flag: str = "--lock") -> None:
@@ -125,7 +131,14 @@ def lock_file(path: Path | None, flag: str = "--lock") -> None:
         raise ConfigError(flag, f"cannot open {path} as a lock file: {err.strerror}") from None
 
 
-def default_sigpipe() -> None:
-    """End quietly, as Unix tools do, when the reader of stdout goes away (``| head``),
-    instead of with a BrokenPipeError traceback. For tools that only print."""
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+def quiet_on_closed_pipe(main: Callable[[], int]) -> int:
+    """``main()``'s status, or 1 without a BrokenPipeError traceback when the reader of
+    stdout goes away (``| head``); stdout then points at /dev/null so that Python's own
+    flush at exit stays quiet too (the recipe in the docs of Python's signal module)."""
+    try:
+        status = main()
+        sys.stdout.flush()
+        return status
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1

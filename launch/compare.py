@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from launch import pareto, tracking
-from launch.cli import OneLineParser, default_sigpipe
+from launch.cli import OneLineParser, quiet_on_closed_pipe
 
 COLUMNS = ["model", "scheme", "setting", "seeds", "test acc (%)", "spread", "bytes sent",
            "compression", "weight density", "wall time (s)", "front"]
@@ -242,5 +242,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    default_sigpipe()
-    sys.exit(main())
+    sys.exit(quiet_on_closed_pipe(main))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 
 from dgc.codec import INDEX_DTYPES, VALUE_DTYPES
-from launch.cli import OneLineParser, default_sigpipe, integers, output_file
+from launch.cli import OneLineParser, integer, integers, output_file, quiet_on_closed_pipe
 from launch.config import load_config
 from launch.costmodel.collectives import break_even_density
 from launch.costmodel.hardware import HardwareConfig, load_cluster, preset_names
@@ -34,13 +34,12 @@ def parse_args(argv=None):
     p.add_argument("--hardware", metavar="PRESET",
                    help=f"cluster preset or YAML path (default: the config's hardware.preset); "
                         f"known: {', '.join(preset_names())}")
-    p.add_argument("--world-sizes", type=integers(1), default="8,64,512", metavar="N,N,...",
-                   help="ranks to estimate for (default 8,64,512)")
-    p.add_argument("--powersgd-rank", type=int, default=4, help="PowerSGD rank (default 4)")
+    p.add_argument("--world-sizes", type=integers(1), default="8,64,512",
+                   metavar="N,N,...", help="ranks to estimate for (default 8,64,512)")
+    p.add_argument("--powersgd-rank", type=integer(1), default=4,
+                   help="PowerSGD rank (default 4)")
     p.add_argument("--out", type=output_file, metavar="PNG", help="write speedup against world size here")
     args = p.parse_args(argv)
-    if args.powersgd_rank < 1:
-        p.error(f"--powersgd-rank: must be >= 1, got {args.powersgd_rank}")
     return args
 
 
@@ -143,5 +142,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    default_sigpipe()
-    sys.exit(main())
+    sys.exit(quiet_on_closed_pipe(main))

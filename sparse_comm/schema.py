@@ -76,13 +76,16 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
     elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):
+        number = value
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) and nan as strings
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+        if isinstance(number, (int, float)) and not isinstance(number, bool):
+            if not math.isfinite(number):
                 raise ConfigError(key, f"must be a finite number, got {value!r}")
-            return float(value)
-        if isinstance(value, str) and value.strip().lower().lstrip("+-.") in ("nan", "inf",
-                                                                           "infinity"):
-            raise ConfigError(key, f"must be a finite number, got {value!r}")
+            return float(number)
     elif tp is str:
         if isinstance(value, str):
             return value

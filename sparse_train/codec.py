@@ -212,7 +212,8 @@ def encode(model: nn.Module, sharing: WeightSharing | None = None,
     ``model_name``, ``input_shape`` and ``meta`` (JSON-able) go into the header.
 
     Raises ValueError if a shared weight does not hold its centroids (train with the
-    sharing attached, or call ``sharing.write_()``) or a pruned weight is nonzero.
+    sharing attached, or call ``sharing.write_()``) or a pruned weight is nonzero, and
+    TypeError if ``sharing`` is not a WeightSharing.
     """
     if sharing is not None and not isinstance(sharing, WeightSharing):
         raise TypeError(f"encode: sharing must be a WeightSharing (sparse_train.quantize."

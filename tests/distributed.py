@@ -20,11 +20,9 @@ import torch.multiprocessing as mp
 from launch.distenv import quiesce
 
 
-# The ranks fork from one server process that imported these once (it runs no torch op, so
-# no thread pool is copied into a child); spawning would import torch again in every rank,
-# seconds each on a small CI machine.
-PRELOAD = ["torch", "torch.distributed", "torch.nn.parallel", "dgc", "sparse_train",
-           "launch.distenv", "tests.distributed"]
+# The ranks fork from one server process that imported these once and ran no torch op;
+# spawning would import torch again in every rank, seconds each on a small CI machine.
+PRELOAD = ["torch.nn.parallel", "dgc", "sparse_train", "tests.distributed"]
 
 
 def free_port() -> int:
@@ -33,8 +31,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, fn, args, queue, collective_timeout):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+def _worker(rank, world_size, port, fn, args, queue, collective_timeout, environ):
+    os.environ.clear()  # the caller's environment now, not the server's from its start
+    os.environ.update(environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       GLOO_SOCKET_IFNAME="lo")
     try:
         import torch
@@ -58,7 +57,8 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 120.0,
     queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_worker, daemon=True,
-                         args=(r, world_size, port, fn, args, queue, collective_timeout))
+                         args=(r, world_size, port, fn, args, queue, collective_timeout,
+                               dict(os.environ)))
              for r in range(world_size)]
     for p in procs:
         p.start()

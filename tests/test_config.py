@@ -29,6 +29,15 @@ def test_int_is_accepted_where_float_is_expected_but_not_the_reverse():
         load_config(None, ["train.epochs=2.5"])
 
 
+def test_a_float_in_exponent_notation_without_a_dot_is_a_float():
+    # YAML 1.1 (PyYAML) reads 1e-3 as a string; 1.0e-3 as a float
+    cfg = load_config(REPO / "configs/mnist_lenet300_dgc.yaml", ["train.lr=1e-3",
+                                                                "dgc.density=5E-4"])
+    assert (cfg.train.lr, cfg.dgc.density) == (1e-3, 5e-4)
+    with pytest.raises(ConfigError, match="'train.lr': must be float, got 'fast'"):
+        load_config(None, ["train.lr=fast"])
+
+
 @pytest.mark.parametrize("override", ["train.lr=.inf", "train.weight_decay=.nan", "train.lr=nan",
                                       "dgc.density=-.inf", "dgc.density=inf"])
 def test_a_float_key_must_be_finite(override):

@@ -24,3 +24,15 @@ def test_run_ranks_returns_each_rank_result():
 def test_run_ranks_reports_rank_failure():
     with pytest.raises(RuntimeError, match="rank 1 failed"):
         run_ranks(_fail_on_rank_one, 2, collective_timeout=10)
+
+
+def _environ_rank(rank, world_size):
+    import os
+    return os.environ.get("SPARSE_COMM_TEST_PROBE")
+
+
+def test_ranks_see_the_callers_environment_at_the_call(monkeypatch):
+    # the ranks fork from a server started at the first call: they must not see its copy
+    for value in ("2", "4"):
+        monkeypatch.setenv("SPARSE_COMM_TEST_PROBE", value)
+        assert run_ranks(_environ_rank, 2) == [value, value]
