@@ -74,9 +74,7 @@ def reals(low: float, high: float = math.inf, *, low_open: bool = False,
     return _argument(float, within, f"comma-separated numbers {words}", many=True)
 
 
-def positive(text: str) -> float:
-    """A finite number > 0: seconds, a budget."""
-    return real(0, low_open=True)(text)
+positive = real(0, low_open=True)  # a finite number > 0: seconds, a budget
 
 
 def existing_dir(text: str) -> Path:

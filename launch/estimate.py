@@ -38,7 +38,8 @@ def parse_args(argv=None):
                    metavar="N,N,...", help="ranks to estimate for (default 8,64,512)")
     p.add_argument("--powersgd-rank", type=integer(1), default=4,
                    help="PowerSGD rank (default 4)")
-    p.add_argument("--out", type=output_file, metavar="PNG", help="write speedup against world size here")
+    p.add_argument("--out", type=output_file, metavar="PNG",
+                   help="write speedup against world size here")
     args = p.parse_args(argv)
     return args
 
