@@ -35,10 +35,19 @@ def unwrap_for_attach(model, optimizer):
     model = strip_compile(model)
     if getattr(model, "_use_python_reducer", False):  # set by DDP's constructor
         raise ValueError(f"dgc.attach: {PER_PARAMETER_HOOK}")
-    if getattr(model, "_comm_hooks", None):  # DDP registers one hook per model
+    if _existing_hook(model):  # DDP runs one hook per model
         raise RuntimeError("dgc.attach: this DDP model already has a communication hook "
                            "(DDP runs one per model: attach DGC to a model without one)")
     return model, unwrap_optimizer(optimizer)
+
+
+def _existing_hook(model) -> bool:
+    """Whether DDP already holds a comm hook: a Python one (``register_comm_hook``) or a
+    built-in one (``_register_builtin_comm_hook``), which only DDP's logger records."""
+    if getattr(model, "_comm_hooks", None):
+        return True
+    logging_data = getattr(model, "_get_ddp_logging_data", None)
+    return callable(logging_data) and bool(logging_data().get("comm_hook"))
 
 
 class OneBackwardPerStep:

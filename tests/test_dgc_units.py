@@ -283,3 +283,19 @@ def test_attach_twice_is_one_line_naming_the_hook():
         assert "\n" not in str(err.value)
     finally:
         torch.distributed.destroy_process_group()
+
+
+def test_attach_after_a_builtin_hook_is_one_line():
+    """DDP's ``_register_builtin_comm_hook`` leaves ``_comm_hooks`` empty; only its logger
+    records the hook, and attach must still refuse before building any state."""
+    torch.distributed.init_process_group(
+        "gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        model = torch.nn.parallel.DistributedDataParallel(nn.Linear(2, 2))
+        model._register_builtin_comm_hook(torch.distributed.BuiltinCommHookType.FP16_COMPRESS)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        with pytest.raises(RuntimeError, match="already has a communication hook") as err:
+            dgc.attach(model, opt)
+        assert "\n" not in str(err.value)
+    finally:
+        torch.distributed.destroy_process_group()
