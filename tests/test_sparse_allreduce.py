@@ -7,7 +7,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import dgc
-from dgc.transport.sparse_allreduce import _owner_sums, capacities
+from dgc.transport.sparse_allreduce import _owner_sums, capacities, cut
 from tests.dgc_helpers import nothing_lost, one_tensor_dgc, resumed
 from tests.distributed import run_ranks
 from tests.test_dgc_distributed import MLP, _flat, _sgd, _train
@@ -166,3 +166,34 @@ def test_an_owner_publishes_the_largest_sums_of_what_it_received(seed):
     assert pub.tolist() == want + [n] * (c2 - len(want))
     exact = torch.tensor([sums[i] for i in want] + [0.0] * (c2 - len(want)))
     assert torch.equal(value.float() + rounding, exact)  # nothing lost to the fp16 wire
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_regions_are_ordered_and_cover_the_tensor(seed):
+    g = torch.Generator().manual_seed(seed)
+    p = 2 + seed % 7
+    n = int(torch.randint(p, 5000, (1,), generator=g))
+    hist = torch.randint(0, 50, (32 * p,), generator=g)
+    hist[torch.rand(32 * p, generator=g) < 0.7] = 0  # mostly empty bins
+    edges = cut(hist.tolist(), n, p)
+    assert len(edges) == p + 1 and edges[0] == 0 and edges[-1] == n
+    assert all(a <= b for a, b in zip(edges, edges[1:]))
+    assert cut([0] * (32 * p), n, p) == [j * n // p + (j * n % p > 0) for j in range(p + 1)]
+
+
+def test_a_handful_of_picks_keeps_the_regions_near_equal():
+    """p = 8 ranks each selecting one entry of a 1,000-entry tensor: cut at the eight picks'
+    quantiles, the regions would be a bin wide on one side and 900 entries on the other."""
+    p, n = 8, 1000
+    hist = [0] * (32 * p)
+    for b in range(8):  # eight picks, in eight neighbouring bins
+        hist[b] = 1
+    widths = [b - a for a, b in zip(cut(hist, n, p), cut(hist, n, p)[1:])]
+    assert min(widths) >= n / (2 * p) and max(widths) <= 2 * n / p
+
+
+def test_many_picks_still_place_the_cuts():
+    p, n = 8, 235_200  # LeNet-300-100's first layer, 8 ranks of k = 1,000 in its first half
+    hist = [1000 * p // (16 * p)] * (16 * p) + [0] * (16 * p)
+    edges = cut(hist, n, p)
+    assert edges[p - 1] <= n // 2 + n // (32 * p)  # seven regions in the first half

@@ -28,8 +28,9 @@ slots and ``ceil(c2 k / p)`` published sums per region; the bucket's messages ar
 tensor after tensor. A tensor's regions are set at its first step and again every
 ``REBALANCE_STEPS`` steps: each rank histograms its selected indices of it into
 ``BINS_PER_RANK * p`` bins, one integer allreduce per bucket sums the histograms, and every
-rank cuts them at the same quantiles. Boundaries are saved with the state, so a resume
-repeats them.
+rank cuts them at the same quantiles, each bin counted one more than it holds (``cut``: a
+tensor with a handful of picks keeps near-equal regions). Boundaries are saved with the
+state, so a resume repeats them.
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ from dgc.transport import allgather
 
 REBALANCE_STEPS = 64
 BINS_PER_RANK = 32
+PRIOR_PER_BIN = 1
 
 
 def capacities(k: int, p: int, factors: tuple[float, float]) -> tuple[int, int]:
@@ -177,15 +179,26 @@ def rebalanced(index_lists: list[Tensor], sizes: list[int], p: int, group: Group
              for i, n in zip(index_lists, sizes)]
     hist = torch.stack(hists).to(torch.int64)
     group.allreduce(hist).wait()
-    out = []
-    for h, n in zip(hist.tolist(), sizes):  # a host read, every REBALANCE_STEPS steps
-        total, cum, edges, j = sum(h), 0, [0], 1
-        for b, count in enumerate(h):
-            cum += count
-            while j < p and cum * p >= j * total and total:
-                edges.append(max(edges[-1], min(n, -(-(b + 1) * n // bins))))
-                j += 1
-        while len(edges) < p:  # nothing selected: uniform
-            edges.append(len(edges) * n // p)
-        out.append(edges + [n])
-    return out
+    # a host read, every REBALANCE_STEPS steps
+    return [cut(h, n, p) for h, n in zip(hist.tolist(), sizes)]
+
+
+def cut(hist: list[int], n: int, p: int) -> list[int]:
+    """Boundaries (p + 1 positions in [0, n]) splitting ``hist``, counts of selected
+    positions in equal bins of a tensor of n entries, into p regions of equal mass.
+
+    Every bin counts ``PRIOR_PER_BIN`` more than it holds. A tensor that selects a few
+    entries per rank (LeNet-300-100's 1,000-entry output layer selects one at density
+    0.001) gives a histogram of a handful of picks, and cutting at their quantiles makes
+    regions of chance widths; an owner of a wide one then publishes a fraction of what
+    landed there. The prior keeps such a tensor's regions near equal, while a large
+    tensor's thousands of picks still place its cuts."""
+    bins = len(hist)
+    counts = [count + PRIOR_PER_BIN for count in hist]
+    total, cum, edges, j = sum(counts), 0, [0], 1
+    for b, count in enumerate(counts):
+        cum += count
+        while j < p and cum * p >= j * total:
+            edges.append(max(edges[-1], min(n, -(-(b + 1) * n // bins))))
+            j += 1
+    return edges + [n]
