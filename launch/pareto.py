@@ -87,10 +87,13 @@ def model_of(config: dict) -> str:
     return model.get("name", "") if isinstance(model, dict) else ""
 
 
-def _what(config: dict) -> tuple:
-    flat = flatten(config)
-    return tuple(sorted((k, repr(v)) for k, v in flat.items()
-                        if not any(k == n or k.startswith(n) for n in _NOT_SETTING)))
+def _what(run: dict) -> tuple:
+    """The run's setting: its config but for the seed and names, and its number of
+    processes (not in the config: runs at 4 and 8 processes are two settings, not seeds)."""
+    flat = flatten(run["config"])
+    keys = [(k, repr(v)) for k, v in flat.items()
+            if not any(k == n or k.startswith(n) for n in _NOT_SETTING)]
+    return tuple(sorted(keys + [("processes", repr(run["summary"].get("world_size")))]))
 
 
 def group_settings(runs: list[dict]) -> list[SettingPoint]:
@@ -98,7 +101,7 @@ def group_settings(runs: list[dict]) -> list[SettingPoint]:
     keys that tell it apart from the other settings of its model and scheme."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for run in runs:
-        groups[_what(run["config"])].append(run)
+        groups[_what(run)].append(run)
     by_family: dict[tuple[str, str], list[tuple]] = defaultdict(list)
     for key, members in groups.items():
         config = members[0]["config"]

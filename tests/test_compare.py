@@ -16,7 +16,7 @@ from tests.wandb_offline import read_offline_run
 
 
 def fake_run(path, accuracies, bytes_per_epoch, *, seed=0, hook="allreduce", dgc=None,
-             rank=4, steps_per_epoch=10, dense_per_epoch=None):
+             rank=4, steps_per_epoch=10, dense_per_epoch=None, world_size=2):
     """A run directory as launch.train writes it (compare reads only these files)."""
     path.mkdir(parents=True)
     rows = [{"train/step": steps_per_epoch * (i + 1), "test/accuracy": acc,
@@ -27,7 +27,7 @@ def fake_run(path, accuracies, bytes_per_epoch, *, seed=0, hook="allreduce", dgc
         "run_name": path.name, "test_accuracy": accuracies[-1],
         "comm_bytes_sent": bytes_per_epoch * epochs,
         "comm_bytes_dense": (dense_per_epoch or bytes_per_epoch) * epochs,
-        "weight_density": 1.0, "wall_time_s": 12.5}))
+        "weight_density": 1.0, "wall_time_s": 12.5, "world_size": world_size}))
     config = {"model": {"name": "lenet300"}, "train": {"seed": seed},
               "ddp": {"comm_hook": hook, "powersgd_rank": rank},
               "wandb": {"project": "compare-test"}, "run_name": path.name,
@@ -52,6 +52,19 @@ def test_settings_average_seeds_and_the_front_keeps_the_non_dominated(tmp_path):
     assert sorted(p.label for p in psgd) == ["powersgd_rank=1", "powersgd_rank=2",
                                              "powersgd_rank=4"]
     assert [p.label for p in pareto.front(psgd)] == ["powersgd_rank=1", "powersgd_rank=4"]
+
+
+def test_runs_at_other_process_counts_are_other_settings_not_seeds(tmp_path):
+    """The number of processes is not in config.yaml (torchrun sets it): two runs of one
+    config at 4 and 8 processes are two markers, labelled by it."""
+    fake_run(tmp_path / "p4", [0.95, 0.984], 1e9, world_size=4)
+    fake_run(tmp_path / "p8s0", [0.95, 0.980], 1e9, world_size=8)
+    fake_run(tmp_path / "p8s1", [0.95, 0.982], 1e9, seed=1, world_size=8)
+    points = pareto.group_settings([load_run(p) for p in sorted(tmp_path.iterdir())])
+    assert sorted((p.label, len(p.runs)) for p in points) == [("processes=4", 1),
+                                                               ("processes=8", 2)]
+    eight = next(p for p in points if p.label == "processes=8")
+    assert eight.accuracy == pytest.approx(98.1)
 
 
 def test_fewest_bytes_to_a_target_come_from_the_mean_per_epoch_curve(tmp_path):

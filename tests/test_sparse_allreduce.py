@@ -197,3 +197,13 @@ def test_many_picks_still_place_the_cuts():
     hist = [1000 * p // (16 * p)] * (16 * p) + [0] * (16 * p)
     edges = cut(hist, n, p)
     assert edges[p - 1] <= n // 2 + n // (32 * p)  # seven regions in the first half
+
+
+@pytest.mark.parametrize("p", [2, 3, 4, 5, 8, 16])
+def test_the_tuned_capacities_stay_within_6k_pairs(p):
+    """configs/mnist_lenet300_dgc_sar.yaml's [2, 4]: a rank sends (p - 1)(C1 + C2) pairs a
+    tensor (the collective-level count is the 25M-entry test's), within 6k(p-1)/p plus the
+    two capacities' rounding."""
+    for k in [1, 2, 3, 7, 30, 235, 1000, 25_000]:
+        c1, c2 = capacities(k, p, (2.0, 4.0))
+        assert (p - 1) * (c1 + c2) <= 6 * k * (p - 1) / p + 2 * (p - 1)
