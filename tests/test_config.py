@@ -62,3 +62,10 @@ def test_invalid_yaml_is_reported_with_its_line(tmp_path):
     (tmp_path / "bad.yaml").write_text("train:\n  lr: [1,\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(tmp_path / "bad.yaml")
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    """Each config the README names (and any other in configs/) parses and validates."""
+    cfg = load_config(path)
+    assert cfg.model.name and cfg.train.epochs >= 1
