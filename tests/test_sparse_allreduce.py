@@ -188,7 +188,8 @@ def test_a_handful_of_picks_keeps_the_regions_near_equal():
     hist = [0] * (32 * p)
     for b in range(8):  # eight picks, in eight neighbouring bins
         hist[b] = 1
-    widths = [b - a for a, b in zip(cut(hist, n, p), cut(hist, n, p)[1:])]
+    edges = cut(hist, n, p)
+    widths = [b - a for a, b in zip(edges, edges[1:])]
     assert min(widths) >= n / (2 * p) and max(widths) <= 2 * n / p
 
 
