@@ -7,9 +7,9 @@ Arguments are run directories or directories holding them (a sweep's output). Ru
 differ only by seed, at the same number of processes, form one setting (``launch.pareto``);
 each setting is one marker at its mean final test accuracy, with the spread over seeds as
 an error bar, against its mean whole-run bytes sent per rank; each scheme's front (no
-setting of it both cheaper and more accurate) is joined by a line. Printed: a markdown table of the settings (front marked)
-and, with ``--target``, the fewest bytes each scheme needs to reach that test accuracy,
-read from the per-epoch curves averaged over seeds. ``--curves`` also draws every run's
+setting of it both cheaper and more accurate) is joined by a line. Printed: a markdown
+table of the settings (front marked) and, with ``--target``, the fewest bytes each scheme
+needs to reach that test accuracy, read from the per-epoch curves averaged over seeds. ``--curves`` also draws every run's
 accuracy against its cumulative bytes. Both charts and tables go to wandb.
 """
 from __future__ import annotations
