@@ -9,8 +9,9 @@ each setting is one marker at its mean final test accuracy, with the spread over
 an error bar, against its mean whole-run bytes sent per rank; each scheme's front (no
 setting of it both cheaper and more accurate) is joined by a line. Printed: a markdown
 table of the settings (front marked) and, with ``--target``, the fewest bytes each scheme
-needs to reach that test accuracy, read from the per-epoch curves averaged over seeds. ``--curves`` also draws every run's
-accuracy against its cumulative bytes. Both charts and tables go to wandb.
+needs to reach that test accuracy, read from the per-epoch curves averaged over seeds.
+``--curves`` also draws every run's accuracy against its cumulative bytes. Both charts and
+tables go to wandb.
 """
 from __future__ import annotations
 
