@@ -138,9 +138,9 @@ def plot_front(points: list[pareto.SettingPoint], out: Path, target: float | Non
                 ax.errorbar(p.bytes_sent, p.accuracy, yerr=p.spread, color=color,
                             marker=markers[i % len(markers)], markersize=6, capsize=3,
                             linestyle="none", label=f"{scheme}: {p.label} ({p.accuracy:.2f})")
-            line = pareto.front(members)
-            ax.plot([p.bytes_sent for p in line], [p.accuracy for p in line], color=color,
-                    linewidth=1.2, alpha=0.8)
+            for line in pareto.fronts(members).values():  # one per number of processes
+                ax.plot([p.bytes_sent for p in line], [p.accuracy for p in line], color=color,
+                        linewidth=1.2, alpha=0.8)
         # The axis spans the settings within 3 points of the best; one that fell further (a
         # diverged seed) is pinned to the bottom edge and labelled with its accuracy.
         high = max(p.accuracy for p in group)

@@ -48,6 +48,11 @@ class SettingPoint:
         return spread(self.accuracies)
 
     @property
+    def processes(self) -> int | None:
+        """The runs' number of processes (every run of a setting has the same)."""
+        return self.runs[0]["summary"].get("world_size")
+
+    @property
     def bytes_sent(self) -> float:
         return statistics.fmean(r["summary"]["comm_bytes_sent"] for r in self.runs)
 
@@ -129,11 +134,12 @@ def front(points: list[SettingPoint]) -> list[SettingPoint]:
     return out
 
 
-def fronts(points: list[SettingPoint]) -> dict[tuple[str, str], list[SettingPoint]]:
-    """The front of each (model, scheme)."""
-    families: dict[tuple[str, str], list[SettingPoint]] = defaultdict(list)
+def fronts(points: list[SettingPoint]) -> dict[tuple, list[SettingPoint]]:
+    """The front of each (model, scheme, number of processes): a setting at 4 processes
+    does not dominate one at 8, which sends other bytes for another batch."""
+    families: dict[tuple, list[SettingPoint]] = defaultdict(list)
     for point in points:
-        families[(point.model, point.scheme)].append(point)
+        families[(point.model, point.scheme, point.processes)].append(point)
     return {family: front(members) for family, members in families.items()}
 
 

@@ -65,6 +65,9 @@ def test_runs_at_other_process_counts_are_other_settings_not_seeds(tmp_path):
                                                                ("processes=8", 2)]
     eight = next(p for p in points if p.label == "processes=8")
     assert eight.accuracy == pytest.approx(98.1)
+    # the p = 4 run is cheaper-or-equal and more accurate, but another batch: both fronts
+    assert sorted(f[-1] for f in pareto.fronts(points)) == [4, 8]
+    assert all(len(members) == 1 for members in pareto.fronts(points).values())
 
 
 def test_fewest_bytes_to_a_target_come_from_the_mean_per_epoch_curve(tmp_path):
