@@ -50,7 +50,7 @@ class SettingPoint:
     @property
     def processes(self) -> int | None:
         """The runs' number of processes (every run of a setting has the same)."""
-        return self.runs[0]["summary"].get("world_size")
+        return processes_of(self.runs[0])
 
     @property
     def bytes_sent(self) -> float:
@@ -92,13 +92,19 @@ def model_of(config: dict) -> str:
     return model.get("name", "") if isinstance(model, dict) else ""
 
 
+def processes_of(run: dict) -> int | None:
+    """A run's number of processes: torchrun sets it, so it is in the summary, not the
+    config."""
+    return run["summary"].get("world_size")
+
+
 def _what(run: dict) -> tuple:
     """The run's setting: its config but for the seed and names, and its number of
     processes (not in the config: runs at 4 and 8 processes are two settings, not seeds)."""
     flat = flatten(run["config"])
     keys = [(k, repr(v)) for k, v in flat.items()
             if not any(k == n or k.startswith(n) for n in _NOT_SETTING)]
-    return tuple(sorted(keys + [("processes", repr(run["summary"].get("world_size")))]))
+    return tuple(sorted(keys + [("processes", repr(processes_of(run)))]))
 
 
 def group_settings(runs: list[dict]) -> list[SettingPoint]:
