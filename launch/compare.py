@@ -102,15 +102,17 @@ def markdown(rows: list[list]) -> str:
 def target_markdown(points: list[pareto.SettingPoint], target: float) -> str:
     lines = [f"Fewest bytes per rank to reach {target:.2f}% test accuracy (per-epoch curves "
              f"averaged over seeds):", "",
-             "| model | scheme | cheapest setting | bytes sent / rank | steps |",
-             "|---|---|---|---|---|"]
-    for (model, scheme), hit in sorted(pareto.cheapest_to_target(points, target).items()):
+             "| model | scheme | processes | cheapest setting | bytes sent / rank | steps |",
+             "|---|---|---|---|---|---|"]
+    hits = pareto.cheapest_to_target(points, target)
+    for (model, scheme, processes), hit in sorted(hits.items(),
+                                                  key=lambda kv: (*kv[0][:2], kv[0][2] or 0)):
+        where = f"| {model} | {scheme} | {'-' if processes is None else processes} |"
         if hit is None:
-            lines.append(f"| {model} | {scheme} | not reached | - | - |")
+            lines.append(f"{where} not reached | - | - |")
         else:
             point, sent, steps = hit
-            lines.append(f"| {model} | {scheme} | {point.label} | {human_bytes(sent)} | "
-                         f"{steps:.0f} |")
+            lines.append(f"{where} {point.label} | {human_bytes(sent)} | {steps:.0f} |")
     return "\n".join(lines)
 
 

@@ -150,12 +150,13 @@ def fronts(points: list[SettingPoint]) -> dict[tuple, list[SettingPoint]]:
 
 
 def cheapest_to_target(points: list[SettingPoint], target: float
-                       ) -> dict[tuple[str, str], tuple[SettingPoint, float, float] | None]:
-    """Per (model, scheme): the setting that reaches ``target`` (%) with the fewest bytes,
-    with those bytes and the steps it took; None where no setting reaches it."""
-    out: dict[tuple[str, str], tuple[SettingPoint, float, float] | None] = {}
+                       ) -> dict[tuple, tuple[SettingPoint, float, float] | None]:
+    """Per (model, scheme, number of processes), as ``fronts`` groups them: the setting that
+    reaches ``target`` (%) with the fewest bytes, with those bytes and the steps it took;
+    None where no setting reaches it."""
+    out: dict[tuple, tuple[SettingPoint, float, float] | None] = {}
     for point in points:
-        family = (point.model, point.scheme)
+        family = (point.model, point.scheme, point.processes)
         reached = point.to_target(target)
         out.setdefault(family, None)
         if reached is not None and (out[family] is None or reached[0] < out[family][1]):

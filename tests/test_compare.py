@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from launch import pareto
+from launch import compare, pareto
 from launch.compare import COLUMNS, load_run
 from tests.launch_helpers import REPO, launch_env
 from tests.wandb_offline import read_offline_run
@@ -77,10 +77,24 @@ def test_fewest_bytes_to_a_target_come_from_the_mean_per_epoch_curve(tmp_path):
     # a costlier setting that gets there sooner in bytes: 97.5 then 98.2 at 3e6
     fake_run(tmp_path / "b0", [0.975, 0.982], 3e6, dgc={"density": 0.01})
     points = pareto.group_settings([load_run(p) for p in sorted(tmp_path.iterdir())])
-    cheapest = pareto.cheapest_to_target(points, 98.0)[("lenet300", "DGC")]
+    cheapest = pareto.cheapest_to_target(points, 98.0)[("lenet300", "DGC", 2)]
     assert cheapest[0].label == "dgc.density=0.001" or cheapest[0].label == "density=0.001"
     assert cheapest[1:] == (pytest.approx(3e6), pytest.approx(30))
-    assert pareto.cheapest_to_target(points, 99.5)[("lenet300", "DGC")] is None
+    assert pareto.cheapest_to_target(points, 99.5)[("lenet300", "DGC", 2)] is None
+
+
+def test_fewest_bytes_to_a_target_are_per_number_of_processes(tmp_path):
+    # the p = 4 setting reaches 98% with fewer bytes, but p = 8 needs its own answer
+    fake_run(tmp_path / "p4", [0.97, 0.985], 1e6, world_size=4, dgc={"density": 0.001})
+    fake_run(tmp_path / "p8a", [0.97, 0.982], 4e6, world_size=8, dgc={"density": 0.001})
+    fake_run(tmp_path / "p8b", [0.95, 0.975], 2e6, world_size=8, dgc={"density": 0.0001})
+    points = pareto.group_settings([load_run(p) for p in sorted(tmp_path.iterdir())])
+    hits = pareto.cheapest_to_target(points, 98.0)
+    assert sorted(hits) == [("lenet300", "DGC", 4), ("lenet300", "DGC", 8)]
+    assert hits[("lenet300", "DGC", 4)][1] == pytest.approx(2e6)
+    assert hits[("lenet300", "DGC", 8)][1] == pytest.approx(8e6)
+    table = compare.target_markdown(points, 98.0)
+    assert "| lenet300 | DGC | 4 |" in table and "| lenet300 | DGC | 8 |" in table
 
 
 def test_time_to_target_prices_each_epoch_at_its_own_bytes_per_step(tmp_path):
