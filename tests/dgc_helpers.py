@@ -3,6 +3,7 @@ DGC per tensor, the resume experiment, and the one-tensor model the byte counts 
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -102,6 +103,13 @@ def resumed(fresh, rank: int, steps: int, at: int, epochs: bool = False
     state.load_state_dict(saved["dgc"])
     train(ddp, opt, state, steps - at, start=at)
     return uninterrupted, model, state
+
+
+# The wire-byte tests' tensor: k = 25,000 pairs either way; the counts depend on k and p
+# only. CI runs 2.5M entries at density 0.01; SPARSE_COMM_WIRE_NUMEL=25000000 gives the
+# README's 25M entries at density 0.001, the same counts in eight times the memory and time.
+WIRE_K = 25_000
+WIRE_NUMEL = int(os.environ.get("SPARSE_COMM_WIRE_NUMEL", 2_500_000))
 
 
 def one_tensor_dgc(numel: int, density: float, exchange: str, **options):

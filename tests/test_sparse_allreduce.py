@@ -8,7 +8,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import dgc
 from dgc.transport.sparse_allreduce import _owner_sums, capacities, cut
-from tests.dgc_helpers import nothing_lost, one_tensor_dgc, resumed
+from tests.dgc_helpers import WIRE_K, WIRE_NUMEL, nothing_lost, one_tensor_dgc, resumed
 from tests.distributed import run_ranks
 from tests.test_dgc_distributed import MLP, _flat, _sgd, _train
 
@@ -123,12 +123,12 @@ def _bytes_rank(rank, world_size, numel, density):
 
 
 @pytest.mark.parametrize("world_size", [2, 4, 8])
-def test_wire_bytes_per_rank_stay_within_6k_pairs_at_a_25m_entry_tensor(world_size):
-    """25M entries at density 0.001 (k = 25,000 pairs of 6 bytes): counted at the
+def test_wire_bytes_per_rank_stay_within_6k_pairs_of_a_tensor(world_size):
+    """One tensor, k = 25,000 pairs of 6 bytes (``dgc_helpers.WIRE_NUMEL``): counted at the
     collectives, each rank sends (p-1)/p of its all-to-all buffer and (p-1) times its
     published pairs; at most 6k(p-1)/p pairs plus the capacities' rounding."""
-    numel, density = 25_000_000, 0.001
-    k = 25_000
+    numel, k = WIRE_NUMEL, WIRE_K
+    density = k / numel
     for sizes, counted in run_ranks(_bytes_rank, world_size, numel, density, timeout=300):
         kinds = dict(sizes)
         c1, c2 = capacities(k, world_size, (2.0, 1.0))
