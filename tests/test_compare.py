@@ -127,8 +127,8 @@ def test_compare_writes_the_front_chart_tables_and_wandb(tmp_path):
                         "| yes |")
     assert table[1] == ("| lenet300 | dense | dense | 2 | 98.10 | 0.14 | 3 GB | 1.0x | 1.000 | 12 "
                         "| yes |")
-    assert "| lenet300 | DGC | DGC | 12 MB | 30 |" in proc.stdout
-    assert "| lenet300 | dense | dense | 3 GB | 30 |" in proc.stdout
+    assert "| lenet300 | DGC | 2 | DGC | 12 MB | 30 |" in proc.stdout
+    assert "| lenet300 | dense | 2 | dense | 3 GB | 30 |" in proc.stdout
     recorded = read_offline_run(out.parent / "wandb")
     logged = {key: value for row in recorded["history"] for key, value in row.items()}
     assert (logged["compare/table/nrows"], logged["compare/table/ncols"]) == (2, len(COLUMNS))
