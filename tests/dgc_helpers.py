@@ -110,6 +110,7 @@ def resumed(fresh, rank: int, steps: int, at: int, epochs: bool = False
 # README's 25M entries at density 0.001, the same counts in eight times the memory and time.
 WIRE_K = 25_000
 WIRE_NUMEL = int(os.environ.get("SPARSE_COMM_WIRE_NUMEL", 2_500_000))
+WIRE_DENSITY = WIRE_K / WIRE_NUMEL
 
 
 def one_tensor_dgc(numel: int, density: float, exchange: str, **options):

@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import dgc
 from dgc.transport.gtopk import merge, merge_rows
 from sparse_comm.schema import ConfigError
-from tests.dgc_helpers import WIRE_K, WIRE_NUMEL, one_tensor_dgc
+from tests.dgc_helpers import WIRE_DENSITY, WIRE_K, WIRE_NUMEL, one_tensor_dgc
 from tests.distributed import run_ranks
 from tests.test_sparse_allreduce import SPARSE, _all_rank
 
@@ -134,9 +134,10 @@ def test_wire_bytes_are_log2_p_rounds_of_k_pairs_within_6k_pairs(world_size):
     """One tensor, k = 25,000 (``dgc_helpers.WIRE_NUMEL``): round one sends the k pairs as
     selected (int32 + fp16, 6 bytes), each later round k sums (int32 + fp32, 8 bytes); in
     6-byte pairs that stays under the issue's 6k(p-1)/p at p = 2, 4, 8."""
-    numel, k = WIRE_NUMEL, WIRE_K
+    k = WIRE_K
     rounds = world_size.bit_length() - 1
-    for sizes, counted in run_ranks(_bytes_rank, world_size, numel, k / numel, timeout=300):
+    for sizes, counted in run_ranks(_bytes_rank, world_size, WIRE_NUMEL, WIRE_DENSITY,
+                                    timeout=300):
         assert sizes == [k * 6] + [k * 8] * (rounds - 1)
         assert counted == sum(sizes)
         pairs = counted / 6

@@ -8,7 +8,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import dgc
 from dgc.transport.sparse_allreduce import _owner_sums, capacities, cut
-from tests.dgc_helpers import WIRE_K, WIRE_NUMEL, nothing_lost, one_tensor_dgc, resumed
+from tests.dgc_helpers import (WIRE_DENSITY, WIRE_K, WIRE_NUMEL, nothing_lost, one_tensor_dgc,
+                               resumed)
 from tests.distributed import run_ranks
 from tests.test_dgc_distributed import MLP, _flat, _sgd, _train
 
@@ -127,9 +128,9 @@ def test_wire_bytes_per_rank_stay_within_6k_pairs_of_a_tensor(world_size):
     """One tensor, k = 25,000 pairs of 6 bytes (``dgc_helpers.WIRE_NUMEL``): counted at the
     collectives, each rank sends (p-1)/p of its all-to-all buffer and (p-1) times its
     published pairs; at most 6k(p-1)/p pairs plus the capacities' rounding."""
-    numel, k = WIRE_NUMEL, WIRE_K
-    density = k / numel
-    for sizes, counted in run_ranks(_bytes_rank, world_size, numel, density, timeout=300):
+    k = WIRE_K
+    for sizes, counted in run_ranks(_bytes_rank, world_size, WIRE_NUMEL, WIRE_DENSITY,
+                                    timeout=300):
         kinds = dict(sizes)
         c1, c2 = capacities(k, world_size, (2.0, 1.0))
         row = -(-c1 * 6 // 8) * 8  # C1 pairs, padded to 8 bytes (dgc.codec)
@@ -203,7 +204,7 @@ def test_many_picks_still_place_the_cuts():
 @pytest.mark.parametrize("p", [2, 3, 4, 5, 8, 16])
 def test_the_tuned_capacities_stay_within_6k_pairs(p):
     """configs/mnist_lenet300_dgc_sar.yaml's [2, 4]: a rank sends (p - 1)(C1 + C2) pairs a
-    tensor (the collective-level count is the 25M-entry test's), within 6k(p-1)/p plus the
+    tensor (the collective-level count is the wire-byte test's), within 6k(p-1)/p plus the
     two capacities' rounding."""
     for k in [1, 2, 3, 7, 30, 235, 1000, 25_000]:
         c1, c2 = capacities(k, p, (2.0, 4.0))
