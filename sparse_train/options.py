@@ -22,7 +22,10 @@ def per_layer(name: str, value, patterns: list[str]):
     (options such as ``target`` and ``dns_c`` take one value per ``layers`` pattern)."""
     if not isinstance(value, list):
         return value
-    return next(v for pattern, v in zip(patterns, value) if fnmatch.fnmatchcase(name, pattern))
+    for pattern, v in zip(patterns, value):
+        if fnmatch.fnmatchcase(name, pattern):
+            return v
+    raise ValueError(f"{name!r} matches none of the `layers` patterns {patterns}")
 
 
 @dataclass

@@ -146,6 +146,20 @@ def test_per_layer_targets_prune_each_layer_to_its_own_ratio():
                             layers=["0.*"], target=[0.5], scope="global")
 
 
+
+@pytest.mark.parametrize("method", ["channel", "slimming", "group_lasso"])
+def test_per_layer_targets_name_the_producers_not_the_layers_that_read_them(method):
+    """What ``launch.sensitivity`` proposes for a channel scan: one target per producer.
+    The layers that read a pruned channel (here 8.weight) have no pattern of their own."""
+    model = conv_net()
+    sp = sparse_train.attach(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                             method=method, layers=["0.weight", "3.weight"],
+                             target=[0.5, 0.25])
+    assert {"3.weight", "8.weight"} <= set(sp.params)
+    if method != "group_lasso":  # its groups go by the penalty, not by target
+        assert sp.report()["channels"]["0"]["kept"] == 4
+        assert sp.report()["channels"]["3"]["kept"] == 6
+
 def test_bank_masks_keep_the_same_count_in_every_bank():
     w = torch.randn(6, 5, 3, 3)
     with pytest.raises(AssertionError):

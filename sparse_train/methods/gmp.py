@@ -68,7 +68,13 @@ class Pruning(Method):
     def update(self, step: int, weights: dict[str, Tensor], masks: dict[str, Tensor]):
         if not self.is_update_step(step):
             return None
-        return self.prune(self.levels(step, weights), weights, masks)
+        return self.prune(self.levels(step, self.ranked(weights)), weights, masks)
+
+    def ranked(self, weights: dict[str, Tensor]) -> list[str]:
+        """The weights whose sparsity ``target`` sets: all of them here; the structured
+        methods also mask the layers that read a pruned channel, which ``target`` does not
+        name."""
+        return list(weights)
 
     def prune(self, sparsity: Sparsity, weights: dict[str, Tensor],
               masks: dict[str, Tensor]) -> dict[str, Tensor]:

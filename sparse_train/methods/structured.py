@@ -79,6 +79,10 @@ class _Coupled(Pruning):
     def group_reason(self, group: ChannelGroup | None) -> str | None:
         return None
 
+    def ranked(self, weights):
+        heads = {group.weight for group in self.groups} | self.own_weights_
+        return [name for name in weights if name in heads]
+
     def describe(self, masks):
         channels = {}
         for group in self.groups:
