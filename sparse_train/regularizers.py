@@ -84,11 +84,13 @@ def group_lasso(weights: nn.Module | Mapping[str, Tensor],
 
 
 def batchnorm_l1(model: nn.Module, norms: Iterable[str] | None = None) -> Tensor:
-    """Sum of ``|gamma|`` over the model's BatchNorm layers (or those named in ``norms``)."""
+    """Sum of ``|gamma|`` over the model's BatchNorm layers that have one (or those named
+    in ``norms``)."""
     modules = dict(model.named_modules())
     names = list(norms) if norms is not None else [
-        name for name, m in modules.items() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    assert names, "batchnorm_l1: the model has no BatchNorm layer"
+        name for name, m in modules.items()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None]
+    assert names, "batchnorm_l1: the model has no BatchNorm layer with a scale"
     return sum(modules[name].weight.abs().sum() for name in names)
 
 

@@ -116,8 +116,9 @@ def _sliced_norm(norm: nn.Module, index: Tensor) -> nn.Module:
     new = type(norm)(len(index), eps=norm.eps, momentum=norm.momentum, affine=norm.affine,
                      track_running_stats=norm.track_running_stats)
     ref = norm.weight if norm.affine else norm.running_mean
-    new = new.to(device=ref.device, dtype=ref.dtype)
-    index = index.to(ref.device)
+    if ref is not None:  # else the norm holds no tensor of its own to slice
+        new = new.to(device=ref.device, dtype=ref.dtype)
+        index = index.to(ref.device)
     for attr in ("weight", "bias", "running_mean", "running_var"):
         value = getattr(norm, attr)
         if value is not None:

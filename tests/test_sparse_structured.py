@@ -106,6 +106,37 @@ def test_slimming_leaves_layers_without_batchnorm_dense_and_says_why():
     assert set(sp.skipped) == {"10.weight"}
 
 
+def test_slimming_names_a_batchnorm_without_scale_instead_of_crashing():
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8, affine=False), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    sp = sparse_train.attach(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                             method="slimming")
+    assert "affine=False" in sp.report()["layers_kept_whole"]["0.weight"]
+    assert "0" not in sp.report()["channels"] and "3" in sp.report()["channels"]
+    model.eval()
+    with torch.no_grad():
+        x = torch.randn(2, 1, 8, 8)
+        assert torch.allclose(sparse_train.shrink(model, sp)(x), model(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("stats", [True, False])
+def test_shrink_slices_a_batchnorm_without_affine_parameters(stats):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8, affine=False,
+                                                               track_running_stats=stats),
+                          nn.ReLU(), nn.Conv2d(8, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 2))
+    sp = sparse_train.attach(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                             method="channel", target=0.5)
+    model.eval()
+    with torch.no_grad():
+        x = torch.randn(3, 1, 8, 8)
+        small = sparse_train.shrink(model, sp)
+        assert small[1].num_features == 4
+        assert torch.allclose(small(x), model(x), atol=1e-6)
+
+
 # --- masks ----------------------------------------------------------------------------
 
 def test_channel_pruning_removes_rows_and_the_columns_that_read_them():

@@ -96,9 +96,14 @@ class ChannelPruning(_Coupled):
     """``channel`` and ``slimming``: keep the highest-scoring channels of each group."""
 
     def group_reason(self, group):
-        if self.options.method == "slimming" and group is not None and not group.norms:
+        if self.options.method != "slimming" or group is None:
+            return None
+        if not group.norms:
             return "no BatchNorm normalises its output channels (slimming ranks channels " \
                    "by BatchNorm scale)"
+        if any(self.model.get_submodule(name).weight is None for name in group.norms):
+            return "its BatchNorm has no scale (affine=False), and slimming ranks channels " \
+                   "by BatchNorm scale"
         return None
 
     def scores(self, group: ChannelGroup, weights: dict[str, Tensor]) -> Tensor:
