@@ -22,7 +22,7 @@ from pytorch_lightning.callbacks import Callback
 from sparse_comm.schema import build
 
 from .options import SparsityOptions
-from .sparsifier import Sparsifier, select_weights, unwrap
+from .sparsifier import Sparsifier, unwrap
 
 
 class SparsityCallback(Callback):
@@ -63,8 +63,9 @@ class SparsityCallback(Callback):
             use_sparsifier(self.sparsifier)
 
     def _snapshot(self, model) -> dict[str, torch.Tensor]:
-        return {name: p.detach().clone()
-                for name, p in select_weights(unwrap(model), self.options.layers).items()}
+        # every weight: the structured methods also mask layers ``layers`` does not select
+        return {name: p.detach().clone() for name, p in unwrap(model).named_parameters()
+                if p.dim() >= 2}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         masks = list(self.sparsifier.masks.values())

@@ -120,3 +120,41 @@ def test_resume_from_lightning_checkpoint_equals_uninterrupted_run_bitwise(runs,
     assert len(states) == 2
     name = next(iter(states[0]["accumulation"]))
     assert not torch.equal(states[0]["accumulation"][name], states[1]["accumulation"][name])
+
+
+def test_a_second_fit_carries_a_structured_methods_masks_over_in_process():
+    """``channel`` also masks the layer reading the pruned channels (net.2), which its
+    ``layers`` does not select; the second fit must restore that mask too."""
+    import logging
+    import pytorch_lightning as pl
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Net(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+        def forward(self, x):  # what the channel tracer follows
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return (self(x) - y).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    torch.manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(32, 8), torch.randn(32, 4)), batch_size=8)
+    model, callback = Net(), SparsityCallback("channel", layers=["net.0.weight"], target=0.5)
+    settings = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False)
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    pl.Trainer(max_steps=2, callbacks=[callback], **settings).fit(model, data)
+    first = {name: m.clone() for name, m in callback.sparsifier.masks.items()}
+    assert set(first) == {"net.0.weight", "net.2.weight"}
+    pl.Trainer(max_steps=4, callbacks=[callback], **settings).fit(model, data)
+    for name, mask in first.items():
+        assert torch.equal(callback.sparsifier.masks[name], mask)
+        assert not model.get_parameter(name)[~mask].any()
