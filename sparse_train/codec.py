@@ -233,6 +233,10 @@ def encode(model: nn.Module, sharing: WeightSharing | None = None,
     unknown = sorted(set(live) - set(state))
     if unknown:
         raise ConfigError("masks", f"no state_dict entry named {', '.join(unknown)}")
+    for name, mask in live.items():
+        if mask.numel() != state[name].numel():
+            raise ConfigError(f"masks.{name}", f"shape {tuple(mask.shape)} does not fit the "
+                                               f"tensor's {tuple(state[name].shape)}")
     tensors = []
     for name, value in state.items():
         value = value.detach().cpu()

@@ -289,6 +289,10 @@ def share_weights(model: nn.Module, bits: int = 5,
         if unknown:
             raise ConfigError("masks", f"no parameter named {', '.join(unknown)}")
         params = {name: named[name] for name in masks}
+        for name, mask in masks.items():
+            if mask.numel() != params[name].numel():
+                raise ConfigError(f"masks.{name}", f"shape {tuple(mask.shape)} does not fit "
+                                                   f"the parameter's {tuple(params[name].shape)}")
     if not params:
         raise ConfigError("masks", "no layer to share weights in")
     layer_bits = resolve_bits(list(params), bits, per_layer_bits)

@@ -171,3 +171,10 @@ def test_an_index_width_outside_1_to_16_is_a_config_error(index_bits, key):
     model, masks = pruned_model()
     with pytest.raises(ConfigError, match=f"config key '{re.escape(key)}': must be an int in"):
         codec.encode(model, masks=masks, index_bits=index_bits)
+
+
+def test_a_mask_that_does_not_fit_its_tensor_is_a_config_error_naming_it():
+    model, masks = pruned_model()
+    masks["0.weight"] = torch.ones(3, 3, dtype=torch.bool)
+    with pytest.raises(ConfigError, match=re.escape("config key 'masks.0.weight': shape (3, 3)")):
+        codec.encode(model, masks=masks)

@@ -145,6 +145,13 @@ def test_bad_input_is_a_config_error_naming_the_key(kwargs, message):
     assert message in str(err.value)
 
 
+def test_a_mask_that_does_not_fit_its_parameter_is_a_config_error_naming_it():
+    model, masks = pruned_model()
+    masks["0.weight"] = torch.ones(3, 3, dtype=torch.bool)
+    with pytest.raises(ConfigError, match=r"config key 'masks.0.weight': shape \(3, 3\)"):
+        share_weights(model, bits=2, masks=masks)
+
+
 def _ddp_fine_tune(rank, world_size):
     model, masks = pruned_model(seed=0)
     ddp = nn.parallel.DistributedDataParallel(model)
