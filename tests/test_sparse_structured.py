@@ -75,6 +75,50 @@ def test_channel_groups_follow_batchnorm_flatten_and_stop_at_residual_adds():
     assert "add" in reasons["stage2.1.conv2.weight"] and "add" in reasons["conv1.weight"]
 
 
+class _Wired(nn.Module):
+    """A producer and a reader, wired by ``forward`` (the trace has no shapes)."""
+
+    def __init__(self, producer: nn.Module, reader: nn.Module, forward):
+        super().__init__()
+        self.producer, self.reader, self.wiring = producer, reader, forward
+
+    def forward(self, x):
+        return self.wiring(self, x)
+
+
+@pytest.mark.parametrize("model, reason", [
+    # per token, then flattened: feature t * C + c, not the c * T + t a conv's flatten gives
+    (_Wired(nn.Linear(4, 6), nn.Linear(30, 3),
+            lambda m, x: m.reader(torch.relu(m.producer(x)).flatten(1))), "flatten"),
+    # a Linear over a Conv1d's output reads its positions, not its channels
+    (_Wired(nn.Conv1d(3, 8, 1), nn.Linear(8, 2),
+            lambda m, x: m.reader(torch.relu(m.producer(x))).sum(1)), "reads the last"),
+    # dimension -2 of a Conv1d's output is its channels: no pooling over space
+    (_Wired(nn.Conv1d(3, 8, 1), nn.Linear(8, 2),
+            lambda m, x: m.reader(m.producer(x).mean(dim=-2))), "mean"),
+    # a Conv2d over a Linear's output reads dimension 1, not the Linear's channels
+    (_Wired(nn.Linear(8, 8), nn.Conv2d(8, 4, 1),
+            lambda m, x: m.reader(m.producer(x))), "reads dimension 1"),
+])
+def test_channels_stay_where_the_trace_cannot_tell_which_dimension_holds_them(model, reason):
+    groups, reasons = channel_groups(model)
+    assert "producer.weight" not in groups
+    assert reason in reasons["producer.weight"]
+
+
+def test_channel_groups_follow_linear_chains_and_a_spatial_mean_from_either_end():
+    tokens = _Wired(nn.Linear(4, 6), nn.Linear(6, 3),  # per token: the last dimension
+                    lambda m, x: m.reader(torch.relu(m.producer(x))))
+    assert channel_groups(tokens)[0]["producer.weight"].consumers[0].span == 1
+    pooled = _Wired(nn.Conv2d(3, 8, 3), nn.Linear(8, 2),
+                    lambda m, x: m.reader(m.producer(x).mean(dim=(-1, 2))))
+    assert channel_groups(pooled)[0]["producer.weight"].consumers[0].span == 1
+    model, opt, sp = attached(tokens, "channel", target=0.5)
+    x = torch.randn(5, 7, 4)
+    with torch.no_grad():
+        assert torch.allclose(sparse_train.shrink(model, sp)(x), model(x), atol=1e-6)
+
+
 def test_a_model_torch_fx_cannot_trace_is_a_one_line_error_for_channel_methods():
     class Branchy(nn.Module):
         def __init__(self):
