@@ -19,6 +19,18 @@ INDEX_DTYPES = {"int32": torch.int32, "int64": torch.int64}
 _ALIGN = 8
 
 
+def to_wire(values: Tensor, dtype: torch.dtype) -> Tensor:
+    """``values`` in the wire's ``dtype``, held inside its finite range: an fp32 value past
+    fp16's 65504 would travel as inf and leave -inf in the sender's residual, which no later
+    step clears. The part clipped off stays with the sender, as rounding does."""
+    if dtype == values.dtype:
+        return values
+    if dtype.is_floating_point and torch.finfo(dtype).max < torch.finfo(values.dtype).max:
+        bound = torch.finfo(dtype).max
+        values = values.clamp(-bound, bound)
+    return values.to(dtype)
+
+
 @dataclass(frozen=True)
 class Layout:
     """Shape of one rank's packed buffer: ``count`` pairs of the given dtypes."""

@@ -205,7 +205,7 @@ class Compressor:
         indices, values = select_topk(
             v, k, self.options.sample_ratio, state=threshold, peaks=peaks,
             draw=draws.integer(self.options.seed, self.rank, name, step))
-        values = values.to(codec.VALUE_DTYPES[self.options.value_dtype])
+        values = codec.to_wire(values, codec.VALUE_DTYPES[self.options.value_dtype])
         if self.options.momentum_masking:  # kept in case an exchange gives entries back
             self._masked_u[name] = (indices, u.index_select(0, indices))
         memory.mask_(u, v, indices, values, self.options.momentum_masking)
@@ -243,13 +243,6 @@ class Compressor:
         return memory.momentum_step_(u, param.detach() * wd, self.momentum, self.nesterov)
 
     # -- buffers ----------------------------------------------------------------------------
-    def rescale_memory(self, factor: float) -> None:
-        """Multiply every momentum and residual by ``factor``: under a GradScaler the hook
-        sees scaled gradients, so when the scale changes the memory must follow it."""
-        for store in (self._u, self._v, self._seeds):
-            for t in store.values():
-                t.mul_(factor)
-
     def seed_momentum(self, name: str, value: Tensor) -> None:
         """Start ``name``'s momentum ``u`` at ``value`` (the whole tensor; a rank holding a
         piece takes its piece) when it is next used: Adam's frozen-variance mode hands over

@@ -13,6 +13,8 @@ bucket the hook
 3. in a future callback (local math only): adds the locally kept weight-decay momentum to
    the averaged update.
 
+Under a GradScaler (``DGCState.grad_scale``) all of this runs on the unscaled gradient.
+
 Under Adam's ``frozen_variance`` (``dgc.adam``) the hook only averages while Adam estimates
 its variance, and on a variance refresh step it also starts a dense average of the bucket
 for the optimizer, before step 2's collectives.
@@ -129,7 +131,11 @@ class DGCState(Compressor):
         self.passthrough = False
         self.adam = None
         # The loss scale the gradients arrive with (a GradScaler's; set by the training
-        # loop): the weight-decay term added to them must carry it too.
+        # loop before each backward). The hook divides it out first, so momentum, residuals,
+        # clipping and the wire all see unscaled gradients (a change of scale touches no
+        # memory, and fp16 values do not overflow at a scale of 2**16), and multiplies the
+        # update by it again last, for the scaler to unscale. A power of two, as a
+        # GradScaler's always is, leaves the bits as they would be without it.
         self.grad_scale = 1.0
         self._entries: dict[tuple[int, ...], tuple[_Entry, ...]] = {}
         self._shards: dict[tuple[str, ...], Shards] = {}
@@ -275,6 +281,9 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
         state.stats.nonfinite_buckets += 1
         _end_of_step(state, bucket)
         return state.world.allreduce(flat).then(lambda _: flat.div_(state.world_size))
+    scale = state.grad_scale
+    if scale != 1.0:
+        flat.div_(scale)
     for e in state.entries(bucket):
         g = flat.narrow(0, e.offset, e.numel)
         if e.name in masks:
@@ -288,7 +297,7 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
                 state.adam.precondition_(e.name, flat.narrow(0, e.offset, e.numel))
     averaged = state._run(state, bucket, flat, masks, fixed)
     _end_of_step(state, bucket)  # after the plans read this step's density
-    return averaged.then(lambda _: _add_weight_decay(state, bucket, flat))
+    return averaged.then(lambda _: _finish(state, bucket, flat, scale))
 
 
 def _end_of_step(state: DGCState, bucket: dist.GradBucket) -> None:
@@ -300,10 +309,17 @@ def _end_of_step(state: DGCState, bucket: dist.GradBucket) -> None:
 def _average_for_variance(state: DGCState, bucket: dist.GradBucket, flat: Tensor) -> None:
     """A refresh step of Adam's frozen variance (``dgc.adam``): the gradient also averaged
     densely, unscaled; the optimizer's step waits for it."""
-    averaged = flat.div(state.world_size * state.grad_scale)
+    averaged = flat.div(state.world_size)  # flat is unscaled by now
     state.adam.pending.append(state.world.allreduce(averaged))
     for e in state.entries(bucket):
         state.adam.refreshed[e.name] = averaged.narrow(0, e.offset, e.numel)
+
+
+def _finish(state: DGCState, bucket: dist.GradBucket, flat: Tensor, scale: float) -> Tensor:
+    """The averaged update with each tensor's weight-decay term, in the loss scale the
+    gradients came in."""
+    _add_weight_decay(state, bucket, flat)
+    return flat.mul_(scale) if scale != 1.0 else flat
 
 
 def _add_weight_decay(state: DGCState, bucket: dist.GradBucket, flat: Tensor) -> Tensor:
@@ -316,7 +332,7 @@ def _add_weight_decay(state: DGCState, bucket: dist.GradBucket, flat: Tensor) ->
             if update is not None and precondition:
                 update = state.adam.precondition_(e.name, update.clone())
             if update is not None:
-                view.add_(update, alpha=state.grad_scale)
+                view.add_(update)
     return flat
 
 

@@ -482,11 +482,8 @@ def run(cfg: Config, env: distenv.DistEnv, resume_from: str | Path | None, devic
                 optimizer.zero_grad(set_to_none=True)
                 continue
             if scaler is not None:
-                scale = scaler.get_scale()
                 scaler.step(optimizer)
                 scaler.update()
-                if hasattr(comm, "rescale_memory") and scaler.get_scale() != scale:
-                    comm.rescale_memory(scaler.get_scale() / scale)  # residuals are scaled
             else:
                 optimizer.step()
             scheduler.step()

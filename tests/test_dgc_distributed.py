@@ -499,3 +499,47 @@ def test_nonfinite_bucket_passes_through_dense_and_leaves_memory():
         assert untouched[3] and not untouched[4]
         assert nonfinite == 3  # every bucket of that step
     assert results[0][3] == results[1][3]
+
+
+def _scaled_rank(rank, world_size, adam):
+    """The same steps without a scaler and with a GradScaler at 2**16, whose gradients
+    (x 1000 here) would pass fp16's 65504 on the wire; the hook is told the scale, as the
+    launcher tells it."""
+    runs = []
+    for scaled in (False, True):
+        model = MLP()
+        ddp = DDP(model, bucket_cap_mb=BUCKET_MB)
+        if adam:
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
+            options = dict(adam_warmup_steps=2)
+        else:
+            opt = _sgd(model, momentum=0.9, weight_decay=1e-2)
+            options = dict(clip_norm=0.5)
+        state = dgc.attach(ddp, opt, density=0.05, warmup_epochs=0, min_numel=MIN_NUMEL,
+                           value_dtype="fp16", check_finite=True, **options)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16, growth_interval=10**6)
+        for step in range(5):
+            x, y = _batch(rank, step)
+            loss = 1000 * nn.functional.mse_loss(ddp(x), y)
+            opt.zero_grad()
+            if scaled:
+                state.grad_scale = scaler.get_scale()
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
+        runs.append(_flat(model).tolist())
+    return runs, scaler.get_scale(), state.stats.nonfinite_buckets
+
+
+@pytest.mark.parametrize("adam", [False, True], ids=["sgd-clipped", "adamw-frozen"])
+def test_a_grad_scaler_leaves_dgc_the_bits_of_the_unscaled_run(adam):
+    """Memory, clipping, Adam's seeded momentum and the fp16 wire all work on unscaled
+    gradients, so a power-of-two loss scale changes no bit (it used to overflow the wire to
+    inf for good, clip the scaled gradient, and seed Adam's momentum unscaled)."""
+    for (plain, scaled), scale, nonfinite in run_ranks(_scaled_rank, 2, adam):
+        assert scale == 2.0 ** 16 and nonfinite == 0  # no step skipped
+        assert all(math.isfinite(v) for v in scaled)
+        assert plain == scaled

@@ -43,8 +43,8 @@ def dense_in_name_order(plan: Plan) -> list[Slot]:
 def live_entries(flat: Tensor, slots: Iterable[Slot], positions: Mapping[str, Tensor],
                  dtype: torch.dtype) -> Tensor:
     """The entries of ``slots`` that travel, one after another, in ``dtype``."""
-    return torch.cat([gather_live(flat.narrow(0, s.offset, s.numel), positions.get(s.name))
-                      for s in slots]).to(dtype)
+    return codec.to_wire(torch.cat([gather_live(flat.narrow(0, s.offset, s.numel),
+                                                positions.get(s.name)) for s in slots]), dtype)
 
 
 def start_dense(group: Group, plan: Plan, flat: Tensor, positions: Mapping[str, Tensor]

@@ -75,7 +75,7 @@ def run(state, bucket: dist.GradBucket, flat: Tensor, masks: Mapping[str, Tensor
     slice_idx, slice_val = [], []
     for s, (idx, val) in zip(slots, merged):
         idx, val = slice_of(idx, val, r, q, n)
-        wire_val = val.to(plan.layout.value_dtype)
+        wire_val = codec.to_wire(val, plan.layout.value_dtype)
         idx = torch.where(idx == n, s.offset, idx)  # an empty slot adds 0 to the slot's start
         if wire_val.dtype != val.dtype:  # the rounding stays here
             state.add_to_residual(s.name, idx - s.offset, val - wire_val.to(val.dtype))

@@ -165,7 +165,7 @@ def _owner_sums(local: Tensor, val: Tensor, bounds: list[int], mine: int, c2: in
     chosen = real[order]
     pub = torch.where(chosen, flat_rel[order] + lo, torch.full_like(order, n))
     exact = torch.where(chosen, sums[order], torch.zeros_like(sums[order]))
-    value = exact.to(val.dtype)
+    value = codec.to_wire(exact, val.dtype)
     return pub, value, exact - value.float()
 
 
