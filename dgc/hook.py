@@ -108,7 +108,8 @@ class DGCState(Compressor):
         # id() only names the tensors DDP hands us; state is keyed by name.
         self._names = {id(p): name for name, p in named}
         self.stats = DGCStats()
-        self.ranks_per_node = _ranks_per_node(opts, world_size)
+        self.ranks_per_node = _ranks_per_node(
+            opts, world_size, process_group is None or process_group == dist.group.WORLD)
         nodes = world_size // self.ranks_per_node
         self.world = Group(process_group, world_size, "world", self, nodes)
         if opts.topology == "hierarchical":
@@ -212,6 +213,7 @@ class DGCState(Compressor):
         whatever the bucket's layout), kept in between."""
         stale = [j for j, s in enumerate(slots)
                  if s.name not in self._regions or self._regions[s.name][0][-1] != s.numel
+                 or len(self._regions[s.name][0]) != group.size + 1  # another world size
                  or self.step - self._regions[s.name][1] >= sparse_allreduce.REBALANCE_STEPS]
         if stale:
             fresh = sparse_allreduce.rebalanced([index_lists[j] for j in stale],
@@ -256,10 +258,12 @@ class DGCState(Compressor):
                 "nonfinite_buckets": s.nonfinite_buckets}
 
 
-def _ranks_per_node(options: DGCOptions, world_size: int) -> int:
+def _ranks_per_node(options: DGCOptions, world_size: int, whole_world: bool) -> int:
     r = options.ranks_per_node
-    if r is None:
-        r = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if r is None:  # the launcher's count is of the job's ranks, not of a subgroup's
+        r = int(os.environ.get("LOCAL_WORLD_SIZE", world_size)) if whole_world else 1
+    if r < 1:
+        raise ConfigError("ranks_per_node", f"must be at least 1, got {r}")
     if world_size % r:
         raise ConfigError("ranks_per_node", f"{r} ranks per node do not divide the world "
                                             f"size {world_size} into whole nodes")

@@ -83,4 +83,5 @@ def new_state(totals: Mapping[str, tuple[Tensor, Tensor]], template: Mapping, *,
             u, v = u.reshape(-1), v.reshape(-1)
         momentum[name], accumulation[name] = u, v
     return {**template, "momentum": momentum, "accumulation": accumulation,
-            "thresholds": {}, "pieces": pieces, "global_momentum": sorted(global_u)}
+            "thresholds": {}, "pieces": pieces, "global_momentum": sorted(global_u),
+            "regions": {}}  # the sparse allreduce's, one per rank of the old world

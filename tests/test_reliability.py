@@ -276,7 +276,7 @@ def test_a_save_at_4_ranks_sends_rank_0_names_and_hashes_not_state(tmp_path):
     assert [float(s["comm"]["accumulation"]["w"][0]) for s in shards] == [0.0, 1.0, 2.0, 3.0]
 
 
-def _dgc_state(seed):
+def _dgc_state(seed, exchange="auto"):
     from torch.nn.parallel import DistributedDataParallel as DDP
     import dgc
     from tests.test_dgc_distributed import MLP, _sgd, _train
@@ -284,12 +284,13 @@ def _dgc_state(seed):
     model = MLP(wide=True)
     ddp = DDP(model, bucket_cap_mb=0.001)
     opt = _sgd(model, momentum=0.9)
-    state = dgc.attach(ddp, opt, density=0.02, warmup_epochs=0, min_numel=100)
+    state = dgc.attach(ddp, opt, density=0.02, warmup_epochs=0, min_numel=100,
+                       exchange=exchange)
     return model, ddp, opt, state, _train, dist
 
 
-def _save_two(rank, world_size, out_dir):
-    model, ddp, opt, state, _train, dist = _dgc_state(0)
+def _save_two(rank, world_size, out_dir, exchange):
+    model, ddp, opt, state, _train, dist = _dgc_state(0, exchange)
     _train(ddp, opt, 6, rank)
     own = {"comm": state.state_dict(), "rng": checkpoint.rng_state()}
     common = {"model": model.state_dict()} if rank == 0 else None
@@ -298,19 +299,24 @@ def _save_two(rank, world_size, out_dir):
     return {n: v.tolist() for n, v in state.state_dict()["accumulation"].items()}
 
 
-def _load_on(rank, world_size, out_dir):
+def _load_on(rank, world_size, out_dir, exchange):
     from launch import resume
-    model, ddp, opt, state, _, dist = _dgc_state(1)
+    model, ddp, opt, state, _train, dist = _dgc_state(1, exchange)
     directory = checkpoint.latest(out_dir)
     resume._reshard_comm(directory, checkpoint.read_manifest(directory), state, model,
                          {"comm": "dgc", "topology": "flat", "ranks_per_node": world_size})
-    return {n: v.tolist() for n, v in state.state_dict()["accumulation"].items()}
+    loaded = {n: v.tolist() for n, v in state.state_dict()["accumulation"].items()}
+    _train(ddp, opt, 1, rank, start=6)  # and a step runs on the new world
+    return loaded
 
 
-@pytest.mark.parametrize("new_world", [3, 1])
-def test_resharded_dgc_residuals_keep_the_pending_update_on_real_ranks(tmp_path, new_world):
-    old = run_ranks(_save_two, 2, str(tmp_path))
-    new = run_ranks(_load_on, new_world, str(tmp_path))
+@pytest.mark.parametrize("new_world, exchange", [
+    (3, "auto"), (1, "auto"),
+    (3, "sparse_allreduce")])  # its regions were cut for 2 ranks
+def test_resharded_dgc_residuals_keep_the_pending_update_on_real_ranks(tmp_path, new_world,
+                                                                        exchange):
+    old = run_ranks(_save_two, 2, str(tmp_path), exchange)
+    new = run_ranks(_load_on, new_world, str(tmp_path), exchange)
     for name in old[0]:
         before = sum(torch.tensor(r[name]) for r in old) / 2
         after = sum(torch.tensor(r[name]) for r in new) / new_world
