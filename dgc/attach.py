@@ -41,15 +41,14 @@ def attach(ddp_model: DistributedDataParallel, optimizer: torch.optim.Optimizer,
     """
     opts = build(DGCOptions, options)  # report option mistakes before anything else
     ddp_model, optimizer = unwrap_for_attach(ddp_model, optimizer)
-    if isinstance(optimizer, ADAM_TYPES):
-        if not isinstance(ddp_model, DistributedDataParallel):
-            raise TypeError(f"dgc.attach: expected a DistributedDataParallel model, "
-                            f"got {type(ddp_model).__name__}")
-        return _attach_adam(ddp_model, optimizer, opts, sparsifier, options)
-    momentum, nesterov = _sgd_momentum(optimizer)
+    if not isinstance(optimizer, ADAM_TYPES):
+        momentum, nesterov = _sgd_momentum(optimizer)
     if not isinstance(ddp_model, DistributedDataParallel):
         raise TypeError(f"dgc.attach: expected a DistributedDataParallel model, "
                         f"got {type(ddp_model).__name__}")
+    if isinstance(optimizer, ADAM_TYPES):
+        return _attach_adam(ddp_model, optimizer, opts, sparsifier, options)
+    _check_only_the_models(ddp_model, optimizer)
     state = DGCState(ddp_model.process_group, model=unwrap_model(ddp_model), momentum=momentum,
                      nesterov=nesterov, weight_decay=_weight_decay_by_name(ddp_model, optimizer),
                      **options)
@@ -72,6 +71,8 @@ def _attach_adam(ddp_model: DistributedDataParallel, optimizer, opts: DGCOptions
     dense warm-up; ``error_feedback`` compresses raw gradients under an untouched Adam."""
     beta1, decoupled = adam_settings(optimizer)
     frozen = opts.adam_mode == "frozen_variance"
+    if frozen:  # error_feedback leaves Adam's moments alone
+        _check_only_the_models(ddp_model, optimizer)
     # Adam's L2 term (not AdamW's decoupled one) gets DGC's local weight-decay momentum once
     # DGC owns the first moment, as with SGD.
     weight_decay = (_weight_decay_by_name(ddp_model, optimizer, key="weight_decay")
@@ -90,6 +91,17 @@ def _attach_adam(ddp_model: DistributedDataParallel, optimizer, opts: DGCOptions
                                     opts.adam_selection == "update")
     optimizer.register_step_pre_hook(OneBackwardPerStep(state))
     return state
+
+
+def _check_only_the_models(ddp_model, optimizer) -> None:
+    """The optimizer's parameters are the model's: DGC's hook applies the momentum (and
+    Adam's first moment) of what DDP's buckets hold, and the optimizer's own goes to zero."""
+    ours = {id(p) for p in unwrap_model(ddp_model).parameters()}
+    stray = sum(id(p) not in ours for group in optimizer.param_groups for p in group["params"])
+    if stray:
+        raise ValueError(f"dgc.attach: the optimizer holds {stray} parameter(s) that are not "
+                         f"the DDP model's; DDP does not average them and DGC would drop "
+                         f"their momentum: give them an optimizer of their own")
 
 
 def _check_sparsifier(sparsifier, ddp_model) -> None:

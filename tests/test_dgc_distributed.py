@@ -543,3 +543,19 @@ def test_a_grad_scaler_leaves_dgc_the_bits_of_the_unscaled_run(adam):
         assert scale == 2.0 ** 16 and nonfinite == 0  # no step skipped
         assert all(math.isfinite(v) for v in scaled)
         assert plain == scaled
+
+
+def _subgroup_rank(rank, world_size):
+    import os
+    os.environ["LOCAL_WORLD_SIZE"] = str(world_size)  # as torchrun sets it
+    groups = [dist.new_group([r]) for r in range(world_size)]  # every rank makes each group
+    model = MLP()
+    ddp = DDP(model, process_group=groups[rank])
+    state = dgc.attach(ddp, _sgd(model, momentum=0.9), density=0.1, min_numel=MIN_NUMEL)
+    return state.ranks_per_node
+
+
+def test_flat_dgc_on_a_data_parallel_subgroup_ignores_the_launchers_node_size():
+    """torchrun's LOCAL_WORLD_SIZE counts the job's ranks on a node, not a subgroup's
+    (tensor x data parallelism), so it does not make the subgroup's nodes."""
+    assert run_ranks(_subgroup_rank, 2) == [1, 1]

@@ -285,6 +285,24 @@ def test_attach_twice_is_one_line_naming_the_hook():
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.parametrize("make", [
+    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+    lambda ps: torch.optim.AdamW(ps, lr=1e-3)])  # frozen_variance, the default
+def test_an_optimizer_holding_parameters_outside_the_model_is_one_line(make):
+    """A learnable loss temperature, say: DDP does not average it, and DGC's hook would
+    never apply its momentum."""
+    torch.distributed.init_process_group(
+        "gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        model = torch.nn.parallel.DistributedDataParallel(nn.Linear(2, 2))
+        temperature = nn.Parameter(torch.ones(()))
+        with pytest.raises(ValueError, match="1 parameter.* not the DDP model's") as err:
+            dgc.attach(model, make(list(model.parameters()) + [temperature]))
+        assert "\n" not in str(err.value)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def test_attach_after_a_builtin_hook_is_one_line():
     """DDP's ``_register_builtin_comm_hook`` leaves ``_comm_hooks`` empty; only its logger
     records the hook, and attach must still refuse before building any state."""
