@@ -73,6 +73,7 @@ def _attach_adam(ddp_model: DistributedDataParallel, optimizer, opts: DGCOptions
     frozen = opts.adam_mode == "frozen_variance"
     if frozen:  # error_feedback leaves Adam's moments alone
         _check_only_the_models(ddp_model, optimizer)
+        _check_contiguous(ddp_model, "with Adam's frozen_variance")
     # Adam's L2 term (not AdamW's decoupled one) gets DGC's local weight-decay momentum once
     # DGC owns the first moment, as with SGD.
     weight_decay = (_weight_decay_by_name(ddp_model, optimizer, key="weight_decay")
@@ -102,6 +103,15 @@ def _check_only_the_models(ddp_model, optimizer) -> None:
         raise ValueError(f"dgc.attach: the optimizer holds {stray} parameter(s) that are not "
                          f"the DDP model's; DDP does not average them and DGC would drop "
                          f"their momentum: give them an optimizer of their own")
+
+
+def _check_contiguous(ddp_model, how: str) -> None:
+    """DDP's bucket holds a gradient in its parameter's memory order (NHWC for
+    channels_last), while Adam's moments index the logical order."""
+    for name, p in unwrap_model(ddp_model).named_parameters():
+        if p.requires_grad and not p.is_contiguous():
+            raise ValueError(f"dgc.attach: parameter {name} is not contiguous (channels_last?); "
+                             f"DGC {how} needs the default memory format")
 
 
 def _check_sparsifier(sparsifier, ddp_model) -> None:

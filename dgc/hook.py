@@ -144,6 +144,16 @@ class DGCState(Compressor):
         # the sparse allreduce's regions per tensor name: (boundaries, step set)
         self._regions: dict[str, tuple[list[int], int]] = {}
 
+    def use_sparsifier(self, sparsifier) -> None:
+        # DDP's bucket holds a gradient in its parameter's memory order (NHWC for
+        # channels_last); the masks index the logical order.
+        for name, p in sparsifier.params.items():
+            if not p.is_contiguous():
+                raise ValueError(f"dgc: the sparsifier masks {name}, which is not contiguous "
+                                 f"(channels_last?); DGC with a sparsifier needs the default "
+                                 f"memory format")
+        super().use_sparsifier(sparsifier)
+
     # -- what the topologies ask ----------------------------------------------------------
     def entries(self, bucket: dist.GradBucket) -> tuple[_Entry, ...]:
         """The bucket's tensors: name, offset in its flat buffer, numel, shape."""

@@ -144,6 +144,8 @@ class DistributedOptimizer:
             # Horovod would fail on the repeated tensor name, far from the cause.
             raise RuntimeError(f"dgc.horovod: a second backward reached {name!r} before "
                                f"step(); gradient accumulation is not supported")
+        if not param.grad.is_contiguous():  # channels_last: keep to the logical order the
+            param.grad = param.grad.contiguous()  # masks and the optimizer index by
         g = param.grad.view(-1)
         masks = c.hard_masks()
         if name in masks:
@@ -166,7 +168,7 @@ class DistributedOptimizer:
             self._pending[name] = (handle, layout)
         else:
             self.stats.density[name] = 1.0
-            dense = g.to(value_dtype)
+            dense = codec.to_wire(g, value_dtype)
             wire_bytes = allreduce_bytes(dense.nbytes, c.world_size)
             account(self.stats, wire_bytes, c.world_size, self._nodes)
             self.stats.bytes_dense_tensors += wire_bytes

@@ -303,6 +303,33 @@ def test_an_optimizer_holding_parameters_outside_the_model_is_one_line(make):
         torch.distributed.destroy_process_group()
 
 
+def test_channels_last_with_a_sparsifier_or_frozen_adam_is_one_line():
+    """DDP's bucket holds a channels_last gradient in NHWC order; masks and Adam's moments
+    index the logical order. Plain DGC is fine (an elementwise pass over the bucket)."""
+    import sparse_train
+    torch.distributed.init_process_group(
+        "gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        def model():
+            net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6, 2))
+            return net.to(memory_format=torch.channels_last)
+        net = model()
+        ddp = torch.nn.parallel.DistributedDataParallel(net)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        sp = sparse_train.attach(net, opt, method="magnitude", target=0.5)
+        with pytest.raises(ValueError, match="masks 0.weight, which is not contiguous"):
+            dgc.attach(ddp, opt, sparsifier=sp)
+        net = model()
+        ddp = torch.nn.parallel.DistributedDataParallel(net)
+        with pytest.raises(ValueError, match="0.weight is not contiguous .* frozen_variance"):
+            dgc.attach(ddp, torch.optim.AdamW(net.parameters(), lr=1e-3))
+        net = model()
+        dgc.attach(torch.nn.parallel.DistributedDataParallel(net),
+                   torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def test_attach_after_a_builtin_hook_is_one_line():
     """DDP's ``_register_builtin_comm_hook`` leaves ``_comm_hooks`` empty; only its logger
     records the hook, and attach must still refuse before building any state."""

@@ -177,3 +177,38 @@ def test_a_second_backward_before_step_is_refused_by_name(tmp_path):
     assert len(refused) == 2, proc.stdout[-3000:]
     assert all("a second backward reached '" in line and "before step()" in line
                for line in refused), refused
+
+
+CHANNELS_LAST = """
+import torch, horovod.torch as hvd, dgc.horovod
+hvd.init()
+trained = []
+for channels_last in (False, True):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(8 * 6 * 6, 2))
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    opt = dgc.horovod.DistributedOptimizer(
+        torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), net.named_parameters(),
+        density=0.1, warmup_epochs=0, min_numel=16)
+    for step in range(3):
+        x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(10 * step + hvd.rank()))
+        opt.zero_grad()
+        net(x).pow(2).mean().backward()
+        opt.step()
+    trained.append(torch.cat([p.detach().reshape(-1) for p in net.parameters()]))
+print("largest difference:", (trained[0] - trained[1]).abs().max().item())
+"""
+
+
+def test_a_channels_last_model_trains_as_the_contiguous_one_under_horovod():
+    """A channels_last gradient is not a flat view; it used to fail inside backward."""
+    proc = subprocess.run([HOROVODRUN, "-np", "2", "--gloo", "-H", "localhost:2",
+                           sys.executable, "-c", CHANNELS_LAST],
+                          cwd=REPO, env=launch_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    found = [float(line.rsplit(":", 1)[1]) for line in proc.stdout.splitlines()
+             if "largest difference:" in line]
+    assert len(found) == 2 and max(found) < 1e-6, proc.stdout[-3000:]
