@@ -524,6 +524,15 @@ def test_estimate_run_reports_the_launchers_figures():
     assert out["est/weight_bytes/dense"] == 266_610 * 4
 
 
+@pytest.mark.parametrize("hook", ["allreduce", "fp16", "bf16", "powersgd", "hierarchical"])
+def test_estimate_run_prices_every_ddp_comm_hook(hook):
+    """Every value of ``ddp.comm_hook`` the config takes has a scheme in the cost model (the
+    end of a hierarchical run used to fail on it, with no summary written)."""
+    cfg = load_config(REPO / "configs/mnist_lenet300_dense.yaml", [f"ddp.comm_hook={hook}"])
+    out = estimate_run(cfg, MLP(784, [300, 100], 10), world_size=8)
+    assert math.isfinite(out["est/comm_time_s"]) and out["est/comm_time_s"] > 0
+
+
 def test_estimate_run_at_one_rank_costs_no_communication():
     cfg = load_config(REPO / "configs/mnist_lenet300_dense.yaml")
     out = estimate_run(cfg, MLP(784, [300, 100], 10), world_size=1)

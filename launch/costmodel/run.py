@@ -248,6 +248,8 @@ def run_scheme(cfg: Config) -> str:
             return "dgc"
         return "hierarchical-sparse-dgc" if cfg.dgc.intra_node == "sparse" else \
             "hierarchical-dgc"
+    if cfg.ddp.comm_hook == "hierarchical":
+        return "hierarchical-dense"
     if cfg.ddp.comm_hook != "allreduce":
         return cfg.ddp.comm_hook
     return "masked" if cfg.sparsity is not None else "dense"
