@@ -418,13 +418,18 @@ def run(cfg: Config, env: distenv.DistEnv, resume_from: str | Path | None, devic
     writer = RunWriter(out_dir, tracker, rank0)
     amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.amp]
     scaler = torch.amp.GradScaler(device.type) if cfg.train.amp == "fp16" else None
+    if scaler is not None and "grad_scaler" in progress:
+        scaler.load_state_dict(progress["grad_scaler"])
     # a GradScaler skips overflowing steps itself: the guard then watches the loss only
     guard = NonFiniteGuard(cfg.train.on_nonfinite, device, gradients=scaler is None)
 
     def save_checkpoint():
         guard.check()  # never a checkpoint of non-finite weights
         progress["wall_time_s"] = time.perf_counter() - started
-        progress["loss_sum"] = float(loss_sum)
+        # every rank restores rank 0's progress: the ranks' mean sum, then, not rank 0's own
+        progress["loss_sum"] = mean_across_ranks(float(loss_sum), device)
+        if scaler is not None:  # the same on every rank
+            progress["grad_scaler"] = scaler.state_dict()
         progress["skipped_steps"] = progress.get("skipped_steps", 0) + guard.skipped
         guard.skipped = 0
         resume.save(out_dir, progress, model, optimizer, scheduler, plugins,

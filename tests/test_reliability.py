@@ -137,6 +137,24 @@ def stopped_at_13(tmp_path_factory):
     return out
 
 
+def test_an_fp16_run_stopped_in_its_last_epoch_resumes_to_the_same_bits_and_loss(tmp_path):
+    """The GradScaler's state and every rank's partial loss sum come back with the
+    checkpoint (the train loss used to be rank 0's partial sum counted twice)."""
+    amp = [*COMMON, "train.amp=fp16"]
+    train(DGC, *amp, f"out_dir={tmp_path / 'straight'}", nproc=2)
+    part = tmp_path / "part"
+    train(DGC, *amp, f"out_dir={part}", "train.max_steps=20", "train.checkpoint_every=20",
+          nproc=2)
+    train(None, "train.max_steps=null", nproc=2, extra_args=["--resume", str(part)])
+    (a, steps_a), (b, steps_b) = final_params(tmp_path / "straight"), final_params(part)
+    assert steps_a == steps_b
+    assert_same_params(a, b)
+    straight, _ = read_run(tmp_path / "straight")
+    resumed, _ = read_run(part)
+    assert resumed["train_loss"] == straight["train_loss"]
+    assert checkpoint.read(part)[0]["progress"]["grad_scaler"]["scale"] == 2.0 ** 16
+
+
 @pytest.mark.parametrize("nproc", [3, 1])
 def test_a_two_rank_checkpoint_continues_on_another_world_size(tmp_path, stopped_at_13, nproc):
     part = tmp_path / "part"
