@@ -34,8 +34,14 @@ def keep_rows_up_to(metrics: Path, step: int) -> None:
     holds: the resumed run logs them again, so each step stays in the file once."""
     if not metrics.is_file():
         return
-    rows = [line for line in metrics.read_text().splitlines()
-            if line.strip() and json.loads(line).get(tracking.STEP_AXIS, 0) <= step]
+    rows = []
+    for line in metrics.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a row cut short when the attempt died mid-write
+            continue
+        if isinstance(row, dict) and row.get(tracking.STEP_AXIS, 0) <= step:
+            rows.append(line)
     text = "".join(row + "\n" for row in rows)
     replace_atomic(metrics, lambda f: f.write(text.encode()))
 

@@ -44,6 +44,7 @@ from launch.divergence import Diverged, NonFiniteGuard
 from launch.models import build_model
 from launch.records import RunWriter, keep_rows_up_to
 from sparse_comm import draws
+from sparse_comm.atomic import replace_atomic
 from sparse_comm.schema import ConfigError
 
 log = logging.getLogger("launch.train")
@@ -96,7 +97,13 @@ def resolve_config(args) -> tuple[Config, str | Path | None]:
     run_dir = Path(args.resume)
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError("", f"--resume: {run_dir} is not a run directory (no config.yaml)")
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError("", f"--resume: {run_dir / 'config.yaml'} is not valid YAML "
+                              f"({str(err).splitlines()[0]})") from None
+    if not isinstance(saved, dict):
+        raise ConfigError("", f"--resume: {run_dir / 'config.yaml'} holds no config")
     cfg = load_config(args.config, args.overrides, base=None if args.config else saved)
     cfg.out_dir = str(run_dir)
     cfg.run_name = cfg.run_name or saved.get("run_name")
@@ -350,7 +357,8 @@ def run(cfg: Config, env: distenv.DistEnv, resume_from: str | Path | None, devic
     cfg.out_dir = str(out_dir)
     if rank0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+        replace_atomic(out_dir / "config.yaml", lambda f: f.write(text.encode()))
 
     train_set, test_set, info = load_datasets(cfg.data, progress=rank0)
     train_loader, sampler, test_loader = make_loaders(

@@ -155,6 +155,29 @@ def test_an_fp16_run_stopped_in_its_last_epoch_resumes_to_the_same_bits_and_loss
     assert checkpoint.read(part)[0]["progress"]["grad_scaler"]["scale"] == 2.0 ** 16
 
 
+def test_a_row_cut_short_by_a_crash_does_not_stop_the_resume(tmp_path, stopped_at_13):
+    part = tmp_path / "part"
+    shutil.copytree(stopped_at_13, part)
+    with open(part / "metrics.jsonl", "a") as f:
+        f.write('{"train/step": 14, "train/lo')  # the attempt died mid-append
+    train(None, "train.max_steps=null", nproc=2, extra_args=["--resume", str(part)])
+    steps = [m["train/step"] for m in _strict_json_lines(part / "metrics.jsonl")
+             if "train/loss" in m]
+    assert steps == sorted(set(steps)) and steps[-1] == 24
+
+
+@pytest.mark.parametrize("text, message", [("", "holds no config"),
+                                           ("model: [unclosed\n", "is not valid YAML")])
+def test_a_damaged_config_yaml_is_one_line_on_resume(tmp_path, stopped_at_13, text, message):
+    part = tmp_path / "part"
+    shutil.copytree(stopped_at_13, part)
+    (part / "config.yaml").write_text(text)
+    proc = train(None, check=False, timeout=120, extra_args=["--resume", str(part)])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+
+
 @pytest.mark.parametrize("nproc", [3, 1])
 def test_a_two_rank_checkpoint_continues_on_another_world_size(tmp_path, stopped_at_13, nproc):
     part = tmp_path / "part"
