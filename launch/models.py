@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparse_comm.schema import require
+from sparse_comm.schema import ConfigError, require
 
 # The large setting: wide_mlp with these on MNIST (784 inputs, 10 classes) has 28,980,010
 # parameters, more than ResNet-50's 25.6M, the model DGC reports its largest savings on.
@@ -45,6 +45,9 @@ class ModelConfig:
         require(self.patch >= 1, "patch", f"must be >= 1, got {self.patch}")
         require(self.mlp_ratio > 0, "mlp_ratio", f"must be > 0, got {self.mlp_ratio}")
         if self.name == "vit":
+            require(int(self.width * self.mlp_ratio) >= 1, "mlp_ratio",
+                    f"must leave each block's MLP a unit (model.width x mlp_ratio >= 1), "
+                    f"got {self.mlp_ratio}")
             require(self.width % self.heads == 0, "heads",
                     f"must divide model.width = {self.width}, got {self.heads}")
 
@@ -57,7 +60,8 @@ def count_parameters(model: nn.Module) -> int:
 def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """The network ``cfg`` names, for images of ``input_shape`` = (C, H, W) and ``num_classes``.
 
-    Raises ValueError when the network cannot take that input.
+    Raises ValueError when the network cannot take that input (ConfigError, naming the
+    key, where the config could change it).
     """
     input_shape = tuple(int(d) for d in input_shape)
     if len(input_shape) != 3 or min(input_shape) < 1:
@@ -72,14 +76,14 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int
     if cfg.name == "vit":
         channels, height, width = input_shape
         if height % cfg.patch or width % cfg.patch:
-            raise ValueError(f"model vit: model.patch = {cfg.patch} must divide the image "
-                             f"size {height}x{width}")
+            raise ConfigError("model.patch", f"must divide the image size {height}x{width}, "
+                                         f"got {cfg.patch}")
         return ViT(input_shape, num_classes, cfg.width, cfg.depth, cfg.heads, cfg.patch,
                    cfg.mlp_ratio)
     if cfg.name == "lenet5":
         if input_shape != (1, 28, 28):
-            raise ValueError(f"model lenet5 takes 28x28 single-channel images (1, 28, 28), "
-                             f"got {input_shape}")
+            raise ConfigError("model.name", f"lenet5 takes 28x28 single-channel images "
+                                            f"(1, 28, 28), the data are {input_shape}")
         return LeNet5(num_classes)
     return ResNet20(input_shape[0], num_classes)
 

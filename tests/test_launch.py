@@ -122,6 +122,20 @@ def test_config_errors_are_one_line_with_exit_2(tmp_path, override, message):
     assert not out.exists()  # stopped before any training
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["model.name=lenet5"], "config key 'model.name': lenet5 takes 28x28"),
+    (["model.name=vit", "model.patch=3"], "config key 'model.patch': must divide the image"),
+    (["model.name=vit", "model.width=8", "model.heads=2", "model.mlp_ratio=0.01"],
+     "config key 'model.mlp_ratio': must leave each block's MLP a unit"),
+])
+def test_a_model_the_data_cannot_feed_is_one_line_with_exit_2(tmp_path, overrides, message):
+    proc = train(REPO / "configs/quickstart.yaml", *SYNTHETIC, "data.synthetic_shape=[1,8,8]",
+                 *overrides, f"out_dir={tmp_path / 'run'}", check=False, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+
+
 def test_missing_config_file_and_bad_cli_argument_exit_2(tmp_path):
     proc = train(tmp_path / "nope.yaml", check=False, timeout=120)
     assert proc.returncode == 2 and "config file not found" in proc.stderr

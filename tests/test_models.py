@@ -49,8 +49,8 @@ def test_resnet20_option_a_shortcut_subsamples_and_zero_pads_channels():
     assert not shortcut[:, 16:].any()
 
 
-def test_lenet5_on_cifar_images_is_a_one_line_value_error():
-    with pytest.raises(ValueError, match=r"lenet5 .*\(1, 28, 28\).*got \(3, 32, 32\)") as err:
+def test_lenet5_on_cifar_images_is_a_one_line_config_error():
+    with pytest.raises(ConfigError, match=r"'model.name': lenet5 .*\(1, 28, 28\).*are \(3, 32, 32\)") as err:
         build_model(ModelConfig(name="lenet5"), CIFAR, 10)
     assert "\n" not in str(err.value)
 
