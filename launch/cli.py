@@ -109,6 +109,14 @@ def output_file(text: str) -> Path:
     return Path(text)
 
 
+def png_file(text: str) -> Path:
+    """``output_file`` for a chart: its name must end in .png (matplotlib would add the
+    suffix itself, and the path printed and logged would name no file)."""
+    if Path(text).suffix.lower() != ".png":
+        raise argparse.ArgumentTypeError(f"{text}: a chart is a PNG, name it *.png")
+    return output_file(text)
+
+
 def output_dir(path: Path, flag: str) -> Path:
     """``output_folder`` for a folder known only after parsing: ConfigError under ``flag``
     (one line) where it cannot be made."""

@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from launch import pareto, tracking
-from launch.cli import OneLineParser, quiet_on_closed_pipe
+from launch.cli import OneLineParser, png_file, quiet_on_closed_pipe
 
 COLUMNS = ["model", "scheme", "setting", "seeds", "test acc (%)", "spread", "bytes sent",
            "compression", "weight density", "wall time (s)", "front"]
@@ -205,9 +205,9 @@ def main(argv=None) -> int:
     p = OneLineParser(prog="launch.compare", description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", type=Path,
                    help="run directories, or directories holding them (a sweep's)")
-    p.add_argument("--out", type=Path, default=Path("compare.png"),
+    p.add_argument("--out", type=png_file, default=Path("compare.png"),
                    help="PNG of the accuracy-against-bytes front")
-    p.add_argument("--curves", type=Path, help="also draw every run's curve to this PNG")
+    p.add_argument("--curves", type=png_file, help="also draw every run's curve to this PNG")
     p.add_argument("--target", type=float, metavar="ACC",
                    help="test accuracy in %% to report each scheme's fewest bytes to")
     p.add_argument("--wandb-mode", choices=["online", "offline", "disabled"], default="online")

@@ -141,3 +141,19 @@ def test_compare_rejects_a_directory_that_holds_no_run(tmp_path):
     assert proc.returncode == 2
     assert "no summary.json" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("flag, name, message", [
+    ("--out", "front", "a chart is a PNG, name it *.png"),  # matplotlib adds .png itself
+    ("--curves", "curves.jpg", "a chart is a PNG, name it *.png"),
+    ("--out", "a-file/front.png", "cannot make the folder"),
+])
+def test_compare_refuses_a_chart_path_it_could_not_write_or_report(tmp_path, flag, name,
+                                                                   message):
+    (tmp_path / "a-file").write_text("")
+    proc = subprocess.run([sys.executable, "-m", "launch.compare", str(tmp_path), flag,
+                           str(tmp_path / name)], cwd=REPO, env=launch_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"argument {flag}" in lines[0] and message in lines[0], lines
