@@ -197,10 +197,14 @@ def main(argv=None) -> int:
         seeds = [int(s) for s in split_values(args.seeds)]
     except ValueError:
         p.error(f"--seeds expects comma-separated integers, got {args.seeds!r}")
+    if len(set(seeds)) != len(seeds):  # one run would count as two seeds
+        p.error(f"--seeds names a seed twice: {args.seeds!r}")
     if args.nproc < 1:
         p.error(f"--nproc must be >= 1, got {args.nproc}")
     out_dir = args.out_dir or Path("runs/sweeps") / args.config.stem
     name = args.name or out_dir.name
+    if not name or "/" in name:  # it names every run
+        p.error(f"--name must be a non-empty name without '/', got {name!r}")
     try:
         points = settings(parse_grid(args.grid))
         check(args.config, args.overrides, points)

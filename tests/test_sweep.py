@@ -64,6 +64,8 @@ def test_a_sweep_runs_each_setting_and_seed_once_and_resumes(tmp_path):
     (["--grid", "train.seed=1,2"], "config key 'train.seed': is set by the sweep"),
     (["--lock", str(REPO / "configs")], "argument --lock: cannot open"),
     (["--out-dir", str(REPO / "README.md")], "argument --out-dir: cannot make the folder"),
+    (["--name", "a/b"], "--name must be a non-empty name without '/'"),  # it names the runs
+    (["--seeds", "0,0"], "--seeds names a seed twice"),  # one run counted as two seeds
 ])
 def test_a_bad_grid_is_one_line_and_exit_2_before_any_run(tmp_path, args, message):
     proc = sweep(tmp_path, *args, timeout=60)
