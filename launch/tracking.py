@@ -15,10 +15,13 @@ import netrc
 import os
 import socket
 import threading
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
+
+from sparse_comm.atomic import replace_atomic
 
 log = logging.getLogger(__name__)
 
@@ -144,13 +147,34 @@ class Tracker:
         self._run = None
 
 
+RUN_ID_FILE = "wandb_run_id"
+
+
+def run_id(out_dir: Path, resuming: bool) -> str:
+    """The wandb run id of the run in ``out_dir``: the one its first attempt stored there
+    when ``resuming`` (so a restart or ``--resume`` continues that wandb run instead of
+    opening another of the same name), else a new one, stored for the attempts to come."""
+    path = Path(out_dir) / RUN_ID_FILE
+    if resuming and path.is_file():
+        found = path.read_text().strip()
+        if found.isalnum():
+            return found
+    made = uuid.uuid4().hex[:12]
+    replace_atomic(path, lambda f: f.write(made.encode()))
+    return made
+
+
 def start(mode: str, project: str, name: str, out_dir: str | Path, config: dict,
           group: str | None = None, entity: str | None = None, tags: list[str] = (),
-          job_type: str = "train", define_axes: bool = True) -> Tracker:
-    """Start a wandb run writing under ``out_dir`` (rank 0 only; callers decide)."""
+          job_type: str = "train", define_axes: bool = True,
+          resuming: bool | None = None) -> Tracker:
+    """Start a wandb run writing under ``out_dir`` (rank 0 only; callers decide). A
+    training run passes ``resuming`` (whether it continues a checkpoint): its wandb run id
+    is kept in ``out_dir`` (``run_id``), so a resumed attempt continues the same wandb run."""
     mode = resolve_mode(mode)
     if mode == "disabled":
         return Tracker()
+    known = run_id(Path(out_dir), resuming) if resuming is not None else None
     server = os.environ.get("WANDB_BASE_URL", SERVER)
     if mode == "online" and not reachable(server):
         log.warning("wandb: %s does not answer; recording this run offline instead", server)
@@ -161,6 +185,7 @@ def start(mode: str, project: str, name: str, out_dir: str | Path, config: dict,
         run = wandb.init(project=project, name=name, group=group, entity=entity,
                          tags=list(tags) or None, job_type=job_type, config=config,
                          dir=str(out_dir), mode=run_mode, reinit="create_new",
+                         id=known, resume="allow" if known else None,
                          settings=wandb.Settings(silent=True, console="off",
                                                  init_timeout=60, x_disable_stats=True))
         if define_axes:

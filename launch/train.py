@@ -401,6 +401,7 @@ def run(cfg: Config, env: distenv.DistEnv, resume_from: str | Path | None, devic
 
     progress = {"epoch": 0, "epoch_samples": 0, "batches": 0, "step": 0, "wall_time_s": 0.0,
                 "loss_sum": 0.0}
+    found = None
     if resume_from is not None:
         found = checkpoint.latest(out_dir)
         if found is None and resume_from != AUTO:
@@ -422,7 +423,8 @@ def run(cfg: Config, env: distenv.DistEnv, resume_from: str | Path | None, devic
     if rank0:
         tracker = tracking.start(cfg.wandb.mode, cfg.wandb.project, cfg.run_name, out_dir,
                                  config_to_dict(cfg), group=cfg.wandb.group,
-                                 entity=cfg.wandb.entity, tags=cfg.wandb.tags)
+                                 entity=cfg.wandb.entity, tags=cfg.wandb.tags,
+                                 resuming=found is not None)
     writer = RunWriter(out_dir, tracker, rank0)
     amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.amp]
     scaler = torch.amp.GradScaler(device.type) if cfg.train.amp == "fp16" else None

@@ -139,13 +139,17 @@ def stopped_at_13(tmp_path_factory):
 
 def test_an_fp16_run_stopped_in_its_last_epoch_resumes_to_the_same_bits_and_loss(tmp_path):
     """The GradScaler's state and every rank's partial loss sum come back with the
-    checkpoint (the train loss used to be rank 0's partial sum counted twice)."""
+    checkpoint (the train loss used to be rank 0's partial sum counted twice), and the
+    wandb run goes on under its id."""
     amp = [*COMMON, "train.amp=fp16"]
     train(DGC, *amp, f"out_dir={tmp_path / 'straight'}", nproc=2)
     part = tmp_path / "part"
     train(DGC, *amp, f"out_dir={part}", "train.max_steps=20", "train.checkpoint_every=20",
-          nproc=2)
+          "wandb.mode=offline", nproc=2)
     train(None, "train.max_steps=null", nproc=2, extra_args=["--resume", str(part)])
+    # the resumed attempt continued the first one's wandb run (wandb sync joins them)
+    attempts = sorted((part / "wandb").glob("offline-run-*"))
+    assert len(attempts) == 2 and len({a.name.rsplit("-", 1)[1] for a in attempts}) == 1
     (a, steps_a), (b, steps_b) = final_params(tmp_path / "straight"), final_params(part)
     assert steps_a == steps_b
     assert_same_params(a, b)
