@@ -105,6 +105,9 @@ class DGCStrategy(DDPStrategy):
         super().on_train_batch_start(batch, batch_idx)
         if self.dgc_state is not None:
             self.dgc_state.set_epoch(self.lightning_module.current_epoch)
+            scaler = getattr(self.precision_plugin, "scaler", None)  # precision="16-mixed"
+            if scaler is not None:  # the hook divides it out (DGCState.grad_scale)
+                self.dgc_state.grad_scale = scaler.get_scale()
 
     # -- checkpoints: every rank's state in rank 0's file (see the module doc) ---------------
 
