@@ -22,7 +22,8 @@ _ALIGN = 8
 def to_wire(values: Tensor, dtype: torch.dtype) -> Tensor:
     """``values`` in the wire's ``dtype``, held inside its finite range: an fp32 value past
     fp16's 65504 would travel as inf and leave -inf in the sender's residual, which no later
-    step clears. The part clipped off stays with the sender, as rounding does."""
+    step clears. Where the caller keeps the rounding (a compressed tensor's residual), it
+    keeps the part clipped off too; a dense tensor's is lost, as its rounding is."""
     if dtype == values.dtype:
         return values
     if dtype.is_floating_point and torch.finfo(dtype).max < torch.finfo(values.dtype).max:
