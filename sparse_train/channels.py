@@ -15,11 +15,12 @@ every path ends in a consumer, the channels are removable. The trace has no shap
 walk keeps to what it can tell from the layers: a convolution's channels are in dimension
 1 of a tensor with as many spatial dimensions as its kernel; a Linear's are in the last
 dimension of a tensor of unknown rank (a sequence of tokens, say), which only a Linear reads
-as channels, and which nothing may flatten or pool until a BatchNorm1d shows it is 2-D. Any other use leaves the
-layer's channels alone: a residual ``add`` (the channels must match the other branch's),
-a ``cat``, padding, indexing, the model's output itself. For ResNet-20 that leaves the
-channels inside each basic block (conv1 -> bn1 -> conv2), which is what Li et al. (ICLR
-2017, "Pruning filters for efficient ConvNets") prune in ResNets too.
+as channels, and which nothing may flatten or pool until a BatchNorm1d shows it is 2-D.
+Any other use leaves the layer's channels alone: a residual ``add`` (the channels must
+match the other branch's), a ``cat``, padding, indexing, the model's output itself. For
+ResNet-20 that leaves the channels inside each basic block (conv1 -> bn1 -> conv2), which
+is what Li et al. (ICLR 2017, "Pruning filters for efficient ConvNets") prune in ResNets
+too.
 
 Everything here is a pure function of the model's structure and of tensors.
 """
@@ -44,7 +45,7 @@ MAP_MODULES = (
 ELEMENTWISE_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu,
                          torch.sigmoid, torch.tanh, F.dropout}
 MAP_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d,
-                     F.avg_pool3d, F.adaptive_avg_pool2d, F.dropout2d}
+                 F.avg_pool3d, F.adaptive_avg_pool2d, F.dropout2d}
 ELEMENTWISE_METHODS = {"relu", "sigmoid", "tanh", "contiguous"}
 
 
