@@ -74,4 +74,5 @@ class OneBackwardPerStep:
             raise RuntimeError(
                 f"dgc: the DGC hook ran on {passes} backward passes since the last optimizer "
                 f"step; accumulate gradients under ddp.no_sync() (Accelerate: "
-                f"accelerator.accumulate without sync_each_batch) so DGC runs once per step")
+                f"accelerator.accumulate without sync_each_batch) so DGC runs once per step, "
+                f"or, if a GradScaler skipped a step, attach with check_finite=True")
