@@ -180,12 +180,15 @@ def start(mode: str, project: str, name: str, out_dir: str | Path, config: dict,
         log.warning("wandb: %s does not answer; recording this run offline instead", server)
         mode = "offline"
 
-    def open_run(run_mode: str):
+    def open_run(run_mode: str, first: bool = False):
+        # A stand-in after a failure takes an id of its own: the failed attempt holds
+        # ``known`` in this process.
         import wandb
         run = wandb.init(project=project, name=name, group=group, entity=entity,
                          tags=list(tags) or None, job_type=job_type, config=config,
                          dir=str(out_dir), mode=run_mode, reinit="create_new",
-                         id=known, resume="allow" if known else None,
+                         id=known if first else None,
+                         resume="allow" if first and resuming else None,
                          settings=wandb.Settings(silent=True, console="off",
                                                  init_timeout=60, x_disable_stats=True))
         if define_axes:
@@ -198,7 +201,7 @@ def start(mode: str, project: str, name: str, out_dir: str | Path, config: dict,
         return run
 
     try:
-        run = open_run(mode)
+        run = open_run(mode, first=True)
     except Exception as err:
         if mode == "offline":
             log.warning("wandb could not start (%s); training continues without it", err)
