@@ -400,7 +400,7 @@ def run(cfg: Config, env: distenv.DistEnv, resume_from: str | Path | None, devic
     meta = layout(cfg, plugins, ranks_per_node)
 
     progress = {"epoch": 0, "epoch_samples": 0, "batches": 0, "step": 0, "wall_time_s": 0.0,
-                "loss_sum": 0.0}
+                "loss_sum": 0.0, "loss_batches": 0}
     found = None
     if resume_from is not None:
         found = checkpoint.latest(out_dir)
@@ -468,6 +468,7 @@ def run(cfg: Config, env: distenv.DistEnv, resume_from: str | Path | None, devic
     # The epoch's losses are summed on the device and read at log steps and epoch ends:
     # a loss.item() per step would wait for the device every step.
     loss_sum = torch.tensor(progress["loss_sum"], dtype=torch.float64, device=device)
+    progress.setdefault("loss_batches", progress["batches"])  # a checkpoint from before it
     for epoch in range(progress["epoch"], cfg.train.epochs):
         if step >= total_steps:
             break
@@ -505,6 +506,7 @@ def run(cfg: Config, env: distenv.DistEnv, resume_from: str | Path | None, devic
             step += 1
             progress["step"] = step
             loss_sum += loss.detach()
+            progress["loss_batches"] += 1  # the steps in loss_sum: a skipped one is not
             if step % cfg.train.log_every == 0:
                 guard.check()
                 loss_value = loss.item()
@@ -520,12 +522,12 @@ def run(cfg: Config, env: distenv.DistEnv, resume_from: str | Path | None, devic
                 break
         bar.close()
         guard.check()
-        batches = progress["batches"]
-        train_loss = mean_across_ranks(float(loss_sum) / max(1, batches), device)
+        train_loss = mean_across_ranks(float(loss_sum) / max(1, progress["loss_batches"]),
+                                       device)
         test_acc, test_loss = evaluate(ddp, test_loader, device)
         progress.update(test_accuracy=test_acc, test_loss=test_loss, train_loss=train_loss)
         if finished:
-            progress.update(epoch=epoch + 1, epoch_samples=0, batches=0)
+            progress.update(epoch=epoch + 1, epoch_samples=0, batches=0, loss_batches=0)
             loss_sum.zero_()
         # an epoch cut short by max_steps counts its fraction, so that a resumed run's own
         # row for the whole epoch does not repeat the index

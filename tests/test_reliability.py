@@ -250,6 +250,19 @@ def test_skip_mode_skips_non_finite_steps_on_every_rank_and_counts_them(tmp_path
     _strict_json_lines(out / "metrics.jsonl")
 
 
+def test_skipped_steps_do_not_count_in_the_train_loss(tmp_path):
+    """train_loss is the mean loss of the steps taken; the skipped ones add no loss and
+    used to count in the denominator."""
+    out = tmp_path / "run"
+    train(REPO / "configs/quickstart.yaml", *SYNTHETIC, "train.lr=1000", "train.epochs=1",
+          "train.on_nonfinite=skip", "train.log_every=1", f"out_dir={out}")
+    summary, metrics = read_run(out)
+    assert summary["skipped_steps"] > 0
+    losses = [m["train/loss"] for m in metrics if "train/loss" in m]  # every step taken
+    assert len(losses) == summary["steps"]
+    assert summary["train_loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-6)
+
+
 # -- wandb outage ---------------------------------------------------------------------------
 
 def _timed_run(out, env):
