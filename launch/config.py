@@ -151,7 +151,7 @@ class Config:
                     f"must be a non-empty name without '/', got {self.run_name!r}")
 
 
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if path in seen:
         raise ConfigError("base", f"circular base chain through {path}")
     try:
@@ -165,7 +165,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError("", f"{path}{where}: not valid YAML") from None
+        raise ConfigError("", f"{path}{where} is not valid YAML") from None
     if not isinstance(data, dict):
         raise ConfigError("", f"{path}: the top level must be a mapping")
     base = data.pop("base", None)
@@ -173,7 +173,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         return data
     if not isinstance(base, str):
         raise ConfigError("base", f"must be a file name, got {base!r}")
-    return merge(_read_yaml((path.parent / base).resolve(), seen + (path,)), data)
+    return merge(read_yaml((path.parent / base).resolve(), seen + (path,)), data)
 
 
 def merge(base: dict, override: dict) -> dict:
@@ -213,7 +213,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
     """Read ``path`` (or start from ``base``), apply overrides, and return a checked Config."""
     data = dict(base or {})
     if path is not None:
-        data = merge(data, _read_yaml(Path(path).resolve()))
+        data = merge(data, read_yaml(Path(path).resolve()))
     for assignment in overrides:
         apply_override(data, assignment)
     return build(Config, data)

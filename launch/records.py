@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from launch import tracking
-from sparse_comm.atomic import replace_atomic
+from sparse_comm.atomic import replace_text
 
 
 def strict(value: Any) -> Any:
@@ -43,7 +43,7 @@ def keep_rows_up_to(metrics: Path, step: int) -> None:
         if isinstance(row, dict) and row.get(tracking.STEP_AXIS, 0) <= step:
             rows.append(line)
     text = "".join(row + "\n" for row in rows)
-    replace_atomic(metrics, lambda f: f.write(text.encode()))
+    replace_text(metrics, text)
 
 
 class RunWriter:
@@ -64,7 +64,7 @@ class RunWriter:
         if not self.enabled:
             return
         text = dumps(summary, indent=2) + "\n"
-        replace_atomic(self.out_dir / "summary.json", lambda f: f.write(text.encode()))
+        replace_text(self.out_dir / "summary.json", text)
         self.tracker.summary(strict(summary))
 
     def close(self) -> None:

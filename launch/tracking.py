@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from sparse_comm.atomic import replace_atomic
+from sparse_comm.atomic import replace_text
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def run_id(out_dir: Path, resuming: bool) -> str:
         if found.isalnum():
             return found
     made = uuid.uuid4().hex[:12]
-    replace_atomic(path, lambda f: f.write(made.encode()))
+    replace_text(path, made)
     return made
 
 

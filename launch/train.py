@@ -37,14 +37,14 @@ from launch.cli import OneLineParser
 from launch.comm import (CountingAllreduceState, HierarchicalAllreduceState, TorchHookState,
                          counted_torch_hook, counting_allreduce_hook,
                          hierarchical_allreduce_hook)
-from launch.config import Config, config_to_dict, load_config
+from launch.config import Config, config_to_dict, load_config, read_yaml
 from launch.costmodel import estimate_run
 from launch.data import load_datasets, make_loaders, random_shift
 from launch.divergence import Diverged, NonFiniteGuard
 from launch.models import build_model
 from launch.records import RunWriter, keep_rows_up_to
 from sparse_comm import draws
-from sparse_comm.atomic import replace_atomic
+from sparse_comm.atomic import replace_text
 from sparse_comm.schema import ConfigError
 
 log = logging.getLogger("launch.train")
@@ -97,12 +97,8 @@ def resolve_config(args) -> tuple[Config, str | Path | None]:
     run_dir = Path(args.resume)
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError("", f"--resume: {run_dir} is not a run directory (no config.yaml)")
-    try:
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError("", f"--resume: {run_dir / 'config.yaml'} is not valid YAML "
-                              f"({str(err).splitlines()[0]})") from None
-    if not isinstance(saved, dict):
+    saved = read_yaml(run_dir / "config.yaml")
+    if not saved:
         raise ConfigError("", f"--resume: {run_dir / 'config.yaml'} holds no config")
     cfg = load_config(args.config, args.overrides, base=None if args.config else saved)
     cfg.out_dir = str(run_dir)
@@ -358,7 +354,7 @@ def run(cfg: Config, env: distenv.DistEnv, resume_from: str | Path | None, devic
     if rank0:
         out_dir.mkdir(parents=True, exist_ok=True)
         text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-        replace_atomic(out_dir / "config.yaml", lambda f: f.write(text.encode()))
+        replace_text(out_dir / "config.yaml", text)
 
     train_set, test_set, info = load_datasets(cfg.data, progress=rank0)
     train_loader, sampler, test_loader = make_loaders(

@@ -30,6 +30,11 @@ def replace_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) 
         os.close(dir_fd)
 
 
+def replace_text(path: str | os.PathLike, text: str) -> None:
+    """``replace_atomic`` of a text file."""
+    replace_atomic(path, lambda f: f.write(text.encode()))
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
